@@ -1,0 +1,128 @@
+"""One config model per curation stage, and the run config that holds them.
+
+The resolved `CurateConfig` is written to `DIR/config.json` and into every
+shard manifest, so an output always says what made it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReadConfig(_StageConfig):
+    """Input files: parquet, csv, tsv, jsonl, each optionally gzipped."""
+
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="`auto` infers it from the extension (before any .gz)."
+    )
+    url_col: str = "url"
+    caption_col: str = "caption"
+    width_col: str | None = Field(None, description="Declared width column (LAION: WIDTH); None to ignore.")
+    height_col: str | None = Field(None, description="Declared height column (LAION: HEIGHT); None to ignore.")
+
+
+class UrlConfig(_StageConfig):
+    """URL hygiene. The declared-size check uses the resolution stage's floor."""
+
+    allowed_schemes: list[str] = ["http", "https"]
+    dedup_urls: bool = Field(True, description="Drop exact duplicate URLs across the whole input.")
+
+
+class CaptionConfig(_StageConfig):
+    """Caption hygiene on the alt text, before any fetch is spent on the row."""
+
+    enabled: bool = True
+    min_chars: int = Field(5, description="Shorter captions are rejected as `short_caption`; 0 disables.")
+    min_words: int = Field(2, description="Fewer words are rejected as `short_caption`; 0 disables.")
+    boilerplate: list[str] = Field(
+        default=[
+            "image", "photo", "picture", "pic", "img", "untitled", "beautiful pic", "beautiful picture",
+            "stock photo", "click here", "no description", "image description", "thumbnail", "default",
+            "placeholder", "photo of the day", "free image", "download", "click to enlarge",
+        ],
+        description="Captions equal to one of these (case and punctuation ignored) are rejected.",
+    )
+
+
+class CrawlConfig(_StageConfig):
+    """Fetching, as img2dataset does it, plus the address checks it lacks."""
+
+    timeout_s: float = Field(10.0, gt=0, description="Per-request connect and read timeout.")
+    retries: int = Field(0, ge=0, description="Extra attempts after a timeout or connection error.")
+    user_agent_token: str | None = Field(
+        "img2dataset", description="Token added to the User-Agent and matched in X-Robots-Tag."
+    )
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Larger bodies are rejected as `too_large`.")
+    max_redirects: int = Field(5, ge=0)
+    threads: int = Field(32, ge=1, description="Concurrent fetches per worker process.")
+    max_per_host: int = Field(8, ge=1, description="Concurrent fetches per host per worker process.")
+    batch_size: int = Field(64, ge=1, description="Rows fetched together in one DoFn call.")
+    allow_private_network: bool = Field(
+        False,
+        description="Allow loopback, private, link-local and reserved addresses. Off by default: "
+        "a crawler that follows untrusted URLs must not reach internal services.",
+    )
+
+
+class DecodeConfig(_StageConfig):
+    """Decoding, resolution floor and optional resize (img2dataset's modes)."""
+
+    min_side: int = Field(512, ge=0, description="Images whose shorter side is below this are rejected; 0 disables.")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="Images whose longer/shorter side ratio is above this are rejected.")
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Decompression-bomb guard (PIL's default); larger images are rejected."
+    )
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "no"
+    image_size: int = Field(512, gt=0, description="Target size for resize modes other than `no`.")
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+
+
+class DedupConfig(_StageConfig):
+    """Exact (SHA-256) and near (64-bit pHash) deduplication across the dataset."""
+
+    exact: bool = True
+    near: bool = True
+    hamming_threshold: int = Field(
+        6,
+        ge=0,
+        le=16,
+        description="Pairs whose pHash Hamming distance is <= this are near duplicates. "
+        "6 was measured on re-encoded, resized and cropped copies (see benchmarks/dedup_bench.py).",
+    )
+    partitions_per_band: int = Field(
+        256, ge=1, description="LSH partitions per band; raise for billions of images to bound memory per key."
+    )
+    max_survivor_rounds: int = Field(
+        6, ge=1, description="Pointer-jumping rounds that resolve chains of near duplicates to their survivor."
+    )
+
+
+class ShardsConfig(_StageConfig):
+    samples_per_shard: int = Field(1000, ge=1)
+    writers: int = Field(
+        4, ge=1, description="Parallel shard writers; at most this many shards are short of samples_per_shard."
+    )
+    caption_source: Literal["original", "synthetic"] = Field(
+        "synthetic", description="Caption written to KEY.txt; synthetic falls back to original when absent."
+    )
+
+
+class CurateConfig(_StageConfig):
+    """The whole `beam run curate` config (YAML file or defaults)."""
+
+    read: ReadConfig = ReadConfig()
+    url: UrlConfig = UrlConfig()
+    caption: CaptionConfig = CaptionConfig()
+    crawl: CrawlConfig = CrawlConfig()
+    decode: DecodeConfig = DecodeConfig()
+    dedup: DedupConfig = DedupConfig()
+    shards: ShardsConfig = ShardsConfig()

@@ -1,0 +1,1 @@
+"""imagemill stages."""
