@@ -79,6 +79,20 @@ class RejectReason(str, enum.Enum):
     STAGING_LOST = "staging_lost"
 
 
+class RecaptionStatus(str, enum.Enum):
+    """Outcome of recaptioning one sample (`stages/recaption.py`). Every value
+    but `ok` is a fallback: `caption_synthetic` stays None and the alt text
+    remains the caption. Codes are stable: metrics are `recaption/fallback_<code>`."""
+
+    OK = "ok"
+    EMPTY = "empty"
+    PROMPT_ECHO = "prompt_echo"
+    TOO_SHORT = "too_short"
+    LOOPING = "looping"
+    TRUNCATED = "truncated"
+    UNREADABLE_IMAGE = "unreadable_image"
+
+
 class ImageRef(BaseModel):
     """Where a sample's image bytes were staged after decoding.
 
@@ -114,6 +128,9 @@ class SampleRecord(BaseModel):
     caption_original: str = Field(description="Alt text as read from the input.")
     caption_synthetic: str | None = Field(None, description="Caption from the recaption model.")
     caption: str | None = Field(None, description="The caption written to KEY.txt.")
+    recaption_status: RecaptionStatus | None = Field(
+        None, description="Why `caption_synthetic` is set (`ok`) or not (a fallback reason); None: not recaptioned."
+    )
 
     declared_width: int | None = None
     declared_height: int | None = None
