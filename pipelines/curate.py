@@ -1,0 +1,110 @@
+"""`beam run curate`: URL lists in, WebDataset shards and tables out.
+
+Stages, cheapest first (each labelled, each with its rejects side output):
+
+    Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
+         -> Stage (bytes to staging files) -> Dedup -> [model stages]
+         -> WriteShards -> index.parquet, rejects.parquet, report.json
+
+Caption hygiene runs before the crawl because it needs no pixels: a row with
+`IMG_4782.jpg` as its alt text costs no fetch. Everything that holds image
+bytes (Crawl, Decode, Stage) fuses into one Beam stage with no shuffle inside;
+see `stages/staging.py` for how the bytes reach the shard writers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import yaml
+from pydantic import ValidationError
+
+from pipelines import outputs
+from schemas import CurateConfig
+from stages.base import apply_filter
+from stages.caption import CaptionHygieneDoFn
+from stages.crawl import Crawl
+from stages.dedup import Deduplicate
+from stages.read import ReadUrlLists
+from stages.resolution import DecodeDoFn
+from stages.shards import SHARDS_DIR, TMP_DIR, WriteShards
+from stages.staging import StageImagesDoFn, cleanup_after, staging_dir
+from stages.url import UrlHygiene
+
+LOG = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig:
+    """Read a YAML config (every key optional) and apply CLI overrides
+    (dotted keys, e.g. {"crawl.allow_private_network": True})."""
+    data: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return CurateConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def _model_stages(config: CurateConfig):
+    """The scoring/selection/recaption composite, when it is configured."""
+    try:
+        from pipelines.scoring import ModelStages
+    except ImportError:
+        return None
+    stages = ModelStages(config)
+    return stages if getattr(stages, "enabled", True) else None
+
+
+def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: CurateConfig, run_config: dict):
+    """Add the curate graph to `p`; returns the PCollection holding the Report."""
+    records, read_rejects = p | "Read" >> ReadUrlLists(input_pattern, config.read)
+    input_rows = (
+        (records, read_rejects)
+        | "InputRows" >> beam.Flatten()
+        | "CountInputRows" >> beam.combiners.Count.Globally()
+    )
+    records, url_rejects = records | "UrlHygiene" >> UrlHygiene(config.url, config.decode)
+    records, caption_rejects = apply_filter(records, "CaptionHygiene", CaptionHygieneDoFn(config.caption))
+    # Input files are read one per worker; spread rows before the expensive part.
+    records = records | "SpreadCrawl" >> beam.Reshuffle()
+    fetched, crawl_rejects = records | "Crawl" >> Crawl(config.crawl)
+    decoded, decode_rejects = apply_filter(fetched, "Decode", DecodeDoFn(config.decode))
+    staged = decoded | "Stage" >> beam.ParDo(StageImagesDoFn(output_dir))
+    kept, dedup_rejects = staged | "Dedup" >> Deduplicate(config.dedup)
+    rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
+
+    model_stages = _model_stages(config)
+    if model_stages is not None:
+        kept, model_rejects = kept | "Models" >> model_stages
+        rejects.append(model_rejects)
+
+    written, manifests, shard_rejects = kept | "Shards" >> WriteShards(output_dir, config.shards, run_config)
+    rejects.append(shard_rejects)
+    all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
+
+    report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
+    cleanup_after(
+        report,
+        [staging_dir(output_dir), beam.io.filesystems.FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)],
+    )
+    return report

@@ -1,0 +1,250 @@
+"""Read URL lists: parquet, csv, tsv or jsonl, optionally gzipped, from any
+path Beam's FileSystems accept (local, gs://, s3://, ...).
+
+Every input row becomes a `SampleRecord` or, if it is unusable, a rejection
+(`missing_url`, `unparseable_row`): nothing is dropped silently. Files are
+checked (readable, required columns present) before any work starts.
+
+Keys are `FFFFFRRRRRRRRR`: the input file's ordinal in the sorted match list
+(5 digits) and the row number in that file (9 digits), so they are stable
+across runs and sort in input order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from schemas import Provenance, ReadConfig, RejectReason, SampleRecord, Stage
+from stages.base import REJECTS, Drop, StageMetrics, rejection
+
+MAX_FILES = 10**5
+MAX_ROWS_PER_FILE = 10**9
+
+
+class InputError(ValueError):
+    """An input file that cannot be used; raised before the pipeline starts."""
+
+
+def make_key(file_ordinal: int, row: int) -> str:
+    if file_ordinal >= MAX_FILES or row >= MAX_ROWS_PER_FILE:
+        raise InputError(f"key space exhausted: file #{file_ordinal}, row {row} (max {MAX_FILES} files of {MAX_ROWS_PER_FILE} rows)")
+    return f"{file_ordinal:05d}{row:09d}"
+
+
+def detect_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+        if name.endswith(ext):
+            return fmt
+    raise InputError(f"{path}: cannot tell the format from the extension; set read.format to parquet, csv, tsv or jsonl")
+
+
+def match_inputs(pattern: str) -> list[str]:
+    """Files matching `pattern` (a path or glob), sorted. Raises InputError if none."""
+    try:
+        results = FileSystems.match([pattern])
+    except Exception as err:
+        raise InputError(f"{pattern}: cannot list input files: {err}") from err
+    paths = sorted(m.path for r in results for m in r.metadata_list)
+    if not paths:
+        raise InputError(f"{pattern}: no input file matches")
+    if len(paths) > MAX_FILES:
+        raise InputError(f"{pattern}: {len(paths)} files; at most {MAX_FILES} are supported in one run")
+    return paths
+
+
+def _open_binary(path: str):
+    return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+
+
+class _RawReader(io.RawIOBase):
+    """Gives Beam's file objects (compressed ones included) the raw-IO surface
+    that io.TextIOWrapper needs."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+def _text_stream(path: str):
+    raw = io.BufferedReader(_RawReader(_open_binary(path)), buffer_size=1 << 20)
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+
+
+def required_columns(config: ReadConfig) -> list[str]:
+    cols = [config.url_col, config.caption_col]
+    cols += [c for c in (config.width_col, config.height_col) if c]
+    return cols
+
+
+def check_input(path: str, config: ReadConfig) -> None:
+    """Open `path` and check that the configured columns exist. For jsonl, the
+    first non-empty line is checked; later rows missing a column are rejected
+    per row."""
+    fmt = detect_format(path, config.format)
+    wanted = required_columns(config)
+    try:
+        if fmt == "parquet":
+            with _open_binary(path) as f:
+                columns = pq.ParquetFile(f).schema_arrow.names
+        elif fmt in ("csv", "tsv"):
+            with _text_stream(path) as f:
+                header = next(csv.reader(f, delimiter="," if fmt == "csv" else "\t"), None)
+            if header is None:
+                raise InputError(f"{path}: empty file, no header row")
+            columns = header
+        else:
+            with _text_stream(path) as f:
+                first = next((line for line in f if line.strip()), None)
+            if first is None:
+                columns = wanted  # an empty jsonl file has no rows to reject
+            else:
+                try:
+                    columns = list(json.loads(first))
+                except (json.JSONDecodeError, TypeError) as err:
+                    raise InputError(f"{path}: first line is not a JSON object: {err}") from err
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"{path}: cannot read as {fmt}: {err}") from err
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {missing}; found {list(columns)[:20]}. "
+            "Set read.url_col / read.caption_col / read.width_col / read.height_col in the config."
+        )
+
+
+def iter_rows(path: str, config: ReadConfig) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """Yield (row number, row or None, error) for every row of `path`, streaming."""
+    fmt = detect_format(path, config.format)
+    if fmt == "parquet":
+        with _open_binary(path) as f:
+            pf = pq.ParquetFile(f)
+            row = 0
+            for batch in pf.iter_batches(batch_size=8192, columns=required_columns(config)):
+                for item in batch.to_pylist():
+                    yield row, item, ""
+                    row += 1
+    elif fmt in ("csv", "tsv"):
+        with _text_stream(path) as f:
+            reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+            header = next(reader, [])
+            for row, values in enumerate(reader):
+                if len(values) != len(header):
+                    yield row, None, f"{len(values)} fields where the header has {len(header)}"
+                else:
+                    yield row, dict(zip(header, values)), ""
+    else:
+        with _text_stream(path) as f:
+            row = 0
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    if not isinstance(item, dict):
+                        raise TypeError(f"expected an object, got {type(item).__name__}")
+                    yield row, item, ""
+                except (json.JSONDecodeError, TypeError) as err:
+                    yield row, None, f"invalid JSON: {err}"
+                row += 1
+
+
+def _as_int(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def row_to_record(path: str, ordinal: int, row: int, item: dict[str, Any] | None, error: str, config: ReadConfig):
+    """Build the record for one input row, or the Drop that explains why not."""
+    provenance = Provenance(source_file=path, source_row=row)
+    key = make_key(ordinal, row)
+    if item is None:
+        placeholder = SampleRecord(key=key, url="", caption_original="", provenance=provenance)
+        return placeholder, Drop(RejectReason.UNPARSEABLE_ROW, error)
+    url = item.get(config.url_col)
+    caption = item.get(config.caption_col)
+    record = SampleRecord(
+        key=key,
+        url="" if url is None else str(url),
+        caption_original="" if caption is None else str(caption),
+        declared_width=_as_int(item.get(config.width_col)) if config.width_col else None,
+        declared_height=_as_int(item.get(config.height_col)) if config.height_col else None,
+        provenance=provenance,
+    )
+    if not record.url.strip():
+        return record, Drop(RejectReason.MISSING_URL, f"empty {config.url_col!r}")
+    return record, None
+
+
+class ReadRowsDoFn(beam.DoFn):
+    """(file ordinal, path) -> one SampleRecord per row; bad rows to `rejects`."""
+
+    def __init__(self, config: ReadConfig):
+        self.config = config
+        self.metrics = StageMetrics(Stage.READ)
+
+    def process(self, element: tuple[int, str]):
+        ordinal, path = element
+        for row, item, error in iter_rows(path, self.config):
+            record, drop = row_to_record(path, ordinal, row, item, error, self.config)
+            if drop is None:
+                self.metrics.kept.inc()
+                yield record
+            else:
+                self.metrics.dropped(drop.reason).inc()
+                yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.READ, drop))
+
+
+class ReadUrlLists(beam.PTransform):
+    """Reads every file matching `pattern`; returns (records, rejects).
+
+    Files are matched and checked when the pipeline is built, so a typo or a
+    missing column fails before any work starts.
+    """
+
+    def __init__(self, pattern: str, config: ReadConfig):
+        super().__init__()
+        self.paths = match_inputs(pattern)
+        for path in self.paths:
+            check_input(path, config)
+        self.config = config
+
+    def expand(self, pbegin):
+        outputs = (
+            pbegin
+            | "Files" >> beam.Create(list(enumerate(self.paths)))
+            | "Rows" >> beam.ParDo(ReadRowsDoFn(self.config)).with_outputs(REJECTS, main="records")
+        )
+        return outputs.records, outputs[REJECTS]
+

@@ -1,0 +1,141 @@
+"""Staging: how image bytes reach the shards without riding through a shuffle.
+
+Everything that touches image bytes before deduplication (crawl, decode,
+hashing) runs in one fused Beam stage. Its last step appends the bytes to a
+staging file under `DIR/_staging/` and replaces them on the record by an
+`ImageRef(path, offset, length)`. From then on only metadata moves between
+workers: dedup shuffles keys and hashes, and the stages that need pixels again
+(scorers, the shard writer) read the byte range back from the staging file.
+The staging folder is deleted once the shards are final.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from schemas import ImageRef, SampleRecord
+from stages.base import WithImage
+
+LOG = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+
+
+def staging_dir(output_dir: str) -> str:
+    return FileSystems.join(output_dir, STAGING_DIR)
+
+
+def read_image_bytes(ref: ImageRef) -> bytes:
+    """Read one staged image back. For many reads, use `ImageReader`."""
+    with FileSystems.open(ref.path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+        f.seek(ref.offset)
+        data = f.read(ref.length)
+    if len(data) != ref.length:
+        raise OSError(f"{ref.path}: expected {ref.length} bytes at offset {ref.offset}, got {len(data)}")
+    return data
+
+
+class ImageReader:
+    """Reads staged byte ranges, keeping a few files open (shard writers read
+    many samples that were staged together)."""
+
+    def __init__(self, max_open: int = 8):
+        self.max_open = max_open
+        self._files: OrderedDict[str, object] = OrderedDict()
+
+    def read(self, ref: ImageRef) -> bytes:
+        f = self._files.pop(ref.path, None)
+        if f is None:
+            f = FileSystems.open(ref.path, mime_type="application/octet-stream", compression_type="uncompressed")
+        self._files[ref.path] = f
+        while len(self._files) > self.max_open:
+            _, old = self._files.popitem(last=False)
+            old.close()
+        f.seek(ref.offset)
+        data = f.read(ref.length)
+        if len(data) != ref.length:
+            raise OSError(f"{ref.path}: expected {ref.length} bytes at offset {ref.offset}, got {len(data)}")
+        return data
+
+    def close(self) -> None:
+        while self._files:
+            _, f = self._files.popitem()
+            f.close()
+
+
+class StageImagesDoFn(beam.DoFn):
+    """Appends each `WithImage`'s bytes to a staging file; emits the record
+    with `image_ref` set.
+
+    Records are emitted only once the file holding their bytes is closed
+    (every `max_file_records` records or at the end of the bundle), so no
+    reader can see a ref into a file that is still being written. A retried
+    bundle writes a new file; the old one is left for the final cleanup.
+    """
+
+    def __init__(self, output_dir: str, max_file_records: int = 1000):
+        self.output_dir = output_dir
+        self.max_file_records = max_file_records
+        self.staged_bytes = Metrics.counter("staging", "bytes")
+
+    def start_bundle(self):
+        self._file = None
+        self._path = None
+        self._offset = 0
+        self._pending: list[SampleRecord] = []
+
+    def _open(self):
+        self._path = FileSystems.join(staging_dir(self.output_dir), f"{uuid.uuid4().hex}.bin")
+        self._file = FileSystems.create(self._path, mime_type="application/octet-stream", compression_type="uncompressed")
+        self._offset = 0
+
+    def _close(self) -> list[SampleRecord]:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        done, self._pending = self._pending, []
+        return done
+
+    def process(self, element: WithImage) -> Iterator[SampleRecord]:
+        if self._file is None:
+            self._open()
+        self._file.write(element.data)
+        ref = ImageRef(path=self._path, offset=self._offset, length=len(element.data))
+        self._offset += len(element.data)
+        self.staged_bytes.inc(len(element.data))
+        self._pending.append(element.record.model_copy(update={"image_ref": ref}))
+        if len(self._pending) >= self.max_file_records:
+            yield from self._close()
+
+    def finish_bundle(self):
+        for record in self._close():
+            yield WindowedValue(record, GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+
+class _DeleteTree(beam.DoFn):
+    def process(self, _, paths):
+        for path in paths:
+            try:
+                if FileSystems.exists(path):
+                    FileSystems.delete([path])
+            except Exception as err:  # cleanup is best effort: the outputs are already final
+                LOG.warning("could not delete %s: %s", path, err)
+        yield None
+
+
+def cleanup_after(done: beam.PCollection, paths: list[str], label: str = "Cleanup") -> beam.PCollection:
+    """Delete `paths` (folders or files) once `done` has been fully computed."""
+    return (
+        done
+        | f"{label}/WaitForAll" >> beam.combiners.Count.Globally()
+        | f"{label}/Delete" >> beam.ParDo(_DeleteTree(), paths)
+    )

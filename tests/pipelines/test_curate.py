@@ -1,0 +1,118 @@
+"""End to end: a generated web on 127.0.0.1 through `beam run curate`, checked
+row by row against what the corpus says must happen to each row."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import tarfile
+
+import jsonschema
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from pipelines import webcorpus
+from pipelines.cli import SCHEMAS_DIR, main
+from pipelines.localweb import LocalWeb
+
+SAMPLES_PER_SHARD = 5
+
+
+@pytest.fixture(scope="module")
+def web():
+    with LocalWeb() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def corpus(web):
+    return webcorpus.build_corpus(web, n_plain=12, seed=7, timeout_delay_s=2.5)
+
+
+def write_inputs(tmp_path, corpus) -> tuple[str, str]:
+    table = pa.Table.from_pylist(corpus.rows)
+    pq.write_table(table, tmp_path / "urls.parquet")
+    config = {
+        "read": {"width_col": "width", "height_col": "height"},
+        "crawl": {"timeout_s": 1.0, "retries": 0, "threads": 16},
+        "shards": {"samples_per_shard": SAMPLES_PER_SHARD, "writers": 2},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "urls.parquet"), str(tmp_path / "config.yaml")
+
+
+def run_curate(tmp_path, corpus, beam_args=()) -> str:
+    urls, config = write_inputs(tmp_path, corpus)
+    out = str(tmp_path / "out")
+    code = main(["run", "curate", "--input", urls, "--output", out, "--config", config, "--allow-private-network", *beam_args])
+    assert code == 0
+    return out
+
+
+def check_outputs(out: str, corpus, web) -> None:
+    """Every row in exactly one place, and the right one."""
+    expected = corpus.expected
+    kept_keys = {k for k, e in expected.items() if e.status == "kept"}
+
+    rejects = pq.read_table(f"{out}/rejects.parquet").to_pylist()
+    got_rejects = {r["key"]: (r["stage"], r["reason"], r["duplicate_of"]) for r in rejects}
+    assert len(got_rejects) == len(rejects), "a row was rejected twice"
+    want_rejects = {k: (e.stage, e.reason, e.duplicate_of) for k, e in expected.items() if e.status == "rejected"}
+    assert got_rejects == want_rejects
+
+    index = pq.read_table(f"{out}/index.parquet").to_pylist()
+    assert sorted(r["key"] for r in index) == sorted(kept_keys)
+
+    schema = json.loads((SCHEMAS_DIR / "sample_record.schema.json").read_text())
+    shard_files = sorted((p for p in (tmp := __import__("pathlib").Path(out) / "shards").iterdir() if p.suffix == ".tar"))
+    assert [p.name for p in shard_files] == [f"{i:06d}.tar" for i in range(len(shard_files))]
+    in_shards: dict[str, str] = {}
+    for shard in shard_files:
+        members = collections.defaultdict(dict)
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                members[key][ext] = tar.extractfile(member).read()
+        manifest = json.loads((tmp / f"{shard.stem}.json").read_text())
+        assert sorted(manifest["keys"]) == sorted(members) and manifest["num_samples"] == len(members)
+        assert 1 <= len(members) <= SAMPLES_PER_SHARD
+        for key, files in members.items():
+            record = json.loads(files["json"])
+            jsonschema.validate(record, schema)
+            assert record["key"] == key and record["shard"] == shard.name and record["status"] == "kept"
+            assert files["txt"].decode() == record["caption"] == record["caption_original"]
+            image_ext = next(ext for ext in files if ext not in ("json", "txt"))
+            assert image_ext == record["image_format"]
+            img = Image.open(io.BytesIO(files[image_ext]))
+            assert img.size == (record["width"], record["height"]) and min(img.size) >= 512
+            in_shards[key] = shard.name
+    assert set(in_shards) == kept_keys
+    assert {r["key"]: r["shard"] for r in index} == in_shards
+    full = sum(1 for p in shard_files if len(json.loads((tmp / f"{p.stem}.json").read_text())["keys"]) == SAMPLES_PER_SHARD)
+    assert full >= len(shard_files) - 2  # only the last batch of each of the 2 writers may be short
+
+    report = json.loads((tmp.parent / "report.json").read_text())
+    assert report["input_rows"] == len(corpus.rows) == report["kept"] + report["rejected"]
+    assert report["accounting_ok"] and report["kept"] == len(kept_keys) and report["shards"] == len(shard_files)
+    funnel = {(row["stage"], row["reason"]): row["count"] for row in report["funnel"]}
+    assert funnel == collections.Counter((s, r) for s, r, _ in want_rejects.values())
+
+    # Nothing internal or partial is left visible.
+    leftovers = [p.name for p in tmp.parent.rglob("*") if p.name.startswith((".tmp", "_staging")) or p.suffix == ".partial"]
+    assert leftovers == []
+    config = json.loads((tmp.parent / "config.json").read_text())
+    assert config["curate"]["shards"]["samples_per_shard"] == SAMPLES_PER_SHARD
+
+    # Rows rejected on their caption or declared size cost no request.
+    never = [r["url"].split(web.base_url, 1)[-1] for k, r in zip(expected, corpus.rows)
+             if expected[k].stage in ("caption", "url") and r["url"].startswith(web.base_url)]
+    assert never and all(web.requests_to(path) == 0 for path in never)
+
+
+def test_curate_end_to_end_on_direct_runner(tmp_path, corpus, web):
+    out = run_curate(tmp_path, corpus)
+    check_outputs(out, corpus, web)

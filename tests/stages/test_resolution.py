@@ -1,0 +1,78 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import webcorpus
+from schemas import DecodeConfig, RejectReason
+from stages.base import Drop
+from stages.resolution import _resizer, decode_image
+
+CONFIG = DecodeConfig()
+
+
+def decode(data, config=CONFIG):
+    return decode_image(data, config, _resizer(config) if config.resize_mode != "no" else None)
+
+
+def test_plain_jpeg_is_stored_byte_for_byte():
+    data = webcorpus.jpeg(webcorpus.render(1, (640, 520)))
+    result = decode(data)
+    assert not isinstance(result, Drop)
+    assert result.data is data and result.fmt == "jpg" and (result.width, result.height) == (640, 520)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", RejectReason.EMPTY_BODY),
+        (b"<!DOCTYPE html><html></html>", RejectReason.NOT_AN_IMAGE),
+        (webcorpus.jpeg(webcorpus.render(2, (400, 600))), RejectReason.TOO_SMALL),
+        (webcorpus.jpeg(webcorpus.render(3, (1800, 520))), RejectReason.ASPECT_RATIO),
+        (webcorpus._bomb_png(), RejectReason.DECOMPRESSION_BOMB),
+        (webcorpus._animated_gif(4), RejectReason.ANIMATED_IMAGE),
+    ],
+)
+def test_rejections(data, reason):
+    result = decode(data)
+    assert isinstance(result, Drop) and result.reason == reason, result
+
+
+def test_truncated_jpeg():
+    data = webcorpus.jpeg(webcorpus.render(5, (700, 700)))
+    result = decode(data[: len(data) * 2 // 3])
+    assert isinstance(result, Drop) and result.reason == RejectReason.TRUNCATED_IMAGE
+
+
+def test_exif_rotation_is_applied_before_the_size_checks():
+    result = decode(webcorpus._exif_rotated(6))  # stored 800x600, orientation 6
+    assert (result.original_width, result.original_height) == (600, 800)
+    stored = Image.open(io.BytesIO(result.data))
+    assert stored.size == (600, 800) and stored.getexif().get(0x0112, 1) == 1
+    # The same pixels stored 600 wide would fail a 700px floor only once rotated.
+    assert decode(webcorpus._exif_rotated(6), DecodeConfig(min_side=700)).reason == RejectReason.TOO_SMALL
+
+
+def test_cmyk_16bit_and_alpha_become_rgb():
+    cmyk = webcorpus.jpeg(webcorpus.render(7, (600, 600)).convert("CMYK"))
+    for data in (cmyk, webcorpus._sixteen_bit_png(8), webcorpus._rgba_png(9)):
+        result = decode(data)
+        assert not isinstance(result, Drop), result
+        img = Image.open(io.BytesIO(result.data))
+        assert img.mode == "RGB" and result.fmt == "jpg"
+    # 16-bit values are scaled, not clipped to white.
+    grey = np.asarray(Image.open(io.BytesIO(decode(webcorpus._sixteen_bit_png(8)).data)).convert("L"))
+    assert 30 < grey.mean() < 225
+    # Transparent pixels are composited on white.
+    alpha = np.asarray(Image.open(io.BytesIO(decode(webcorpus._rgba_png(9)).data)))
+    assert alpha[20, 20].min() > 240
+
+
+@pytest.mark.parametrize("mode, expected", [("keep_ratio", (512, 640)), ("center_crop", (512, 512)), ("border", (512, 512))])
+def test_img2dataset_resize_modes(mode, expected):
+    config = DecodeConfig(resize_mode=mode, image_size=512)
+    result = decode(webcorpus.jpeg(webcorpus.render(10, (800, 1000))), config)
+    assert (result.width, result.height) == expected
+    assert (result.original_width, result.original_height) == (800, 1000)
+    assert Image.open(io.BytesIO(result.data)).size == expected
