@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.scoring import ScoringConfig, SelectConfig
+
 
 class _StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -126,3 +128,10 @@ class CurateConfig(_StageConfig):
     decode: DecodeConfig = DecodeConfig()
     dedup: DedupConfig = DedupConfig()
     shards: ShardsConfig = ShardsConfig()
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig,
+        description="Model scorers (CLIP, safety, aesthetic); all off until configured. See schemas/scoring.py.",
+    )
+    select: SelectConfig = Field(
+        default_factory=SelectConfig, description="Score thresholds; the only step that drops on scores."
+    )
