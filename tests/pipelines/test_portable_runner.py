@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -114,3 +115,19 @@ def test_workers_import_the_project_from_the_staged_sdist(local_run, portable_ru
         assert path.parent.parent.name == "site", path
     assert not worker["tests_importable"]
     assert worker["editable_finders"] == []
+
+
+def test_a_package_left_out_of_the_sdist_fails_on_the_workers(portable_services, tmp_path):  # noqa: F811
+    # A copy of the project whose sdist lacks `stages` (as if pyproject's package
+    # list had missed it): the launcher still imports it from the checkout, the
+    # workers cannot.
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        (project / name).write_bytes((REPO_ROOT / name).read_bytes())
+    for package in ("schemas", "pipelines"):
+        shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    argv = [a for a in portable_services.argv if not a.startswith("--setup_file=")]
+    argv.append(f"--setup_file={project / 'pyproject.toml'}")
+    with pytest.raises(Exception, match="No module named 'stages'"):
+        _run(argv, tmp_path / "output")
