@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.scoring import ScoringConfig, SelectConfig
+from schemas.scoring import RecaptionConfig, ScoringConfig, SelectConfig
 
 
 class _StageConfig(BaseModel):
@@ -134,4 +134,9 @@ class CurateConfig(_StageConfig):
     )
     select: SelectConfig = Field(
         default_factory=SelectConfig, description="Score thresholds; the only step that drops on scores."
+    )
+    recaption: RecaptionConfig | None = Field(
+        None,
+        description="Synthetic captions for the selected samples from a LLaVA-style model (needs `model`); "
+        "None (the default) skips recaptioning and KEY.txt gets the alt text. See schemas/scoring.py.",
     )

@@ -1,0 +1,449 @@
+"""Recaptioning: the quality gate on crafted strings, batched generation against
+transformers' own single-image path, model validation, resource hints in the
+pipeline proto, and the Beam transform end to end on tiny LLaVA checkpoints
+built offline (random weights, or weights that force a known greedy output)."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import torch
+from apache_beam.internal import pickler
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.portability import common_urns
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that
+from PIL import Image
+
+from schemas import ImageRef, Provenance, RecaptionStatus, SampleRecord
+from schemas.scoring import BatchingConfig, RecaptionConfig
+from stages import recaption
+from stages.recaption import (
+    CaptionModelHandler,
+    Captioner,
+    GateDoFn,
+    Generation,
+    PrepareDoFn,
+    Recaption,
+    apply_generation,
+    collate,
+    gate_caption,
+    validate_model,
+)
+from tests.models import save_tiny_llava
+
+S = RecaptionStatus
+PROMPT = "Describe this image in one sentence."
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny LLaVA checkpoints: random weights; greedy output forced to `</s>` at
+    once (empty captions); forced to `cat` at every step (a loop); random
+    weights without a chat template."""
+    root = tmp_path_factory.mktemp("llava")
+    return {
+        "random": str(save_tiny_llava(root / "random", seed=0)),
+        "eos": str(save_tiny_llava(root / "eos", constant_token="</s>")),
+        "cat": str(save_tiny_llava(root / "cat", constant_token="cat")),
+        "no_template": str(save_tiny_llava(root / "no_template", chat_template=False, seed=1)),
+    }
+
+
+def _png(seed: int, size=(48, 40), mode="RGB") -> bytes:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.squeeze(), mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _record(i: int, ref: ImageRef | None) -> SampleRecord:
+    return SampleRecord(
+        key=f"{i:014d}", url=f"http://example.com/{i}.png", caption_original=f"alt text number {i}",
+        provenance=Provenance(source_file="in.parquet", source_row=i), image_ref=ref,
+    )
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """Five decodable images appended to one staging file (different sizes, one
+    grayscale), plus two records whose bytes are unusable: a range inside the
+    file holding no image, and a file that does not exist."""
+    root = tmp_path_factory.mktemp("staging")
+    path = root / "part-0.bin"
+    blobs = [_png(i, size=(48 + 8 * i, 40)) for i in range(4)] + [_png(9, mode="L")]
+    records, offset = [], 0
+    with open(path, "wb") as f:
+        for i, blob in enumerate(blobs):
+            f.write(blob)
+            records.append(_record(i, ImageRef(path=str(path), offset=offset, length=len(blob))))
+            offset += len(blob)
+        f.write(b"not an image at all" * 4)
+    records.append(_record(5, ImageRef(path=str(path), offset=offset, length=40)))
+    records.append(_record(6, ImageRef(path=str(root / "lost.bin"), offset=0, length=10)))
+    images = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs]
+    return records, images
+
+
+def _config(model: str, **overrides) -> RecaptionConfig:
+    return RecaptionConfig(model=model, max_new_tokens=overrides.pop("max_new_tokens", 8), **overrides)
+
+
+# --------------------------------------------------------------------------- the quality gate
+
+
+@pytest.mark.parametrize(
+    ("text", "truncated", "expected"),
+    [
+        ("A brown dog running on a sunny beach.", False, S.OK),
+        ("An image of a dog in a field", False, S.OK),  # 2 of 8 words are prompt words
+        ("a very very good dog", False, S.OK),  # two in a row is not a loop
+        ("", False, S.EMPTY),
+        ("   \n ", False, S.EMPTY),
+        ("... !?", False, S.EMPTY),
+        ("Describe this image in one sentence.", False, S.PROMPT_ECHO),
+        ("Sure. Describe this image in one sentence: a dog.", False, S.PROMPT_ECHO),  # contains the prompt
+        ("this image, one sentence", False, S.PROMPT_ECHO),  # all words from the prompt
+        ("a dog", False, S.TOO_SHORT),
+        ("a cat on a mat on a mat on a mat", False, S.LOOPING),
+        ("a dog dog dog in the park", False, S.LOOPING),
+        ("hahahahahahaha a laughing child", False, S.LOOPING),  # character-level loop
+        ("a red car parked near a house", True, S.TRUNCATED),
+    ],
+)
+def test_gate_on_crafted_captions(text, truncated, expected):
+    config = RecaptionConfig(model="unused")
+    assert gate_caption(text, prompt=PROMPT, truncated=truncated, config=config) is expected
+
+
+def test_each_gate_check_can_be_disabled():
+    lenient = RecaptionConfig(
+        model="unused", min_words=0, max_repeats=0, max_prompt_overlap=None, reject_truncated=False
+    )
+    for text in ["a dog", "a cat on a mat on a mat on a mat", "Describe this image in one sentence."]:
+        assert gate_caption(text, prompt=PROMPT, truncated=True, config=lenient) is S.OK, text
+    assert gate_caption(" ", prompt=PROMPT, truncated=False, config=lenient) is S.EMPTY  # never disabled
+
+
+def test_gate_thresholds_are_the_configured_ones():
+    five_repeats = "a cat cat cat cat cat here"
+    assert gate_caption(five_repeats, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_repeats=6)) is S.OK
+    assert gate_caption(five_repeats, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_repeats=5)) is S.LOOPING
+    half_prompt = "this image shows a dog"  # 2 of 5 words from the prompt
+    assert gate_caption(half_prompt, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_prompt_overlap=0.5)) is S.OK
+    assert gate_caption(half_prompt, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_prompt_overlap=0.4)) is S.PROMPT_ECHO
+    assert gate_caption("a dog runs", prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", min_words=4)) is S.TOO_SHORT
+
+
+def test_gate_reports_the_first_failing_check():
+    config = RecaptionConfig(model="unused")
+    # Echo beats looping and truncation; looping beats truncation.
+    assert gate_caption("describe this image " * 3, prompt=PROMPT, truncated=True, config=config) is S.PROMPT_ECHO
+    assert gate_caption("a dog a dog a dog", prompt=PROMPT, truncated=True, config=config) is S.LOOPING
+
+
+def test_config_rejects_unusable_gate_settings():
+    with pytest.raises(ValueError, match="max_repeats"):
+        RecaptionConfig(model="m", max_repeats=1)
+    with pytest.raises(ValueError, match="placeholder"):
+        RecaptionConfig(model="m", prompt_template="USER: <image> ASSISTANT:")
+
+
+def test_apply_generation_keeps_the_alt_text_and_sets_synthetic_only_when_accepted():
+    record = _record(1, None)
+    config = RecaptionConfig(model="unused")
+    good = apply_generation(record, Generation(" A dog on a beach. ", num_tokens=6, finished=True), config)
+    assert (good.caption_synthetic, good.recaption_status, good.caption_original) == (
+        "A dog on a beach.", S.OK, record.caption_original
+    )
+    cut = apply_generation(record, Generation("A dog on a beach", num_tokens=8, finished=False), config)
+    assert (cut.caption_synthetic, cut.recaption_status, cut.caption_original) == (None, S.TRUNCATED, record.caption_original)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_collate_left_pads_token_sequences_and_zero_pads_other_arrays():
+    a = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), int), "pixel_values": np.ones((1, 2, 3))}
+    b = {"input_ids": np.array([[8]]), "attention_mask": np.ones((1, 1), int), "pixel_values": np.full((1, 1, 3), 2.0)}
+    batch = collate([a, b], pad_token_id=1)
+    np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7], [1, 1, 8]])
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1], [0, 0, 1]])
+    assert batch["pixel_values"].shape == (2, 2, 3)
+    np.testing.assert_array_equal(batch["pixel_values"][1], [[2, 2, 2], [0, 0, 0]])
+
+
+def _reference_caption(model, processor, image, prompt_text: str, max_new_tokens: int) -> tuple[str, bool]:
+    """One image through transformers directly: processor -> greedy generate -> decode."""
+    inputs = processor(images=image, text=prompt_text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    finished = eos in new
+    if finished:
+        new = new[: new.index(eos)]
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip(), finished
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, staged):
+    """Per-image captions of the decodable staged images from transformers'
+    single-image path, for the random checkpoint and max_new_tokens=8."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoints["random"])
+    processor = AutoProcessor.from_pretrained(checkpoints["random"])
+    prompt_text = recaption.format_prompt(processor, _config(checkpoints["random"]))
+    _, images = staged
+    return [_reference_caption(model, processor, image, prompt_text, 8) for image in images]
+
+
+def test_batched_generation_matches_single_image_transformers(checkpoints, staged, reference):
+    config = _config(checkpoints["random"])
+    captioner = Captioner.load(config)
+    processor = recaption.load_processor(config.model)
+    prompt_text = recaption.format_prompt(processor, config)
+    _, images = staged
+    examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in images]
+    generations = captioner.generate(examples)
+    assert [(g.text, g.finished) for g in generations] == reference
+    assert all(0 < g.num_tokens <= config.max_new_tokens for g in generations)
+    assert len({g.text for g in generations}) > 1, "random weights should caption different images differently"
+
+
+def test_left_padding_does_not_change_captions(checkpoints, staged):
+    """Prompts of different lengths in one batch (left-padded) caption as they do alone."""
+    config = _config(checkpoints["random"])
+    captioner = Captioner.load(config)
+    processor = recaption.load_processor(config.model)
+    _, images = staged
+    prompts = ["USER: <image>\na photo ASSISTANT:", "USER: <image>\nwhat is in this picture of a city ASSISTANT:"]
+    examples = [dict(processor(images=images[i], text=p, return_tensors="np")) for i, p in enumerate(prompts)]
+    assert examples[0]["input_ids"].shape[1] != examples[1]["input_ids"].shape[1]
+    alone = [captioner.generate([example])[0] for example in examples]
+    assert captioner.generate(examples) == alone
+
+
+def test_generation_flags_end_of_sequence_and_token_budget(checkpoints, staged):
+    _, images = staged
+    for name, expected in [("eos", Generation("", 1, True)), ("cat", Generation(" ".join(["cat"] * 5), 5, False))]:
+        config = _config(checkpoints[name], max_new_tokens=5)
+        processor = recaption.load_processor(config.model)
+        example = dict(processor(images=images[0], text=recaption.format_prompt(processor, config), return_tensors="np"))
+        assert Captioner.load(config).generate([example, example]) == [expected, expected]
+
+
+def test_precision_and_device_choice(checkpoints, staged):
+    captioner = Captioner.load(_config(checkpoints["cat"], precision="bf16", device="cpu", max_new_tokens=3))
+    assert captioner.model.dtype == torch.bfloat16 and captioner.device.type == "cpu"
+    processor = recaption.load_processor(checkpoints["cat"])
+    example = dict(processor(images=staged[1][0], text="USER: <image>\nhi ASSISTANT:", return_tensors="np"))
+    assert captioner.generate([example]) == [Generation("cat cat cat", 3, False)]
+    assert Captioner.load(_config(checkpoints["cat"])).model.dtype == (
+        torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            Captioner.load(_config(checkpoints["cat"], device="cuda"))
+
+
+def test_prompt_formatting_uses_the_chat_template_or_the_configured_template(checkpoints):
+    with_template = recaption.load_processor(checkpoints["random"])
+    assert recaption.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
+    custom = _config("m", prompt="a caption please", prompt_template="<image> Q: {prompt} A:", use_chat_template=False)
+    assert recaption.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
+    without = recaption.load_processor(checkpoints["no_template"])
+    assert recaption.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_validate_accepts_a_saved_checkpoint(checkpoints):
+    validate_model(_config(checkpoints["random"]))
+    validate_model(_config(checkpoints["no_template"]))
+
+
+def test_validate_names_what_is_wrong(tmp_path, checkpoints, monkeypatch):
+    import huggingface_hub.constants
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def error(model: str, **kw) -> str:
+        with pytest.raises(ValueError) as info:
+            validate_model(_config(model, **kw))
+        return str(info.value)
+
+    assert "no such directory" in error(str(tmp_path / "nope"))
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    assert "is a file" in error(str(tmp_path / "weights.safetensors"))
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in error(str(tmp_path / "empty"))
+    assert "remote URLs" in error("gs://bucket/llava")
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(checkpoints["random"], no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert "no *.safetensors" in error(str(no_weights))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["random"], broken)
+    (broken / "config.json").write_text("{not json")
+    assert "not a readable config.json" in error(str(broken))
+
+    text_only = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(text_only)
+    message = error(str(text_only))
+    assert "'llama'" in message and "AutoModelForImageTextToText" in message
+
+    no_processor = tmp_path / "no_processor"
+    shutil.copytree(checkpoints["random"], no_processor)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        (no_processor / name).unlink()
+    assert "processor" in error(str(no_processor))
+
+    assert "lacks the image token" in error(
+        checkpoints["random"], use_chat_template=False, prompt_template="USER: {prompt} ASSISTANT:"
+    )
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert "reachable on the Hugging Face Hub" in error("some-org/no-such-llava")
+
+
+def test_a_bad_model_path_fails_at_pipeline_construction(tmp_path):
+    with pytest.raises(ValueError, match="no such directory"):
+        with TestPipeline(runner=FnApiRunner()) as p:
+            _ = p | beam.Create([_record(0, None)]) | Recaption(_config(str(tmp_path / "missing")))
+
+
+# --------------------------------------------------------------------------- Beam
+
+
+def test_resource_hints_reach_every_recaption_step_in_the_pipeline_proto(checkpoints):
+    config = _config(checkpoints["random"], accelerator="type:nvidia-l4;count:1;install-nvidia-driver", min_ram="20GB")
+    p = beam.Pipeline()
+    _ = p | beam.Create([_record(0, None)]) | "Recaption" >> Recaption(config)
+    proto = p.to_runner_api()
+    steps = {
+        t.unique_name: t.environment_id
+        for t in proto.components.transforms.values()
+        if t.unique_name.startswith("Recaption/") and not t.subtransforms and t.environment_id
+    }
+    for step in ("Recaption/Prepare", "Recaption/Generate/BeamML_RunInference", "Recaption/Gate"):
+        assert any(name == step or name.startswith(step + "/") for name in steps), (step, sorted(steps))
+    assert len(set(steps.values())) == 1, f"recaption steps must share one environment to fuse: {steps}"
+    hints = proto.components.environments[next(iter(steps.values()))].resource_hints
+    assert hints[common_urns.resource_hints.ACCELERATOR.urn] == b"type:nvidia-l4;count:1;install-nvidia-driver"
+    assert hints[common_urns.resource_hints.MIN_RAM_BYTES.urn] == b"20000000000"
+
+
+def test_dofns_and_handler_pickle(checkpoints):
+    config = _config(checkpoints["random"])
+    for obj in (PrepareDoFn(config), GateDoFn(config), CaptionModelHandler(config)):
+        clone = pickler.loads(pickler.dumps(obj))
+        assert clone.config == config
+    handler = CaptionModelHandler(config.model_copy(update={"batching": BatchingConfig(min_batch_size=2, max_batch_size=5)}))
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 2, "max_batch_size": 5}
+    assert not handler.share_model_across_processes()
+    shared = CaptionModelHandler(config.model_copy(update={"share_model_across_processes": True, "model_copies": 2}))
+    assert shared.share_model_across_processes() and shared.model_copies() == 2
+
+
+def _counters(result, step: str) -> dict[str, int]:
+    counts: dict[str, int] = collections.Counter()
+    query = result.metrics().query(MetricsFilter().with_namespace("recaption").with_step(step))
+    for counter in query["counters"]:
+        counts[counter.key.metric.name] += counter.committed
+    return {name: count for name, count in counts.items() if count}
+
+
+def _check_records(expected: dict[str, tuple[S, str | None]]):
+    def check(records):
+        got = {r.key: (r.recaption_status, r.caption_synthetic) for r in records}
+        if got != expected:
+            raise BeamAssertException(f"got {got}, expected {expected}")
+        for r in records:
+            if r.caption_original != f"alt text number {int(r.key)}":
+                raise BeamAssertException(f"{r.key}: caption_original changed to {r.caption_original!r}")
+
+    return check
+
+
+def test_recaption_end_to_end_matches_transformers_and_counts_fallbacks(checkpoints, staged, reference):
+    """Random weights: every decodable image gets exactly the caption (or the
+    fallback) that transformers' single-image path + the gate give; unreadable
+    images fall back; each outcome is counted as a Beam metric. (8 new tokens
+    never reach end-of-sequence here, so truncation is not rejected, to compare
+    captions; the known-output test below covers it.)"""
+    records, _ = staged
+    config = _config(
+        checkpoints["random"], reject_truncated=False, batching=BatchingConfig(min_batch_size=2, max_batch_size=3)
+    )
+    expected = {}
+    for record, (text, finished) in zip(records, reference):
+        status = gate_caption(text, prompt=PROMPT, truncated=not finished, config=config)
+        expected[record.key] = (status, text if status is S.OK else None)
+    expected[records[5].key] = (S.UNREADABLE_IMAGE, None)
+    expected[records[6].key] = (S.UNREADABLE_IMAGE, None)
+
+    p = TestPipeline(runner=FnApiRunner())
+    out = p | beam.Create(records) | "Recaption" >> Recaption(config)
+    assert_that(out, _check_records(expected))
+    result = p.run()
+    result.wait_until_finish()
+
+    statuses = collections.Counter(status for status, _ in expected.values())
+    assert statuses[S.OK] >= 2 and len(statuses) >= 3, f"the fixture should mix outcomes: {statuses}"
+    want = {("captioned" if s is S.OK else f"fallback_{s.value}"): n for s, n in statuses.items()}
+    assert _counters(result, "Recaption") == want
+
+
+def test_gate_outcomes_end_to_end_on_models_with_known_outputs(checkpoints, staged):
+    """Checkpoints whose greedy output is forced (`</s>` at once, `cat` forever)
+    give each fallback reason deterministically through the whole transform."""
+    records = staged[0][:3]
+    cat, eos = checkpoints["cat"], checkpoints["eos"]
+    cases = {
+        "Empty": (_config(eos), S.EMPTY, None),
+        "Looping": (_config(cat, max_new_tokens=6), S.LOOPING, None),
+        "Truncated": (_config(cat, max_new_tokens=6, max_repeats=0), S.TRUNCATED, None),
+        "Echo": (_config(cat, max_new_tokens=1, prompt="cat", min_words=0), S.PROMPT_ECHO, None),
+        "TooShort": (_config(cat, max_new_tokens=2, max_repeats=0, reject_truncated=False), S.TOO_SHORT, None),
+        "Accepted": (
+            _config(cat, max_new_tokens=4, max_repeats=0, reject_truncated=False, use_chat_template=False),
+            S.OK, "cat cat cat cat",
+        ),
+    }
+    p = TestPipeline(runner=FnApiRunner())
+    inputs = p | beam.Create(records)
+    for label, (config, status, caption) in cases.items():
+        out = inputs | label >> Recaption(config)
+        assert_that(out, _check_records({r.key: (status, caption) for r in records}), label=f"Check{label}")
+    result = p.run()
+    result.wait_until_finish()
+    for label, (_, status, _) in cases.items():
+        name = "captioned" if status is S.OK else f"fallback_{status.value}"
+        assert _counters(result, label) == {name: len(records)}, label
+
+
+def test_model_shared_across_processes(checkpoints, staged):
+    """share_model_across_processes: the Captioner lives in Beam's
+    multi_process_shared server and RunInference calls it through a proxy."""
+    records = staged[0][:2]
+    config = _config(checkpoints["cat"], max_new_tokens=4, max_repeats=0, reject_truncated=False,
+                     share_model_across_processes=True)
+    p = TestPipeline(runner=FnApiRunner())
+    out = p | beam.Create(records) | "Recaption" >> Recaption(config)
+    assert_that(out, _check_records({r.key: (S.OK, "cat cat cat cat") for r in records}))
+    p.run().wait_until_finish()
