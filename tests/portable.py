@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ import sys
 import sysconfig
 import time
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,12 +99,6 @@ def make_worker_env(env_dir: Path) -> Path:
     return python
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def _service_env(worker_env: Path, tmp_dir: Path) -> dict[str, str]:
     env = {
         k: v
@@ -131,8 +126,8 @@ def _check_isolated(python: Path, env: dict[str, str], cwd: Path) -> None:
         raise ServiceError(f"worker env {python} is not isolated from the checkout: {done.stderr.strip()}")
 
 
-def _start(name: str, command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as out:
+def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:  # fresh: the pool's port is read from its log
         # Own process group: teardown stops the service and every worker it started.
         return subprocess.Popen(
             command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -140,15 +135,43 @@ def _start(name: str, command: list[str], env: dict[str, str], cwd: Path, log: P
         )
 
 
-def _wait_for_port(name: str, process: subprocess.Popen, port: int, log: Path, timeout_s: float) -> None:
+def _wait_for_port(
+    name: str, process: subprocess.Popen, read_port: Callable[[], int | None], log: Path, timeout_s: float
+) -> int:
+    """Wait until the service reports the port it bound (it binds port 0, so no
+    other process can hold it) and accepts connections there; return the port."""
     deadline = time.monotonic() + timeout_s
+    port = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServiceError(f"{name} exited with code {process.returncode}; its log:\n{_log_tail(log)}")
-        with contextlib.suppress(OSError), socket.create_connection(("localhost", port), timeout=1):
-            return
+        port = port or read_port()
+        if port:
+            with contextlib.suppress(OSError), socket.create_connection(("localhost", port), timeout=1):
+                return port
         time.sleep(0.2)
-    raise ServiceError(f"{name} did not listen on port {port} within {timeout_s:.0f} s; its log:\n{_log_tail(log)}")
+    raise ServiceError(f"{name} was not serving (port {port}) within {timeout_s:.0f} s; its log:\n{_log_tail(log)}")
+
+
+def _port_from_file(path: Path) -> Callable[[], int | None]:
+    def read() -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text().strip())
+        return None
+
+    return read
+
+
+# worker_pool_main's start-up line (Beam 2.77): "Started worker pool servicer at port: localhost:PORT ..."
+_POOL_PORT = re.compile(r"Started worker pool servicer at port: \S+?:(\d+)")
+
+
+def _port_from_log(path: Path) -> Callable[[], int | None]:
+    def read() -> int | None:
+        match = _POOL_PORT.search(_log_tail(path, 100_000))
+        return int(match.group(1)) if match else None
+
+    return read
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -189,28 +212,28 @@ def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S)
     env = _service_env(worker_env, tmp_dir)
     _check_isolated(python, env, run_dir)
 
-    job_port, pool_port = _free_port(), _free_port()
     job_log, pool_log = workdir / "job_service.log", workdir / "worker_pool.log"
+    job_port_file = workdir / "job_service.port"
     processes: list[subprocess.Popen] = []
     try:
         processes.append(
             _start(
-                "job service",
                 [str(python), "-m", "apache_beam.runners.portability.local_job_service_main",
-                 f"--port={job_port}", f"--staging_dir={workdir / 'staging'}"],
+                 "--port=0", f"--port_file={job_port_file}", f"--staging_dir={workdir / 'staging'}"],
                 env, run_dir, job_log,
             )
         )
         processes.append(
             _start(
-                "worker pool",
                 [str(python), "-m", "apache_beam.runners.worker.worker_pool_main",
-                 f"--service_port={pool_port}", f"--container_executable={BOOT}"],
+                 "--service_port=0", f"--container_executable={BOOT}"],
                 env, run_dir, pool_log,
             )
         )
-        _wait_for_port("job service", processes[0], job_port, job_log, startup_timeout_s)
-        _wait_for_port("worker pool", processes[1], pool_port, pool_log, startup_timeout_s)
+        job_port = _wait_for_port(
+            "job service", processes[0], _port_from_file(job_port_file), job_log, startup_timeout_s
+        )
+        pool_port = _wait_for_port("worker pool", processes[1], _port_from_log(pool_log), pool_log, startup_timeout_s)
         yield [
             "--runner=PortableRunner",
             f"--job_endpoint=localhost:{job_port}",

@@ -23,6 +23,9 @@ from tests.portable import REPO_ROOT, portable_services, service_logs  # noqa: F
 pytestmark = pytest.mark.portable
 
 N_RECORDS = 30
+# A worker that fails to boot never connects, and Beam's job service then waits
+# for it forever: give up after this long, with the services' logs.
+RUN_TIMEOUT_S = 180
 
 
 def _run(argv: list[str], out_dir: Path) -> dict:
@@ -36,8 +39,10 @@ def _run(argv: list[str], out_dir: Path) -> dict:
     portable_probe.build(pipeline, records, prefix)
     start = time.monotonic()
     result = pipeline.run()
-    state = result.wait_until_finish()
+    state = result.wait_until_finish(duration=RUN_TIMEOUT_S * 1000)
     seconds = time.monotonic() - start
+    if not PipelineState.is_terminal(state):
+        raise TimeoutError(f"pipeline still {state} after {RUN_TIMEOUT_S} s")
     counters = {
         c.key.metric.name: c.committed
         for c in result.metrics().query(MetricsFilter().with_namespace(Stage.CAPTION.value))["counters"]
