@@ -197,7 +197,8 @@ def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S)
     The argv: `--runner=PortableRunner --job_endpoint=localhost:P1
     --environment_type=EXTERNAL --environment_config=localhost:P2
     --sdk_worker_parallelism=1 --setup_file=<checkout>/pyproject.toml`.
-    Workers run on this machine, so local output paths work. The services are
+    Workers run on this machine, so local input and output paths work if they
+    are absolute (workers run in their own working directory). The services are
     stopped and reaped on exit, also when the body raises.
     """
     if not os.access(BOOT, os.X_OK):
