@@ -18,6 +18,7 @@ import logging
 
 import apache_beam as beam
 import yaml
+from apache_beam.io.filesystems import FileSystems
 from pydantic import ValidationError
 
 from pipelines import outputs
@@ -45,9 +46,9 @@ def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig
     data: dict = {}
     if path:
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as err:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                data = yaml.safe_load(f.read().decode("utf-8")) or {}
+        except (OSError, beam.io.filesystem.BeamIOError) as err:
             raise ConfigError(f"{path}: cannot read config: {err}") from err
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
@@ -105,6 +106,6 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
     cleanup_after(
         report,
-        [staging_dir(output_dir), beam.io.filesystems.FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)],
+        [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)],
     )
     return report
