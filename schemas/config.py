@@ -104,7 +104,16 @@ class DedupConfig(_StageConfig):
         256, ge=1, description="LSH partitions per band; raise for billions of images to bound memory per key."
     )
     max_survivor_rounds: int = Field(
-        6, ge=1, description="Pointer-jumping rounds that resolve chains of near duplicates to their survivor."
+        6,
+        ge=1,
+        description="Pointer-jumping rounds that resolve chains of near duplicates to their survivor: "
+        "R rounds resolve chains of up to 2**R - 1 links (63 by default); longer chains are rejected without a survivor.",
+    )
+    lsh_batch_size: int = Field(
+        20_000,
+        ge=1,
+        description="Hashes batched on a worker before they are split into (band, partition) chunks: "
+        "fewer, larger shuffle elements.",
     )
 
 
