@@ -9,6 +9,7 @@ import collections
 import io
 import json
 import shutil
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -18,7 +19,7 @@ from apache_beam.internal import pickler
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.portability import common_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
 from PIL import Image
 
@@ -38,6 +39,7 @@ from stages.recaption import (
     validate_model,
 )
 from tests.models import save_tiny_llava
+from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
 
 S = RecaptionStatus
 PROMPT = "Describe this image in one sentence."
@@ -222,6 +224,19 @@ def test_batched_generation_matches_single_image_transformers(checkpoints, stage
     assert len({g.text for g in generations}) > 1, "random weights should caption different images differently"
 
 
+def test_decoding_is_greedy_whatever_the_checkpoint_defaults(tmp_path, checkpoints, staged, reference):
+    sampling = tmp_path / "sampling"
+    shutil.copytree(checkpoints["random"], sampling)
+    path = sampling / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True, "temperature": 5.0, "top_k": 0}))
+    config = _config(str(sampling))
+    processor = recaption.load_processor(config.model)
+    prompt_text = recaption.format_prompt(processor, config)
+    examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in staged[1]]
+    generations = Captioner.load(config).generate(examples)
+    assert [(g.text, g.finished) for g in generations] == reference
+
+
 def test_left_padding_does_not_change_captions(checkpoints, staged):
     """Prompts of different lengths in one batch (left-padded) caption as they do alone."""
     config = _config(checkpoints["random"])
@@ -256,6 +271,20 @@ def test_precision_and_device_choice(checkpoints, staged):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             Captioner.load(_config(checkpoints["cat"], device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_device_uses_cuda_in_bf16(checkpoints, staged):
+    """On a GPU worker `auto` picks CUDA and bf16, and the stage runs there end to end."""
+    captioner = Captioner.load(_config(checkpoints["cat"], max_new_tokens=3))
+    assert captioner.device.type == "cuda" and captioner.model.dtype == torch.bfloat16
+    records = staged[0][:4]
+    config = _config(checkpoints["cat"], max_new_tokens=3, max_repeats=0, reject_truncated=False, min_words=0)
+    p = BeamTestPipeline(runner=FnApiRunner())
+    out = p | beam.Create(records) | "Recaption" >> Recaption(config)
+    assert_that(out, _check_records({r.key: (S.OK, "cat cat cat") for r in records}))
+    p.run().wait_until_finish()
 
 
 def test_prompt_formatting_uses_the_chat_template_or_the_configured_template(checkpoints):
@@ -323,7 +352,7 @@ def test_validate_names_what_is_wrong(tmp_path, checkpoints, monkeypatch):
 
 def test_a_bad_model_path_fails_at_pipeline_construction(tmp_path):
     with pytest.raises(ValueError, match="no such directory"):
-        with TestPipeline(runner=FnApiRunner()) as p:
+        with BeamTestPipeline(runner=FnApiRunner()) as p:
             _ = p | beam.Create([_record(0, None)]) | Recaption(_config(str(tmp_path / "missing")))
 
 
@@ -397,7 +426,7 @@ def test_recaption_end_to_end_matches_transformers_and_counts_fallbacks(checkpoi
     expected[records[5].key] = (S.UNREADABLE_IMAGE, None)
     expected[records[6].key] = (S.UNREADABLE_IMAGE, None)
 
-    p = TestPipeline(runner=FnApiRunner())
+    p = BeamTestPipeline(runner=FnApiRunner())
     out = p | beam.Create(records) | "Recaption" >> Recaption(config)
     assert_that(out, _check_records(expected))
     result = p.run()
@@ -425,7 +454,7 @@ def test_gate_outcomes_end_to_end_on_models_with_known_outputs(checkpoints, stag
             S.OK, "cat cat cat cat",
         ),
     }
-    p = TestPipeline(runner=FnApiRunner())
+    p = BeamTestPipeline(runner=FnApiRunner())
     inputs = p | beam.Create(records)
     for label, (config, status, caption) in cases.items():
         out = inputs | label >> Recaption(config)
@@ -443,7 +472,32 @@ def test_model_shared_across_processes(checkpoints, staged):
     records = staged[0][:2]
     config = _config(checkpoints["cat"], max_new_tokens=4, max_repeats=0, reject_truncated=False,
                      share_model_across_processes=True)
-    p = TestPipeline(runner=FnApiRunner())
+    p = BeamTestPipeline(runner=FnApiRunner())
     out = p | beam.Create(records) | "Recaption" >> Recaption(config)
     assert_that(out, _check_records({r.key: (S.OK, "cat cat cat cat") for r in records}))
     p.run().wait_until_finish()
+
+
+@pytest.mark.portable
+@pytest.mark.slow  # ~1 min of worker start-up; the FnApiRunner tests above cover the same code in-process
+def test_recaption_on_the_portable_runner(portable_services, checkpoints, staged):  # noqa: F811
+    """Workers in other processes, with the project only from the staged sdist,
+    unpickle the stage, load the model from its directory and caption."""
+    from apache_beam.internal.cloudpickle import cloudpickle
+    from apache_beam.runners.runner import PipelineState
+
+    from pipelines.runner import create_runner, make_pipeline_options
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the matcher below; workers cannot import tests
+    records = [*staged[0][:3], staged[0][6]]
+    config = _config(checkpoints["cat"], max_new_tokens=4, max_repeats=0, reject_truncated=False)
+    expected = {r.key: (S.OK, "cat cat cat cat") for r in records[:3]}
+    expected[records[3].key] = (S.UNREADABLE_IMAGE, None)
+    options = make_pipeline_options(portable_services.argv)
+    p = beam.Pipeline(runner=create_runner(options), options=options)
+    out = p | beam.Create(records) | "Recaption" >> Recaption(config)
+    assert_that(out, _check_records(expected))
+    result = p.run()
+    state = result.wait_until_finish(duration=180_000)
+    assert state == PipelineState.DONE, service_logs(portable_services.workdir)
+    assert _counters(result, "Recaption") == {"captioned": 3, "fallback_unreadable_image": 1}
