@@ -39,10 +39,18 @@ def test_rejections(data, reason):
     assert isinstance(result, Drop) and result.reason == reason, result
 
 
-def test_truncated_jpeg():
-    data = webcorpus.jpeg(webcorpus.render(5, (700, 700)))
+@pytest.mark.parametrize("encode", [webcorpus.jpeg, webcorpus.png], ids=["jpeg-draft-path", "png-full-decode"])
+def test_truncated_images(encode):
+    data = encode(webcorpus.render(5, (700, 700)))
     result = decode(data[: len(data) * 2 // 3])
     assert isinstance(result, Drop) and result.reason == RejectReason.TRUNCATED_IMAGE
+
+
+def test_phash_is_the_dedup_stages_phash():
+    from stages.dedup import compute_phash
+
+    for data in (webcorpus.jpeg(webcorpus.render(11, (700, 600))), webcorpus._rgba_png(12), webcorpus._exif_rotated(13)):
+        assert decode(data).phash == compute_phash(data)
 
 
 def test_exif_rotation_is_applied_before_the_size_checks():
@@ -66,7 +74,7 @@ def test_cmyk_16bit_and_alpha_become_rgb():
     assert 30 < grey.mean() < 225
     # Transparent pixels are composited on white.
     alpha = np.asarray(Image.open(io.BytesIO(decode(webcorpus._rgba_png(9)).data)))
-    assert alpha[20, 20].min() > 240
+    assert alpha[100, 100].min() > 240 and alpha[400, 400].min() < 240
 
 
 @pytest.mark.parametrize("mode, expected", [("keep_ratio", (512, 640)), ("center_crop", (512, 512)), ("border", (512, 512))])
