@@ -1,0 +1,178 @@
+"""The model stages of `beam run curate`: scores -> selection -> recaption.
+
+    Prepare     ParDo: staged bytes -> decoded once -> each model's uint8 input
+    Clip        RunInference(ClipModelHandler): similarity + image embedding
+    ClipHeads   ParDo: punsafe / pwatermark / aesthetic_score from the embedding
+    NudeNet     RunInference(NudeNetModelHandler): nsfw_score
+    Select      ParDo: thresholds (the only step that drops on scores)
+    Recaption   stages.recaption.Recaption on the selected samples
+
+Prepare .. NudeNet carry the same resource hints (`scoring.accelerator`,
+`scoring.min_ram`), so a runner fuses them into one stage on the accelerator
+workers: pixels never cross a shuffle, and decoding overlaps inference across
+bundles. Select has no hints (it is cheap and fuses with what follows).
+
+Every model is off until configured (see `schemas/scoring.py`); with nothing
+configured `ModelStages.enabled` is False and the curate pipeline skips it.
+Configs are validated when `ModelStages` is constructed, so a missing or
+unreadable checkpoint fails before the pipeline starts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from schemas import CurateConfig
+from schemas.scoring import ScoringConfig, SelectConfig
+from stages import aesthetic, clip_score, safety
+from stages.base import REJECTS
+from stages.inference import PrepareImagesDoFn, ScoringExample, resource_hints
+from stages.select import SCORE_FIELDS, apply_select
+
+LOG = logging.getLogger(__name__)
+
+UNSELECTED_DIR = "unselected"
+
+
+class ScoringConfigError(ValueError):
+    """The scoring/selection config cannot work; raised before the pipeline starts."""
+
+
+def computed_scores(scoring: ScoringConfig) -> set[str]:
+    """SampleRecord score fields the configured scorers fill in."""
+    fields = set()
+    if scoring.clip is not None:
+        fields.add("clip_similarity")
+    if scoring.safety is not None and scoring.safety.nudenet is not None:
+        fields.add("nsfw_score")
+    fields.update(safety.clip_heads(scoring.safety))
+    fields.update(aesthetic.clip_heads(scoring.aesthetic))
+    return fields
+
+
+def check_thresholds(select: SelectConfig, available: set[str], where: str = "scoring") -> None:
+    """Every enabled threshold must have its score computed."""
+    missing = {name: SCORE_FIELDS[name] for name in select.thresholds() if SCORE_FIELDS[name] not in available}
+    if missing:
+        listing = ", ".join(f"select.{name} needs {field}" for name, field in sorted(missing.items()))
+        raise ScoringConfigError(f"{listing}, which {where} does not compute; configure its scorer or unset it")
+
+
+def _strip(example: ScoringExample):
+    return example.record
+
+
+class ScoreImages(beam.PTransform):
+    """PCollection[SampleRecord with image_ref] -> (scored records, rejects).
+
+    Scores only; nothing is dropped on a score here. Rejects are records whose
+    staged bytes could not be read back.
+    """
+
+    def __init__(self, scoring: ScoringConfig):
+        super().__init__()
+        self.scoring = scoring
+        self.embed_dim = None
+        self.preprocess = None
+        if scoring.clip is not None:
+            self.embed_dim = clip_score.check_clip_config(scoring.clip)
+            self.preprocess = clip_score.preprocess_config(scoring.clip)
+            clip_score.check_heads(self.heads(), self.embed_dim)
+        if scoring.safety is not None and scoring.safety.nudenet is not None:
+            safety.check_nudenet_config(scoring.safety.nudenet)
+        hints = resource_hints(scoring)
+        if hints:
+            self.with_resource_hints(**hints)
+
+    def heads(self):
+        return {**safety.clip_heads(self.scoring.safety), **aesthetic.clip_heads(self.scoring.aesthetic)}
+
+    def expand(self, records):
+        scoring = self.scoring
+        nudenet = scoring.safety.nudenet if scoring.safety is not None else None
+        preparers = []
+        if scoring.clip is not None:
+            preparers.append(clip_score.ClipPreparer(scoring.clip, self.preprocess))
+        if nudenet is not None:
+            preparers.append(safety.NudeNetPreparer(nudenet))
+        prepared = records | "Prepare" >> beam.ParDo(PrepareImagesDoFn(preparers)).with_outputs(
+            REJECTS, main="examples"
+        )
+        examples = prepared.examples
+        if scoring.clip is not None:
+            examples = (
+                examples
+                | "Clip" >> RunInference(
+                    clip_score.ClipModelHandler(scoring.clip, scoring, self.preprocess),
+                    model_identifier=f"clip:{scoring.clip.model}:{scoring.clip.pretrained}",
+                )
+                | "ClipHeads" >> beam.ParDo(clip_score.ApplyClipHeadsDoFn(self.heads(), self.embed_dim))
+            )
+        if nudenet is not None:
+            examples = (
+                examples
+                | "NudeNet" >> RunInference(
+                    safety.NudeNetModelHandler(nudenet, scoring),
+                    model_identifier=f"nudenet:{safety.nudenet_model_path(nudenet)}",
+                )
+                | "AttachNsfwScore" >> beam.ParDo(safety.AttachNsfwScoreDoFn())
+            )
+        scored = examples | "ToRecords" >> beam.Map(_strip)
+        return scored, prepared[REJECTS]
+
+
+def _recaption_transform(config: CurateConfig):
+    """stages.recaption.Recaption for `config.recaption`, or None when off."""
+    recaption_config = getattr(config, "recaption", None)
+    if recaption_config is None:
+        return None
+    from stages.recaption import Recaption
+
+    return Recaption(recaption_config)
+
+
+class ModelStages(beam.PTransform):
+    """PCollection[SampleRecord] (after dedup, with image_ref) -> (kept, rejects).
+
+    Scores every record with the configured models, applies the selection
+    thresholds, and recaptions the selected ones. With `select.keep_unselected`,
+    the records selection drops are also available as `self.unselected`
+    (after `expand`), scores included and `image_ref` still set, for the
+    curate pipeline to write with `WriteShards` under `DIR/unselected/`.
+    """
+
+    def __init__(self, config: CurateConfig):
+        super().__init__()
+        self.config = config
+        scoring: ScoringConfig = config.scoring
+        check_thresholds(config.select, computed_scores(scoring))
+        self.score = ScoreImages(scoring) if scoring.enabled else None
+        self.recaption = _recaption_transform(config)
+        if self.recaption is not None:
+            self.recaption.validate()
+        self.unselected: beam.PCollection | None = None
+        if not self.enabled:
+            LOG.info("model stages off: configure scoring.clip / scoring.safety / recaption to enable them")
+
+    @property
+    def enabled(self) -> bool:
+        return self.score is not None or self.recaption is not None
+
+    def expand(self, records):
+        rejects = []
+        if self.score is not None:
+            records, score_rejects = records | "Score" >> self.score
+            rejects.append(score_rejects)
+        if self.config.select.thresholds():
+            records, select_rejects, self.unselected = apply_select(
+                records, "Select", self.config.select, emit_unselected=self.config.select.keep_unselected
+            )
+            rejects.append(select_rejects)
+        if self.recaption is not None:
+            records = records | "Recaption" >> self.recaption
+        if not rejects:
+            rejects.append(records.pipeline | "NoRejects" >> beam.Create([]))
+        return records, tuple(rejects) | "ModelRejects" >> beam.Flatten()
