@@ -59,12 +59,41 @@ def _curate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_config() -> int:
+def config_reference(model=None, indent: int = 0) -> str:
+    """The config as commented YAML: every key, its default and its description."""
+    import yaml
+    from pydantic import BaseModel
+
     from schemas import CurateConfig
 
-    import yaml
+    model = model or CurateConfig
+    pad = "  " * indent
+    lines = []
+    if model.__doc__ and indent == 0:
+        lines += [f"# {line.strip()}" for line in model.__doc__.strip().splitlines()]
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            doc = (type(default).__doc__ or "").strip().splitlines()
+            lines.append(f"{pad}{name}:" + (f"  # {doc[0].strip()}" if doc else ""))
+            lines.append(config_reference(type(default), indent + 1))
+            continue
+        if field.description:
+            lines += [f"{pad}# {chunk}" for chunk in _wrap(field.description, 100 - len(pad))]
+        dumped = yaml.safe_dump({name: default.model_dump(mode="json") if isinstance(default, BaseModel) else default},
+                                default_flow_style=True, width=1000).strip()
+        lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+    return "\n".join(lines)
 
-    print(yaml.safe_dump(CurateConfig().model_dump(mode="json"), sort_keys=False), end="")
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=max(40, width))
+
+
+def _print_config() -> int:
+    print(config_reference())
     return 0
 
 
@@ -78,7 +107,8 @@ def _print_beam_help() -> int:
     return 0
 
 
-def print_funnel(report, out=sys.stdout) -> None:
+def print_funnel(report, out=None) -> None:
+    out = out or sys.stdout
     width = max([len(f"{row.stage.value}/{row.reason.value}") for row in report.funnel] + [24])
     line = "-" * (width + 12)
     print(line, file=out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import typing
 import uuid
 import zlib
 from datetime import datetime, timezone
@@ -178,7 +179,8 @@ class WriteShards(beam.PTransform):
     def expand(self, records):
         batches = (
             records
-            | "SpreadOverWriters" >> beam.Map(_writer_key, self.config.writers)
+            | "SpreadOverWriters"
+            >> beam.Map(_writer_key, self.config.writers).with_output_types(beam.typehints.KV[int, typing.Any])
             | "Batch" >> beam.GroupIntoBatches(self.config.samples_per_shard)
             | "NameBatch" >> beam.Map(_name_batch)
         )
