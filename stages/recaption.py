@@ -323,8 +323,11 @@ def validate_model(config: RecaptionConfig) -> None:
     try:
         model_config = AutoConfig.from_pretrained(config.model)
     except (OSError, ValueError, json.JSONDecodeError) as err:
-        kind = "a readable config.json" if path.exists() else "a local directory nor reachable on the Hugging Face Hub"
-        raise ValueError(f"{where} is not {kind}: {err}") from err
+        problem = (
+            "has no readable config.json" if path.exists()
+            else "is neither a local directory nor reachable on the Hugging Face Hub (offline? a typo?)"
+        )
+        raise ValueError(f"{where} {problem}: {err}") from err
     if type(model_config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         raise ValueError(
             f"{where} is a {model_config.model_type!r} model, which AutoModelForImageTextToText cannot load; "

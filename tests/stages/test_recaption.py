@@ -328,7 +328,7 @@ def test_validate_names_what_is_wrong(tmp_path, checkpoints, monkeypatch):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints["random"], broken)
     (broken / "config.json").write_text("{not json")
-    assert "not a readable config.json" in error(str(broken))
+    assert "no readable config.json" in error(str(broken))
 
     text_only = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -347,7 +347,7 @@ def test_validate_names_what_is_wrong(tmp_path, checkpoints, monkeypatch):
     )
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert "reachable on the Hugging Face Hub" in error("some-org/no-such-llava")
+    assert "neither a local directory nor reachable on the Hugging Face Hub" in error("some-org/no-such-llava")
 
 
 def test_a_bad_model_path_fails_at_pipeline_construction(tmp_path):
