@@ -72,7 +72,7 @@ def _png(seed: int, size=(48, 40), mode="RGB") -> bytes:
 def _record(i: int, ref: ImageRef | None) -> SampleRecord:
     return SampleRecord(
         key=f"{i:014d}", url=f"http://example.com/{i}.png", caption_original=f"alt text number {i}",
-        provenance=Provenance(source_file="in.parquet", source_row=i), image_ref=ref,
+        provenance=Provenance(source_file="in.parquet", source_row=i), image_ref=ref, image_format="png",
     )
 
 
@@ -476,6 +476,37 @@ def test_model_shared_across_processes(checkpoints, staged):
     out = p | beam.Create(records) | "Recaption" >> Recaption(config)
     assert_that(out, _check_records({r.key: (S.OK, "cat cat cat cat") for r in records}))
     p.run().wait_until_finish()
+
+
+def test_shards_carry_both_captions(tmp_path, checkpoints, staged):
+    """Through the shard writer: KEY.txt holds the synthetic caption where the
+    gate accepted it and the alt text where it fell back; KEY.json holds both
+    captions and the recaption status."""
+    import tarfile
+
+    from schemas import ShardsConfig
+    from stages.shards import WriteShards
+
+    records = staged[0][:5]
+    accepted = _config(checkpoints["cat"], max_new_tokens=4, max_repeats=0, reject_truncated=False)
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
+        inputs = p | beam.Create(records)
+        captioned = inputs | "Keep3" >> beam.Filter(lambda r: int(r.key) < 3) | "Accepted" >> Recaption(accepted)
+        empty = inputs | "Rest" >> beam.Filter(lambda r: int(r.key) >= 3) | "Empty" >> Recaption(_config(checkpoints["eos"]))
+        _ = (captioned, empty) | beam.Flatten() | WriteShards(
+            str(tmp_path), ShardsConfig(samples_per_shard=10, writers=1, caption_source="synthetic"), {}
+        )
+    (shard,) = (tmp_path / "shards").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for record in records:
+        txt = members[f"{record.key}.txt"].decode()
+        meta = json.loads(members[f"{record.key}.json"])
+        assert meta["caption_original"] == record.caption_original
+        if int(record.key) < 3:
+            assert (txt, meta["caption_synthetic"], meta["recaption_status"]) == ("cat cat cat cat",) * 2 + ("ok",)
+        else:
+            assert (txt, meta["caption_synthetic"], meta["recaption_status"]) == (record.caption_original, None, "empty")
 
 
 @pytest.mark.portable
