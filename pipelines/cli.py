@@ -136,18 +136,21 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
     import apache_beam as beam
 
     from pipelines import outputs
-    from pipelines.curate import ConfigError, build_curate, load_config
+    from pipelines.curate import build_curate, load_config
     from pipelines.runner import create_runner, make_pipeline_options
-    from stages.read import InputError
 
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
         config = load_config(args.config, overrides)
         options = make_pipeline_options(beam_argv)
-        run_config = outputs.write_config(args.output, config, {"input": args.input, "beam_args": beam_argv})
+        run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_curate(p, args.input, args.output, config, run_config)
-    except (ConfigError, InputError) as err:
+        outputs.write_config(args.output, run_config)
+    except ValueError as err:
+        # Config, input and model-path problems are all ValueErrors raised while
+        # the graph is built: report them before any work starts.
+        logging.getLogger(__name__).debug("pipeline construction failed", exc_info=True)
         print(f"beam run curate: error: {err}", file=sys.stderr)
         return 2
     result = p.run()

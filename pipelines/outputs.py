@@ -171,14 +171,17 @@ def write_outputs(
     )
 
 
-def write_config(output_dir: str, config: CurateConfig, extra: dict | None = None) -> dict:
-    """Write DIR/config.json (before the pipeline runs) and return it as a dict."""
-    resolved = {"curate": config.model_dump(mode="json"), **(extra or {})}
+def resolved_config(config: CurateConfig, extra: dict | None = None) -> dict:
+    """What DIR/config.json and every shard manifest record about the run."""
+    return {"curate": config.model_dump(mode="json"), **(extra or {})}
+
+
+def write_config(output_dir: str, resolved: dict) -> None:
+    """Write DIR/config.json (before the pipeline runs)."""
     if not FileSystems.exists(output_dir):
         FileSystems.mkdirs(output_dir)
     with FileSystems.create(FileSystems.join(output_dir, CONFIG), compression_type="uncompressed") as f:
         f.write(json.dumps(resolved, indent=2, sort_keys=True).encode())
-    return resolved
 
 
 def read_report(output_dir: str) -> Report:

@@ -139,7 +139,8 @@ def build_select(
     config = curate.model_copy(update={"select": select_config})
     extra = {k: v for k, v in source.items() if k != "curate"}
     extra["selected_from"] = {"input_dir": input_dir, "select": curate.select.model_dump(mode="json"), **(run_info or {})}
-    run_config = outputs.write_config(output_dir, config, extra)
+    run_config = outputs.resolved_config(config, extra)
+    outputs.write_config(output_dir, run_config)
 
     records = pipeline | "ReadShards" >> ReadShardRecords(_shards_glob(input_dir))
     old_rejects = (

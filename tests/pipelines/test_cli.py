@@ -49,7 +49,7 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, setup, mes
         argv += ["--config", str(tmp_path / "c.yaml")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out" / "shards").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_funnel_table_shows_every_reason_and_the_identity(capsys):
