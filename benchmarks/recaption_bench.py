@@ -17,7 +17,9 @@ with `--device cuda`) for real figures. Three measurements, same images:
   run over all N images and one over a single batch of B, so that pipeline
   start-up and model loading (reported as `startup_s`, about T(B)) cancel out.
 
-Every timing is the best of `--repeats` runs (the machine may be shared).
+Every timing is the best of `--repeats` runs (the machine may be shared; on a
+busy CPU pass `--threads 1`, as torch's thread pool otherwise spins against the
+other processes and the figures swing tenfold).
 Figures: images/s and the ratio against the baseline. Generation stops at
 end-of-sequence, so a batch runs as long as its longest caption; the tiny
 random model rarely stops early, a real one does.
@@ -149,11 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-side", type=int, default=384, help="Side of the generated JPEGs, px.")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="Each timing is the best of this many runs.")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads); default: torch's choice."
+    )
     parser.add_argument("--skip-pipeline", action="store_true", help="Only the baseline and model-only figures.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from schemas.scoring import BatchingConfig, RecaptionConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="recaption-bench-") as tmp:
@@ -173,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         baseline_ips = len(images) / baseline_s
         from stages.inference import resolve_device
 
+        import torch
+
         print(f"model={model} device={resolve_device(args.device)} images={len(images)} "
-              f"max_new_tokens={args.max_new_tokens}")
+              f"max_new_tokens={args.max_new_tokens} torch_threads={torch.get_num_threads()}")
         print(f"baseline (one image at a time, transformers directly): {baseline_ips:8.2f} images/s")
         header = f"{'batch':>5} {'model img/s':>12} {'x base':>7} {'prep ms/img':>12}"
         if not args.skip_pipeline:
