@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             model = str(save_tiny_llava(Path(tmp) / "tiny-llava"))
         base = RecaptionConfig(
             model=model, device=args.device, precision=args.precision, max_new_tokens=args.max_new_tokens,
-            min_ram=None,
+            min_ram=None, cpu_threads=args.threads,
         )
         images = make_images(args.images, args.image_side)
         records = stage(images, Path(tmp))

@@ -242,6 +242,13 @@ class RecaptionConfig(_ScoringModel):
     model_copies: int | None = Field(
         None, ge=1, description="With share_model_across_processes: copies per machine (default 1)."
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads when the model runs on CPU (torch.set_num_threads). None: torch's default, all "
+        "cores; with several SDK processes per machine set cores / processes (oversubscribed threads ran the "
+        "tiny model 10x slower in benchmarks/recaption_bench.py).",
+    )
     min_words: int = Field(3, ge=0, description="Captions with fewer words fall back as `too_short`; 0 disables.")
     max_repeats: int = Field(
         3,

@@ -236,12 +236,15 @@ class Captioner:
     @classmethod
     def load(cls, config: RecaptionConfig) -> Captioner:
         """Load `config.model` with `AutoModelForImageTextToText` (safetensors
-        weights only) on `config.device`, in `config.precision`."""
+        weights only) on `config.device`, in `config.precision`, with
+        `config.cpu_threads` torch threads on CPU."""
         import torch
         from transformers import AutoModelForImageTextToText
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(device, config.precision) or torch.float32  # None: no reduced precision
+        if device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)  # process-wide, as the worker process is ours
         model = AutoModelForImageTextToText.from_pretrained(
             config.model, dtype=dtype, device_map=str(device), use_safetensors=True
         )

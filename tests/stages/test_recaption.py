@@ -271,6 +271,12 @@ def test_precision_and_device_choice(checkpoints, staged):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             Captioner.load(_config(checkpoints["cat"], device="cuda"))
+        threads = torch.get_num_threads()
+        try:
+            Captioner.load(_config(checkpoints["cat"], cpu_threads=1))
+            assert torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.mark.gpu
