@@ -502,9 +502,11 @@ class CrawlDoFn(beam.DoFn):
     def process(self, batch):
         """`batch`: list[SampleRecord]. Yields `WithImage` or `TaggedOutput(REJECTS, Rejection)`."""
         assert self._pool is not None and self._fetcher is not None and self._metrics is not None
-        records = list(batch)
-        results = self._pool.map(self._fetcher.fetch, [record.url for record in records])
-        for record, result in zip(records, results):
+        # Yield each result as soon as it arrives: the fused decode step then
+        # works on finished downloads while the rest of the batch is in flight.
+        pending = {self._pool.submit(self._fetcher.fetch, record.url): record for record in batch}
+        for future in concurrent.futures.as_completed(pending):
+            record, result = pending.pop(future), future.result()
             self._fetch_ms.update(int(result.elapsed_s * 1000))
             if result.drop is not None:
                 self._metrics.dropped(result.drop.reason).inc()
