@@ -1,5 +1,251 @@
-"""The `trainer` command line."""
+"""The `trainer` command line.
+
+    trainer init-components --output DIR                 tiny offline VAE + text encoder (demo/test aid)
+    trainer cache  --shards SPEC --config CFG --output CACHE_DIR
+    trainer fit    --config CFG --output RUN_DIR [--resume] [--cache DIR | --shards SPEC]
+    trainer sample --run RUN_DIR [--prompt P ...] [--steps N --guidance G --seed S] --out FILE.png
+    trainer bench  --config CFG [--steps N] [--cache DIR] [--peak-tflops T]
+    trainer export --run RUN_DIR [--checkpoint DIR]
+
+CFG is a YAML file or the name of one in `trainer/configs/` (`demo`, `base-256`, ...).
+`--set a.b=VALUE` overrides any config field (VALUE is parsed as YAML); `--components X`
+points the VAE, text encoder and tokenizer at the `vae/`, `text_encoder/`, `tokenizer/`
+subfolders of a folder or hub repo. Multi-GPU: `accelerate launch --config_file
+infra/accelerate/multi_gpu.yaml -m trainer fit ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from schemas.trainer import TrainConfig
+
+logger = logging.getLogger("trainer")
+
+
+def named_configs() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("trainer.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(name_or_path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """A `TrainConfig` from a YAML path or a named config, with `key.path=value` overrides."""
+    tree: dict = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            bundled = resources.files("trainer.configs") / f"{name_or_path}.yaml"
+            if not bundled.is_file():
+                raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor one of the named configs {named_configs()}")
+            text = bundled.read_text()
+        else:
+            text = path.read_text()
+        tree = yaml.safe_load(text) or {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key.path=value, got {override!r}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return TrainConfig.model_validate(tree)
+
+
+def _config_from_args(args) -> TrainConfig:
+    from trainer.components import components_config_for
+
+    config = load_config(args.config, args.set or [])
+    updates = {}
+    if getattr(args, "components", None):
+        updates["components"] = components_config_for(args.components, config.components)
+    data = {}
+    if getattr(args, "cache", None):
+        data["cache"] = args.cache
+    if getattr(args, "shards", None):
+        data["shards"] = args.shards
+    if data:
+        updates["data"] = config.data.model_copy(update=data)
+    return TrainConfig.model_validate(config.model_copy(update=updates).model_dump()) if updates else config
+
+
+def _add_config_args(parser: argparse.ArgumentParser, components: bool = True) -> None:
+    parser.add_argument("--config", required=True, help="YAML file or named config (%s)" % ", ".join(named_configs()))
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. --set optim.lr=3e-4")
+    if components:
+        parser.add_argument("--components", help="folder or hub id with vae/, text_encoder/, tokenizer/ subfolders")
+
+
+def cmd_init_components(args) -> int:
+    from trainer.components import build_demo_components
+
+    build_demo_components(Path(args.output), resolution=args.resolution, max_text_length=args.max_text_length, vae_steps=args.vae_steps, seed=args.seed)
+    print(f"demo components (tiny, for demos and tests only) written to {args.output}; use them with --components {args.output}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from trainer.cache import build_cache
+
+    config = _config_from_args(args)
+    manifest = build_cache(config, args.shards, Path(args.output))
+    print(f"latent cache {args.output}: {manifest.num_samples} samples in {len(manifest.files)} files ({manifest.skipped} skipped)")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from trainer.train import fit
+
+    config = _config_from_args(args)
+    export = fit(config, Path(args.output), resume=args.resume)
+    print(f"trained model exported to {export}; preview grids in {Path(args.output) / 'samples'}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from trainer.export import export_dir, load_exported_pipeline, sample_grid
+
+    run = Path(args.run)
+    saved = TrainConfig.model_validate_json((run / "config.json").read_text()) if (run / "config.json").is_file() else None
+    validation = saved.validation if saved else None
+    prompts = args.prompt or (validation.prompts if validation else [])
+    if not prompts:
+        raise SystemExit("trainer sample: give at least one --prompt (the run has no preview prompts to fall back on)")
+    steps = args.steps or (validation.steps if validation else 30)
+    guidance = args.guidance if args.guidance is not None else (validation.guidance if validation else 4.0)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_exported_pipeline(export_dir(run), device=device)
+    # (issue 5: a --lora option loads adapters into pipe.transformer here, before sampling)
+    image = sample_grid(pipe, prompts, images_per_prompt=args.num_per_prompt, steps=steps, guidance=guidance, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"{len(prompts)} prompt(s) x {args.num_per_prompt} image(s), {steps} steps, guidance {guidance}, seed {args.seed}: {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from trainer.bench import run_bench
+
+    config = _config_from_args(args)
+    result = run_bench(
+        config,
+        steps=args.steps,
+        warmup=args.warmup,
+        cache=args.cache,
+        latent_channels=args.latent_channels,
+        vae_factor=args.vae_factor,
+        text_dim=args.text_dim,
+        pooled_dim=args.pooled_dim,
+        text_len=args.text_len,
+        peak=args.peak_tflops,
+        profile_attention=not args.no_profile,
+    )
+    print(result.report())
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+    from safetensors.torch import load_model
+
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.components import load_components
+    from trainer.export import EXPORT, export_pipeline, make_pipeline
+    from trainer.train import build_denoiser
+
+    run = Path(args.run)
+    config = TrainConfig.model_validate_json((run / "config.json").read_text())
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run)
+    if checkpoint is None:
+        raise SystemExit(f"trainer export: {run} has no checkpoint")
+    components = load_components(config.components, "cpu", torch.float32)
+    model = build_denoiser(config, components.latent_channels, config.data.resolution // components.vae_scale_factor, components.text_dim, components.pooled_dim)
+    load_model(model, str(checkpoint / "ema.safetensors"), strict=True)
+    out = export_pipeline(make_pipeline(model.eval(), components), Path(args.output) if args.output else run / EXPORT)
+    print(f"exported the EMA weights of {checkpoint} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description="Train a compact text-to-image latent diffusion model on curated shards.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-components", help="write a tiny offline VAE, text encoder and tokenizer (demo and test aid)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--resolution", type=int, default=64, help="image size the VAE is used at (it trains on 16 px crops)")
+    p.add_argument("--max-text-length", type=int, default=16)
+    p.add_argument("--vae-steps", type=int, default=300, help="VAE training steps on synthetic shapes (0: random VAE)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_components)
+
+    p = sub.add_parser("cache", help="encode shards into a latent cache")
+    p.add_argument("--shards", required=True, help="brace spec, e.g. 'out/shards/{000000..000009}.tar'")
+    p.add_argument("--output", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("fit", help="train (from a latent cache or raw shards)")
+    p.add_argument("--output", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--cache", help="latent cache directory (sets data.cache)")
+    p.add_argument("--shards", help="curated shards (sets data.shards)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("sample", help="draw a grid from a run's exported model")
+    p.add_argument("--run", required=True, help="run directory (or its export/ folder)")
+    p.add_argument("--prompt", action="append", help="repeat for several rows; default: the run's preview prompts")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-per-prompt", type=int, default=4)
+    p.add_argument("--device")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="training throughput: images/s, TFLOP/s, MFU, data-loader stall")
+    _add_config_args(p, components=False)
+    p.add_argument("--steps", type=int, default=200, help="timed steps")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--cache", help="read a real latent cache instead of synthetic latents")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU when it is not in the table (e.g. on CPU)")
+    p.add_argument("--latent-channels", type=int, default=4)
+    p.add_argument("--vae-factor", type=int, default=8, help="pixels per latent side")
+    p.add_argument("--text-dim", type=int, default=768)
+    p.add_argument("--pooled-dim", type=int, default=768)
+    p.add_argument("--text-len", type=int, help="default: components.max_text_length")
+    p.add_argument("--no-profile", action="store_true", help="skip listing the attention kernels")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="export a checkpoint's EMA weights as a diffusers pipeline")
+    p.add_argument("--run", required=True)
+    p.add_argument("--checkpoint", help="default: the latest")
+    p.add_argument("--output", help="default: RUN/export")
+    p.set_defaults(func=cmd_export)
+    return parser
 
 
 def main(argv=None) -> int:
-    raise SystemExit("trainer: not built yet")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Named trainer configs (`trainer fit --config NAME`)."""
