@@ -109,11 +109,17 @@ class DedupConfig(_StageConfig):
         description="Pointer-jumping rounds that resolve chains of near duplicates to their survivor: "
         "R rounds resolve chains of up to 2**R - 1 links (63 by default); longer chains are rejected without a survivor.",
     )
-    lsh_batch_size: int = Field(
+    batch_size: int = Field(
         20_000,
         ge=1,
-        description="Hashes batched on a worker before they are split into (band, partition) chunks: "
+        description="Elements batched on a worker before each shuffle (local pre-aggregation): "
         "fewer, larger shuffle elements.",
+    )
+    key_partitions: int = Field(
+        1024,
+        ge=1,
+        description="Partitions of the sha256, pointer and record-key spaces for the exact-dedup, "
+        "survivor and join shuffles; each holds about N / key_partitions entries in memory.",
     )
 
 

@@ -50,9 +50,13 @@ partition, hashes are sorted by band value and only hashes with equal band value
 are compared (XOR + popcount, vectorised with numpy, in tiles that bound
 memory). A pair that agrees on several bands is emitted only from the first
 band it agrees on, so each pair comes out once without another shuffle.
-Hashes that are identical are collapsed first (one `GroupByKey` on the pHash,
-streamed twice), so a flood of identical hashes (blank or placeholder images)
-never becomes a quadratic bucket.
+Identical hashes are collapsed to their best copy before comparing, first in
+each batch (local pre-aggregation, before the shuffle), then in each partition;
+the other copies become distance-0 pairs. So a flood of identical hashes (blank
+or placeholder images) adds at most one entry per batch to a partition and is
+never compared quadratically. A copy's parent is then the best copy in its
+batch or partition rather than the global best; the kept set is the same, and
+the root it resolves to is too.
 
 Cost model (uniform hashes): bands are 64/(t+1) bits wide, so a band value is
 shared by about `N / 2**(64/(t+1))` hashes and the comparisons are about
@@ -65,8 +69,11 @@ Scale
 -----
 Only keys, ranks and hashes go through shuffles (records carry metadata only;
 image bytes never do). No worker holds all hashes or pairs: exact groups,
-pHash groups and pointer tables are keyed and streamed; LSH partitions are
-bounded by `partitions_per_band`. Records are joined back with the decisions by
+pointer tables are keyed and streamed; LSH partitions are bounded by
+`partitions_per_band` (plus at most one copy of a hash per batch). Shuffled
+elements: the records' JSON and a `(sha256, member)` per record (one
+`GroupByKey` each), one chunk per (batch, band, partition), and the few pairs
+and pointers. Records are joined back with the decisions by
 key in one `CoGroupByKey` (records travel as their JSON, which pydantic encodes
 ~2x faster than pickle).
 
@@ -91,6 +98,7 @@ import functools
 import hashlib
 import io
 import logging
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -430,6 +438,81 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarr
     return _concat([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
 
 
+def collapse_identical(
+    hashes: np.ndarray, neg_pixels: np.ndarray, keys: list[str]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Collapse identical hashes to their best-ranked copy.
+
+    Returns the indices to keep (one per distinct hash, sorted) and
+    `(loser, winner)` index pairs for the other copies. Only the (rare) groups of
+    identical hashes are handled in Python.
+    """
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_hashes[1:] != sorted_hashes[:-1]]))
+    if len(starts) == len(hashes):
+        return np.arange(len(hashes)), []
+    lengths = np.diff(np.concatenate([starts, [len(hashes)]]))
+    keep = np.ones(len(hashes), dtype=bool)
+    losers: list[tuple[int, int]] = []
+    for start, length in zip(starts[lengths > 1].tolist(), lengths[lengths > 1].tolist()):
+        group = order[start : start + length].tolist()
+        best = min(group, key=lambda i: (int(neg_pixels[i]), keys[i]))
+        for i in group:
+            if i != best:
+                keep[i] = False
+                losers.append((i, best))
+    return np.flatnonzero(keep), losers
+
+
+class KeyBlob:
+    """Many short strings as one UTF-8 blob plus end offsets: one `bytes` to
+    shuffle instead of a list of strings, sliced with numpy, decoded only for
+    the few keys that are needed (those in a pair)."""
+
+    def __init__(self, data: bytes | np.ndarray, ends: np.ndarray):
+        self.data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+        self.ends = ends
+
+    @classmethod
+    def of(cls, keys: Iterable[str]) -> KeyBlob:
+        encoded = [k.encode() for k in keys]
+        ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        return cls(b"".join(encoded), ends)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, ends: bytes) -> KeyBlob:
+        return cls(data, np.frombuffer(ends, dtype="<i8").astype(np.int64))
+
+    def to_bytes(self) -> tuple[bytes, bytes]:
+        return self.data.tobytes(), self.ends.astype("<i8").tobytes()
+
+    @classmethod
+    def concat(cls, blobs: list[KeyBlob]) -> KeyBlob:
+        if not blobs:
+            return cls(b"", np.empty(0, dtype=np.int64))
+        shifts = np.cumsum([0] + [len(b.data) for b in blobs[:-1]])
+        return cls(
+            np.concatenate([b.data for b in blobs]),
+            np.concatenate([b.ends + shift for b, shift in zip(blobs, shifts)]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self.ends[i - 1] if i else 0
+        return self.data[start : self.ends[i]].tobytes().decode()
+
+    def take(self, idx: np.ndarray) -> KeyBlob:
+        """The keys at `idx`, in that order (vectorised)."""
+        starts = np.concatenate([[0], self.ends[:-1]])[idx]
+        lengths = self.ends[idx] - starts
+        new_ends = np.cumsum(lengths)
+        positions = np.repeat(starts - (new_ends - lengths), lengths) + np.arange(int(new_ends[-1]) if len(idx) else 0)
+        return KeyBlob(self.data[positions], new_ends)
+
+
 # ---------------------------------------------------------- survivor resolution core
 
 
@@ -463,28 +546,32 @@ def max_chain_links(rounds: int) -> int:
     return 2**rounds - 1
 
 
-def jump(
-    pointer: str, own: TableEntry | None, links: Iterable[Link]
-) -> Iterator[tuple[str, object]]:
-    """One pointer-jumping step for everything pointing at `pointer`.
+def jump_link(pointer: str, own: TableEntry | None, link: Link) -> Iterator[tuple[str, tuple]]:
+    """One pointer-jumping step for one link pointing at `pointer`.
 
     `own` is `pointer`'s own table entry (None: `pointer` is not a near drop, so
-    it is kept). Yields tagged outputs:
-    ("decision", (key, Decision)), ("link", (new_pointer, Link)),
-    ("table", (key, TableEntry)). A resolved `own` entry is carried forward.
+    it is kept). Yields tagged outputs: ("decision", (key, Decision)) when the
+    survivor is known, else ("link", (new_pointer, Link)); and, for a near drop,
+    ("table", (key, TableEntry)) with its new pointer.
     """
+    if own is None or own.resolved:
+        survivor = pointer if own is None else own.pointer
+        yield "decision", (link.key, Decision(link.reason, survivor, link.detail))
+        if link.in_table:
+            yield "table", (link.key, TableEntry(survivor, True))
+    else:
+        yield "link", (own.pointer, link)
+        if link.in_table:
+            yield "table", (link.key, TableEntry(own.pointer, False))
+
+
+def jump(pointer: str, own: TableEntry | None, links: Iterable[Link]) -> Iterator[tuple[str, tuple]]:
+    """`jump_link` for every link pointing at `pointer`; a resolved `own` entry
+    is carried forward (an unresolved one is updated by its own link)."""
     if own is not None and own.resolved:
         yield "table", (pointer, own)
     for link in links:
-        if own is None or own.resolved:
-            survivor = pointer if own is None else own.pointer
-            yield "decision", (link.key, Decision(link.reason, survivor, link.detail))
-            if link.in_table:
-                yield "table", (link.key, TableEntry(survivor, True))
-        else:
-            yield "link", (own.pointer, link)
-            if link.in_table:
-                yield "table", (link.key, TableEntry(own.pointer, False))
+        yield from jump_link(pointer, own, link)
 
 
 def unresolved(link: Link, rounds: int) -> Decision:
@@ -539,22 +626,23 @@ class Member(NamedTuple):
 
 
 def group_links(
-    members: Iterable[Member], reason: RejectReason, detail: str, in_table: bool
+    members: Iterable[Member | tuple], reason: RejectReason, detail: str, in_table: bool
 ) -> tuple[Member, Iterator[tuple[str, Link]]]:
     """The best member of a group and a link for each other member pointing at
     it. Iterates `members` twice (a re-iterable, e.g. a GroupByKey value) and
-    holds only the best member."""
-    best = min(members, key=_member_rank)
+    holds only the best member. Members may be plain `(neg_pixels, key, phash)`
+    tuples, as they come out of a shuffle."""
+    best = Member._make(min(members, key=_member_rank))
     links = (
-        (best.key, Link(m.key, reason.value, detail.format(survivor=best.key), in_table))
+        (best.key, Link(m[1], reason.value, detail.format(survivor=best.key), in_table))
         for m in members
-        if m.key != best.key
+        if m[1] != best.key
     )
     return best, links
 
 
-def _member_rank(member: Member) -> tuple[int, str]:
-    return member.neg_pixels, member.key
+def _member_rank(member: Member | tuple) -> tuple[int, str]:
+    return member[0], member[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,10 +660,14 @@ class DedupItem:
 
 
 _EXACT_DETAIL = "same sha256 as {survivor}"
-_SAME_PHASH_DETAIL = "identical pHash (distance 0) to {survivor}"
+# Identical hashes are collapsed in stages (per batch, then per partition), so the
+# copy a record was compared with depends on batching: name none.
+_SAME_PHASH_DETAIL = "identical pHash (Hamming distance 0)"
 
 
 def _near_detail(distance: int, threshold: int, neighbour: str) -> str:
+    if distance == 0:
+        return _SAME_PHASH_DETAIL
     return f"pHash Hamming distance {distance} <= {threshold} to {neighbour}"
 
 
@@ -632,94 +724,201 @@ class DedupOutputs(NamedTuple):
 
 _NS = Stage.DEDUP.value
 
+# Elements that cross a shuffle are plain tuples of str/int/bool/bytes: Beam's
+# fast coder encodes those natively but pickles NamedTuples (3x slower). The
+# NamedTuples above name the fields; `Link._make(t)` etc. rebuild them.
+#
+# Keyed shuffles of one element per record cost ~30 us per element on
+# FnApiRunner, so records, sha256 members and pointers are batched on the
+# worker (`beam.BatchElements`) and shuffled as one chunk per (batch, key
+# partition); each partition then does its join or grouping in memory, holding
+# about N / key_partitions entries, streaming its chunks twice.
+
+
+def key_partition(key: str, partitions: int) -> int:
+    """Stable partition of a string key (CRC-32; Python's hash() is salted per process)."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+class _Chunk(beam.DoFn):
+    """A batch of tuples -> `(partition, (tag, [tuples]))`, one element per
+    partition present in the batch; the partition is that of `t[key_index]`."""
+
+    def __init__(self, tag: str, key_index: int, partitions: int):
+        self.tag = tag
+        self.key_index = key_index
+        self.partitions = partitions
+
+    def process(self, batch: list[tuple]):
+        by_partition: dict[int, list[tuple]] = {}
+        for element in batch:
+            by_partition.setdefault(key_partition(element[self.key_index], self.partitions), []).append(element)
+        for partition, elements in by_partition.items():
+            yield partition, (self.tag, elements)
+
+
+def _chunked(pcoll, label: str, tag: str, key_index: int, config: DedupConfig):
+    return (
+        pcoll
+        | f"Batch{label}" >> beam.BatchElements(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        | f"Chunk{label}" >> beam.ParDo(_Chunk(tag, key_index, config.key_partitions))
+    )
+
+
+def _tagged(chunks: Iterable[tuple[str, list]], tag: str) -> Iterator[tuple]:
+    for chunk_tag, elements in chunks:
+        if chunk_tag == tag:
+            yield from elements
+
+
+def _row(record: SampleRecord) -> tuple[str, bytes, str | None, int, str | None]:
+    """Record -> `(key, record JSON, sha256, neg_pixels, phash)`: primitives,
+    so batches of rows are cheap to encode (Beam pickles pydantic models, and
+    samples whole batches to estimate their size)."""
+    if record.phash is not None:
+        try:
+            phash_to_int(record.phash)
+        except ValueError as error:  # fail here, naming the record, rather than deep in a batch
+            raise ValueError(f"dedup: record {record.key!r}: {error}") from None
+    # exclude_defaults: validation restores every default, so the round trip is exact.
+    record_json = record.model_dump_json(exclude_defaults=True).encode()
+    return record.key, record_json, record.image_sha256, -record.pixels, record.phash
+
 
 class _Split(beam.DoFn):
-    """Record -> (key, record JSON) for the join, plus its Member for exact dedup
-    (keyed by sha256) or straight for near dedup."""
+    """A batch of rows (see `_row`) -> chunks for the shuffles that follow:
+    `(key partition, ("record", [(key, record JSON)]))` for the join (main),
+    `(sha256 partition, ("exact", [(sha256, neg_pixels, key, phash)]))` for exact
+    dedup, and a list of `(neg_pixels, key, phash)` straight to near dedup for
+    records without a sha256 (or all of them when exact is off)."""
 
     EXACT = "exact"
     NEAR = "near"
 
-    def __init__(self, exact: bool, near: bool):
+    def __init__(self, exact: bool, near: bool, key_partitions: int):
         self.exact = exact
         self.near = near
+        self.partitions = key_partitions
 
     def setup(self):
         self.missing_sha = Metrics.counter(_NS, "missing_sha256")
         self.missing_phash = Metrics.counter(_NS, "missing_phash")
 
-    def process(self, record: SampleRecord):
-        yield record.key, record.model_dump_json().encode()
-        phash = record.phash if self.near else None
-        if phash is not None:
-            phash_to_int(phash)  # fail here, naming the record, rather than deep in a batch
-        elif self.near:
-            self.missing_phash.inc()
-        member = Member(-record.pixels, record.key, phash)
-        if self.exact and record.image_sha256 is not None:
-            yield beam.pvalue.TaggedOutput(self.EXACT, (record.image_sha256, member))
-        else:
-            if self.exact:
-                self.missing_sha.inc()
-            if phash is not None:
-                yield beam.pvalue.TaggedOutput(self.NEAR, member)
+    def process(self, batch: list[tuple]):
+        records: dict[int, list] = {}
+        exact: dict[int, list] = {}
+        near = []
+        for key, record_json, sha, neg_pixels, phash in batch:
+            records.setdefault(key_partition(key, self.partitions), []).append((key, record_json))
+            if not self.near:
+                phash = None
+            elif phash is None:
+                self.missing_phash.inc()
+            if self.exact and sha is not None:
+                exact.setdefault(key_partition(sha, self.partitions), []).append((sha, neg_pixels, key, phash))
+            else:
+                if self.exact:
+                    self.missing_sha.inc()
+                if phash is not None:
+                    near.append((neg_pixels, key, phash))
+        for partition, chunk in records.items():
+            yield partition, ("record", chunk)
+        for partition, chunk in exact.items():
+            yield beam.pvalue.TaggedOutput(self.EXACT, (partition, ("exact", chunk)))
+        if near:
+            yield beam.pvalue.TaggedOutput(self.NEAR, near)
 
-    def display_data(self):
-        return {"exact": self.exact, "near": self.near}
 
-
-class _GroupSurvivor(beam.DoFn):
-    """One GroupByKey group (same sha256, or same pHash) -> its best member
-    (main output) and a `link` per other member."""
+class _ExactSurvivors(beam.DoFn):
+    """One sha256 partition -> a list of the best member of each sha256 (main
+    output; those with a pHash) and `(survivor, link)` for every other copy. Holds one entry
+    per distinct sha256 in the partition (a sha256 with millions of copies
+    costs one)."""
 
     LINKS = "links"
 
-    def __init__(self, reason: RejectReason, detail: str, in_table: bool, counter: str):
-        self.reason = reason
-        self.detail = detail
-        self.in_table = in_table
-        self.counter = counter
-
     def setup(self):
-        self.dropped = Metrics.counter(_NS, self.counter)
+        self.dropped = Metrics.counter(_NS, "exact_duplicates")
 
     def process(self, element):
-        _, members = element
-        best, links = group_links(members, self.reason, self.detail, self.in_table)
-        if best.phash is not None:
-            yield best
-        for link in links:
-            self.dropped.inc()
-            yield beam.pvalue.TaggedOutput(self.LINKS, link)
+        _, chunks = element
+        best: dict[str, tuple] = {}
+        for sha, neg_pixels, key, phash in _tagged(chunks, "exact"):
+            member = (neg_pixels, key, phash)
+            if sha not in best or _member_rank(member) < _member_rank(best[sha]):
+                best[sha] = member
+        for sha, neg_pixels, key, phash in _tagged(chunks, "exact"):
+            survivor = best[sha][1]
+            if key != survivor:
+                self.dropped.inc()
+                link = Link(key, RejectReason.EXACT_DUPLICATE.value, _EXACT_DETAIL.format(survivor=survivor), False)
+                yield beam.pvalue.TaggedOutput(self.LINKS, (survivor, tuple(link)))
+        survivors = [member for member in best.values() if member[2] is not None]
+        if survivors:
+            yield survivors
 
 
 class _BandChunks(beam.DoFn):
-    """A batch of Members -> one chunk per (band, partition): the bucket key
-    `band * partitions_per_band + partition` and (hashes, neg_pixels, keys)."""
+    """A batch of member lists -> one chunk per (band, partition): the bucket
+    key `band * partitions_per_band + partition` and (hashes, neg_pixels, key
+    blob, key ends), all bytes (numbers little-endian; see `KeyBlob`).
+
+    Identical hashes in the batch are collapsed first (local pre-aggregation):
+    only the best copy goes on; each other copy is emitted (tagged `pairs`) as
+    `(loser key, (winner neg_pixels, winner key, 0))`, like a near pair.
+    """
+
+    PAIRS = "pairs"
 
     def __init__(self, threshold: int, partitions_per_band: int):
         self.threshold = threshold
         self.partitions = partitions_per_band
 
-    def process(self, batch: list[Member]):
+    def setup(self):
+        self.identical = Metrics.counter(_NS, "identical_phash")
+
+    def process(self, batch: list[list[tuple]]):
+        members = [m for chunk in batch for m in chunk]
         layout = band_layout(self.threshold)
-        hashes = phashes_to_array(m.phash for m in batch)
-        neg_pixels = np.fromiter((m.neg_pixels for m in batch), dtype=np.int64, count=len(batch))
-        keys = [m.key for m in batch]
+        hashes = phashes_to_array(m[2] for m in members)
+        neg_pixels = np.fromiter((m[0] for m in members), dtype=np.int64, count=len(members))
+        keys = [m[1] for m in members]
+        keep, losers = collapse_identical(hashes, neg_pixels, keys)
+        for loser, winner in losers:
+            self.identical.inc()
+            yield beam.pvalue.TaggedOutput(self.PAIRS, (keys[loser], (int(neg_pixels[winner]), keys[winner], 0)))
+        if losers:
+            hashes, neg_pixels, keys = hashes[keep], neg_pixels[keep], [keys[i] for i in keep]
+        blob = KeyBlob.of(keys)
         for band in range(layout.bands):
+            # Sort the batch by partition once, then cut it into one chunk per partition.
             parts = partition_of(band_values(hashes, layout, band), self.partitions)
             order = np.argsort(parts, kind="stable")
-            bounds = np.flatnonzero(np.diff(parts[order])) + 1
-            for idx in np.split(order, bounds):
-                yield (
-                    band * self.partitions + int(parts[idx[0]]),
-                    (hashes[idx].astype("<u8").tobytes(), neg_pixels[idx].astype("<i8").tobytes(), [keys[i] for i in idx]),
+            sorted_parts = parts[order]
+            band_hashes = hashes[order].astype("<u8")
+            band_neg_pixels = neg_pixels[order].astype("<i8")
+            band_keys = blob.take(order)
+            key_starts = np.concatenate([[0], band_keys.ends[:-1]])
+            cuts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_parts)) + 1, [len(order)]])
+            for start, end in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+                first_byte = int(key_starts[start])
+                chunk = (
+                    band_hashes[start:end].tobytes(),
+                    band_neg_pixels[start:end].tobytes(),
+                    band_keys.data[first_byte : int(band_keys.ends[end - 1])].tobytes(),
+                    (band_keys.ends[start:end] - first_byte).astype("<i8").tobytes(),
                 )
+                yield band * self.partitions + int(sorted_parts[start]), chunk
 
 
 class _NearPairs(beam.DoFn):
-    """One (band, partition) bucket -> for each near pair first found in this
-    band, (loser key, (winner neg_pixels, winner key, distance))."""
+    """One (band, partition) bucket -> `(loser key, (winner neg_pixels, winner
+    key, distance))` for each near pair first found in this band.
+
+    Identical hashes (from different batches) are collapsed to their best copy
+    first; the band-0 bucket, where identical hashes first agree, emits the
+    other copies as distance-0 pairs.
+    """
 
     def __init__(self, threshold: int, partitions_per_band: int):
         self.threshold = threshold
@@ -727,6 +926,7 @@ class _NearPairs(beam.DoFn):
 
     def setup(self):
         self.pairs = Metrics.counter(_NS, "near_pairs")
+        self.identical = Metrics.counter(_NS, "identical_phash")
         self.bucket_size = Metrics.distribution(_NS, "lsh_partition_size")
 
     def process(self, element):
@@ -735,8 +935,15 @@ class _NearPairs(beam.DoFn):
         band = bucket // self.partitions
         hashes = np.frombuffer(b"".join(c[0] for c in chunks), dtype="<u8").astype(np.uint64)
         neg_pixels = np.frombuffer(b"".join(c[1] for c in chunks), dtype="<i8")
-        keys = [k for c in chunks for k in c[2]]
+        keys = KeyBlob.concat([KeyBlob.from_bytes(c[2], c[3]) for c in chunks])
         self.bucket_size.update(len(keys))
+        keep, losers = collapse_identical(hashes, neg_pixels, keys)
+        if losers:
+            if band == 0:
+                self.identical.inc(len(losers))
+                for loser, winner in losers:
+                    yield keys[loser], (int(neg_pixels[winner]), keys[winner], 0)
+            hashes, neg_pixels, keys = hashes[keep], neg_pixels[keep], keys.take(keep)
         i, j, dist = pairs_in_partition(hashes, band, band_layout(self.threshold), self.threshold)
         self.pairs.inc(len(i))
         for a, b, d in zip(i.tolist(), j.tolist(), dist.tolist()):
@@ -746,7 +953,8 @@ class _NearPairs(beam.DoFn):
 
 
 class _NearLink(beam.DoFn):
-    """(loser, best parent) -> the loser's link and initial table entry."""
+    """(loser, best parent) -> the loser's `(pointer, link)` and its initial
+    table entry."""
 
     TABLE = "table"
 
@@ -756,20 +964,29 @@ class _NearLink(beam.DoFn):
     def process(self, element):
         loser, (_, winner, distance) = element
         detail = _near_detail(distance, self.threshold, winner)
-        yield winner, Link(loser, RejectReason.NEAR_DUPLICATE.value, detail, True)
-        yield beam.pvalue.TaggedOutput(self.TABLE, (loser, TableEntry(winner, False)))
+        yield winner, tuple(Link(loser, RejectReason.NEAR_DUPLICATE.value, detail, True))
+        yield beam.pvalue.TaggedOutput(self.TABLE, (loser, tuple(TableEntry(winner, False))))
 
 
 class _Jump(beam.DoFn):
-    """One pointer-jumping round for one pointer (see `jump`)."""
+    """One pointer-jumping round for one partition of the pointer space: its
+    table entries (keyed by node) and the links pointing into it (see
+    `jump_link`). Resolved table entries are carried forward."""
 
     def process(self, element):
-        pointer, grouped = element
-        own = list(grouped["table"])
-        if len(own) > 1:
-            raise ValueError(f"dedup: key {pointer!r} is dropped twice; keys must be unique")
-        for tag, value in jump(pointer, own[0] if own else None, grouped["links"]):
-            yield value if tag == "decision" else beam.pvalue.TaggedOutput(tag, value)
+        _, chunks = element
+        table: dict[str, TableEntry] = {}
+        for key, entry in _tagged(chunks, "table"):
+            if key in table:
+                raise ValueError(f"dedup: key {key!r} is dropped twice; sample keys must be unique")
+            table[key] = TableEntry._make(entry)
+        for key, entry in table.items():
+            if entry.resolved:
+                yield beam.pvalue.TaggedOutput("table", (key, tuple(entry)))
+        for pointer, link in _tagged(chunks, "links"):
+            for tag, (key, value) in jump_link(pointer, table.get(pointer), Link._make(link)):
+                value = (key, tuple(value))
+                yield value if tag == "decision" else beam.pvalue.TaggedOutput(tag, value)
 
 
 class _Unresolved(beam.DoFn):
@@ -782,18 +999,26 @@ class _Unresolved(beam.DoFn):
         self.counter = Metrics.counter(_NS, "unresolved_survivor_chains")
 
     def process(self, element):
-        _, link = element
+        link = Link._make(element[1])
         self.counter.inc()
         logger.error(
             "dedup: no survivor found for %s within %d pointer-jumping rounds; raise max_survivor_rounds",
             link.key,
             self.rounds,
         )
-        yield link.key, unresolved(link, self.rounds)
+        yield link.key, tuple(unresolved(link, self.rounds))
+
+
+def _exact_decision(pointer_link: tuple[str, tuple]) -> tuple[str, tuple]:
+    """Exact only: every sha-survivor is kept, so the pointer is the survivor."""
+    pointer, link = pointer_link
+    link = Link._make(link)
+    return link.key, tuple(Decision(link.reason, pointer, link.detail))
 
 
 class _Join(beam.DoFn):
-    """Record + its decision (if any) -> kept record, or a rejection."""
+    """One key partition: its records (as JSON) and decisions -> kept records,
+    or rejections. Holds the partition's decisions and keys."""
 
     def __init__(self):
         self._metrics: StageMetrics | None = None
@@ -802,37 +1027,33 @@ class _Join(beam.DoFn):
         self._metrics = StageMetrics(Stage.DEDUP)
 
     def process(self, element):
-        key, grouped = element
-        records = list(grouped["record"])
-        decisions = list(grouped["decision"])
-        if len(records) != 1 or len(decisions) > 1:
-            raise ValueError(
-                f"dedup: key {key!r} has {len(records)} records and {len(decisions)} decisions; "
-                "sample keys must be unique (check the read stage's key assignment)"
-            )
-        record = SampleRecord.model_validate_json(records[0])
-        if not decisions:
-            self._metrics.kept.inc()
-            yield record
-            return
-        decision: Decision = decisions[0]
-        reason = RejectReason(decision.reason)
-        self._metrics.dropped(reason).inc()
-        drop = Drop(reason=reason, detail=decision.detail, duplicate_of=decision.survivor)
-        yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.DEDUP, drop))
-
-
-def _by_phash(member: Member) -> tuple[str, Member]:
-    return member.phash, member
-
-
-def _table_entry(link: tuple[str, Link]) -> tuple[str, TableEntry]:
-    pointer, link = link
-    return link.key, TableEntry(pointer, False)
-
-
-def _final_decision(pointer: str, link: Link) -> tuple[str, Decision]:
-    return link.key, Decision(link.reason, pointer, link.detail)
+        _, chunks = element
+        decisions: dict[str, Decision] = {}
+        for key, decision in _tagged(chunks, "decision"):
+            if key in decisions:
+                raise ValueError(f"dedup: key {key!r} has two decisions; sample keys must be unique")
+            decisions[key] = Decision._make(decision)
+        seen: set[str] = set()
+        for key, record_json in _tagged(chunks, "record"):
+            if key in seen:
+                raise ValueError(
+                    f"dedup: key {key!r} appears in two records; sample keys must be unique "
+                    "(check the read stage's key assignment)"
+                )
+            seen.add(key)
+            record = SampleRecord.model_validate_json(record_json)
+            decision = decisions.get(key)
+            if decision is None:
+                self._metrics.kept.inc()
+                yield record
+                continue
+            reason = RejectReason(decision.reason)
+            self._metrics.dropped(reason).inc()
+            drop = Drop(reason=reason, detail=decision.detail, duplicate_of=decision.survivor)
+            yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.DEDUP, drop))
+        missing = set(decisions) - seen
+        if missing:
+            raise ValueError(f"dedup: decisions for keys without a record: {sorted(missing)[:5]}")
 
 
 class Deduplicate(beam.PTransform):
@@ -841,7 +1062,10 @@ class Deduplicate(beam.PTransform):
     Drops exact (same `image_sha256`) and near (`phash` within
     `config.hamming_threshold` bits) duplicates across the whole PCollection;
     see the module docstring for the rules, the survivor rank and the cost.
-    Rejections carry `duplicate_of` = the kept survivor's key.
+    Rejections carry `duplicate_of` = the kept survivor's key. Counters (namespace
+    `dedup`): `kept`, `dropped_<reason>`, `exact_duplicates`, `identical_phash`,
+    `near_pairs`, `missing_sha256`, `missing_phash`, `unresolved_survivor_chains`;
+    distribution `lsh_partition_size`.
     """
 
     def __init__(self, config: DedupConfig | None = None, label: str | None = None):
@@ -855,8 +1079,14 @@ class Deduplicate(beam.PTransform):
             empty = records.pipeline | "NoRejects" >> beam.Create([])
             return DedupOutputs(records, empty)
 
-        split = records | "Split" >> beam.ParDo(_Split(cfg.exact, cfg.near)).with_outputs(
-            _Split.EXACT, _Split.NEAR, main="by_key"
+        split = (
+            records
+            | "Rows" >> beam.Map(_row)
+            | "BatchRows" >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
+            | "Split"
+            >> beam.ParDo(_Split(cfg.exact, cfg.near, cfg.key_partitions)).with_outputs(
+                _Split.EXACT, _Split.NEAR, main="record_chunks"
+            )
         )
         link_sets, table_sets = [], []
         near_input = [split[_Split.NEAR]]
@@ -864,37 +1094,31 @@ class Deduplicate(beam.PTransform):
         if cfg.exact:
             exact = (
                 split[_Split.EXACT]
-                | "GroupBySha256" >> beam.GroupByKey()
-                | "ExactSurvivors"
-                >> beam.ParDo(
-                    _GroupSurvivor(RejectReason.EXACT_DUPLICATE, _EXACT_DETAIL, False, "exact_duplicates")
-                ).with_outputs(_GroupSurvivor.LINKS, main="survivors")
+                | "GroupByShaPartition" >> beam.GroupByKey()
+                | "ExactSurvivors" >> beam.ParDo(_ExactSurvivors()).with_outputs(_ExactSurvivors.LINKS, main="survivors")
             )
-            link_sets.append(exact[_GroupSurvivor.LINKS])
+            link_sets.append(exact[_ExactSurvivors.LINKS])
             near_input.append(exact.survivors)
 
         if cfg.near:
-            same = (
+            chunks = (
                 near_input
                 | "FlattenNearInput" >> beam.Flatten()
-                | "KeyByPhash" >> beam.Map(_by_phash)
-                | "GroupByPhash" >> beam.GroupByKey()
-                | "IdenticalPhash"
-                >> beam.ParDo(
-                    _GroupSurvivor(RejectReason.NEAR_DUPLICATE, _SAME_PHASH_DETAIL, True, "identical_phash")
-                ).with_outputs(_GroupSurvivor.LINKS, main="representatives")
-            )
-            same_links = same[_GroupSurvivor.LINKS]
-            link_sets.append(same_links)
-            table_sets.append(same_links | "SamePhashTable" >> beam.Map(_table_entry))
-
-            near = (
-                same.representatives
                 | "BatchForBands"
-                >> beam.BatchElements(min_batch_size=cfg.lsh_batch_size, max_batch_size=cfg.lsh_batch_size)
-                | "BandChunks" >> beam.ParDo(_BandChunks(cfg.hamming_threshold, cfg.partitions_per_band))
+                >> beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size, element_size_fn=len)
+                | "BandChunks"
+                >> beam.ParDo(_BandChunks(cfg.hamming_threshold, cfg.partitions_per_band)).with_outputs(
+                    _BandChunks.PAIRS, main="chunks"
+                )
+            )
+            near_pairs_found = (
+                chunks.chunks
                 | "GroupByBandPartition" >> beam.GroupByKey()
                 | "NearPairs" >> beam.ParDo(_NearPairs(cfg.hamming_threshold, cfg.partitions_per_band))
+            )
+            near = (
+                (chunks[_BandChunks.PAIRS], near_pairs_found)
+                | "FlattenPairs" >> beam.Flatten()
                 | "BestParent" >> beam.CombinePerKey(min)
                 | "NearLinks" >> beam.ParDo(_NearLink(cfg.hamming_threshold)).with_outputs(_NearLink.TABLE, main="links")
             )
@@ -903,16 +1127,19 @@ class Deduplicate(beam.PTransform):
 
         links = link_sets | "FlattenLinks" >> beam.Flatten()
         if cfg.near:
-            decisions, leftover = self._resolve(links, table_sets)
-            decision_sets = decisions + [leftover | "Unresolved" >> beam.ParDo(_Unresolved(cfg.max_survivor_rounds))]
+            decision_sets, leftover = self._resolve(links, table_sets)
+            decision_sets.append(leftover | "Unresolved" >> beam.ParDo(_Unresolved(cfg.max_survivor_rounds)))
             decisions = decision_sets | "FlattenDecisions" >> beam.Flatten()
         else:
-            # Exact only: every sha-survivor is kept, so links are final.
-            decisions = links | "ExactDecisions" >> beam.MapTuple(_final_decision)
+            decisions = links | "ExactDecisions" >> beam.Map(_exact_decision)
 
         joined = (
-            {"record": split.by_key, "decision": decisions}
-            | "JoinDecisions" >> beam.CoGroupByKey()
+            (
+                split.record_chunks,
+                _chunked(decisions, "Decisions", "decision", 0, cfg),
+            )
+            | "FlattenForJoin" >> beam.Flatten()
+            | "GroupByKeyPartition" >> beam.GroupByKey()
             | "Decide" >> beam.ParDo(_Join()).with_outputs(REJECTS, main="kept")
         )
         return DedupOutputs(joined.kept, joined[REJECTS])
@@ -920,12 +1147,17 @@ class Deduplicate(beam.PTransform):
     def _resolve(self, links, table_sets):
         """`max_survivor_rounds` pointer-jumping rounds; returns the decision
         PCollections and the links still pending."""
+        cfg = self.config
         table = table_sets | "FlattenTable" >> beam.Flatten()
         decisions = []
-        for round_ in range(1, self.config.max_survivor_rounds + 1):
+        for round_ in range(1, cfg.max_survivor_rounds + 1):
             step = (
-                {"table": table, "links": links}
-                | f"GroupByPointer{round_}" >> beam.CoGroupByKey()
+                (
+                    _chunked(table, f"Table{round_}", "table", 0, cfg),
+                    _chunked(links, f"Links{round_}", "links", 0, cfg),
+                )
+                | f"FlattenRound{round_}" >> beam.Flatten()
+                | f"GroupByPointerPartition{round_}" >> beam.GroupByKey()
                 | f"Jump{round_}" >> beam.ParDo(_Jump()).with_outputs("link", "table", main="decision")
             )
             decisions.append(step.decision)

@@ -347,9 +347,9 @@ def record(it: DedupItem) -> SampleRecord:
 @pytest.mark.parametrize(
     "config",
     [
-        DedupConfig(hamming_threshold=6, partitions_per_band=4, lsh_batch_size=97, max_survivor_rounds=3),
-        DedupConfig(exact=False, hamming_threshold=4, partitions_per_band=2, lsh_batch_size=500),
-        DedupConfig(near=False),
+        DedupConfig(hamming_threshold=6, partitions_per_band=4, batch_size=97, key_partitions=7, max_survivor_rounds=3),
+        DedupConfig(exact=False, hamming_threshold=4, partitions_per_band=2, batch_size=500, key_partitions=1),
+        DedupConfig(near=False, batch_size=50, key_partitions=3),
     ],
     ids=["exact+near", "near-only", "exact-only"],
 )
@@ -407,8 +407,9 @@ def test_duplicate_keys_fail_loudly():
 def test_dofns_pickle():
     config = DedupConfig()
     dofns = [
-        dedup._Split(True, True),
-        dedup._GroupSurvivor(RejectReason.EXACT_DUPLICATE, "x {survivor}", False, "exact_duplicates"),
+        dedup._Split(True, True, config.key_partitions),
+        dedup._Chunk("record", 0, config.key_partitions),
+        dedup._ExactSurvivors(),
         dedup._BandChunks(config.hamming_threshold, config.partitions_per_band),
         dedup._NearPairs(config.hamming_threshold, config.partitions_per_band),
         dedup._NearLink(config.hamming_threshold),
