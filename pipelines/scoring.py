@@ -62,6 +62,7 @@ def check_thresholds(select: SelectConfig, available: set[str], where: str = "sc
 
 
 def _strip(example: ScoringExample):
+    """The record alone: model inputs never leave the scoring stage."""
     return example.record
 
 
@@ -105,19 +106,13 @@ class ScoreImages(beam.PTransform):
         if scoring.clip is not None:
             examples = (
                 examples
-                | "Clip" >> RunInference(
-                    clip_score.ClipModelHandler(scoring.clip, scoring, self.preprocess),
-                    model_identifier=f"clip:{scoring.clip.model}:{scoring.clip.pretrained}",
-                )
+                | "Clip" >> RunInference(clip_score.ClipModelHandler(scoring.clip, scoring, self.preprocess))
                 | "ClipHeads" >> beam.ParDo(clip_score.ApplyClipHeadsDoFn(self.heads(), self.embed_dim))
             )
         if nudenet is not None:
             examples = (
                 examples
-                | "NudeNet" >> RunInference(
-                    safety.NudeNetModelHandler(nudenet, scoring),
-                    model_identifier=f"nudenet:{safety.nudenet_model_path(nudenet)}",
-                )
+                | "NudeNet" >> RunInference(safety.NudeNetModelHandler(nudenet, scoring))
                 | "AttachNsfwScore" >> beam.ParDo(safety.AttachNsfwScoreDoFn())
             )
         scored = examples | "ToRecords" >> beam.Map(_strip)

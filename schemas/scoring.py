@@ -146,6 +146,13 @@ class ScoringConfig(_ScoringModel):
     model_copies: int | None = Field(
         None, ge=1, description="With share_model_across_processes: copies per machine (default 1)."
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Threads each model uses on CPU (torch.set_num_threads, onnxruntime intra_op_num_threads). "
+        "None: the libraries' default, all cores; on CPU workers running several SDK processes per machine, "
+        "set cores / processes to avoid oversubscription.",
+    )
 
     @model_validator(mode="after")
     def _heads_need_clip(self):

@@ -272,6 +272,7 @@ class ClipModelHandler(ModelHandler[ScoringExample, PredictionResult, ClipScorer
         self.config = config
         self.device_preference = scoring.device
         self.precision = scoring.precision
+        self.cpu_threads = scoring.cpu_threads
         self.preprocess = preprocess
         self._hints = resource_hints(scoring)
 
@@ -281,6 +282,10 @@ class ClipModelHandler(ModelHandler[ScoringExample, PredictionResult, ClipScorer
 
         register_model_config(self.config)
         device = resolve_device(self.device_preference)
+        if self.cpu_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
         model, _, _ = open_clip.create_model_and_transforms(
             self.config.model, pretrained=self.config.pretrained, device=device
         )

@@ -120,16 +120,10 @@ class ScoringExample:
     """
 
     record: SampleRecord
-    inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    # CLIP image embedding (float32 [embed_dim]) between the CLIP step and its heads.
-    embedding: np.ndarray | None = None
+    inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # model input name -> array
 
     def nbytes(self) -> int:
-        total = sum(a.nbytes for a in self.inputs.values())
-        return total + (self.embedding.nbytes if self.embedding is not None else 0)
-
-    def done(self) -> SampleRecord:
-        return self.record
+        return sum(a.nbytes for a in self.inputs.values())
 
 
 class Preparer(Protocol):

@@ -173,6 +173,7 @@ class NudeNetModelHandler(ModelHandler[ScoringExample, PredictionResult, NudeNet
         super().__init__(**model_handler_kwargs(config.batching, scoring))
         self.config = config
         self.device_preference = scoring.device
+        self.cpu_threads = scoring.cpu_threads
         self._hints = resource_hints(scoring)
 
     def load_model(self) -> NudeNetDetector:
@@ -180,8 +181,11 @@ class NudeNetModelHandler(ModelHandler[ScoringExample, PredictionResult, NudeNet
 
         path = nudenet_model_path(self.config)
         providers = onnx_providers(self.device_preference)
+        options = onnxruntime.SessionOptions()
+        if self.cpu_threads is not None:
+            options.intra_op_num_threads = self.cpu_threads
         try:
-            session = onnxruntime.InferenceSession(path, providers=providers)
+            session = onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as err:
             raise RuntimeError(f"could not load the NudeNet ONNX model {path!r}: {err}") from err
         outputs = session.get_outputs()[0].shape

@@ -87,7 +87,7 @@ def test_uint8_preparation_plus_device_normalisation_equals_open_clip(tiny):
     for image in images:
         pixels = preparer(image, _record("x"))[PIXELS]
         assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
-        ours = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - scorer.mean[0]) / scorer.std[0]
+        ours = (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255 - scorer.mean[0]) / scorer.std[0]
         np.testing.assert_allclose(ours.numpy(), preprocess(image).numpy(), atol=1e-5)
 
 
