@@ -27,6 +27,7 @@ from stages.clip_score import (
 )
 from stages.inference import EmbeddingHead, ScoringExample
 from tests.models import TINY_CLIP_NAME, make_images, save_embedding_head, save_tiny_clip, staged_records
+from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
 
 CAPTIONS = ["a red circle", "a blue square on grass", "two dogs", "an empty street at night", "a cat"]
 
@@ -210,3 +211,45 @@ def test_default_config_names_the_laion_model_and_is_accepted_without_download()
     assert (clip.model, clip.pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
     assert check_clip_config(clip) == 512
     assert preprocess_config(clip)["size"] == (224, 224)
+
+
+@pytest.mark.portable
+@pytest.mark.slow  # ~1 min of worker start-up; the FnApiRunner tests above cover the same code in-process
+def test_model_stages_on_the_portable_runner(portable_services, tiny, tmp_path):  # noqa: F811
+    """Workers in other processes, with the project only from the staged sdist,
+    unpickle the stages, register the tiny architecture from its config file,
+    load CLIP, the heads and NudeNet, and give the same scores as open_clip here."""
+    import sys
+
+    from apache_beam.internal.cloudpickle import cloudpickle
+    from apache_beam.runners.runner import PipelineState
+    from apache_beam.testing.util import assert_that
+
+    from pipelines.runner import create_runner, make_pipeline_options
+    from pipelines.scoring import ModelStages
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the matcher below; workers cannot import tests
+    clip, nsfw, _ = tiny
+    images = make_images(4, seed=13)
+    records = staged_records(tmp_path, images, CAPTIONS[:4], fmt="PNG")
+    want, embeddings, _ = reference_scores(clip, images, CAPTIONS[:4])
+    head = EmbeddingHead.load(nsfw, 32)
+    expected = {
+        r.key: (float(want[i]), float(head(embeddings[i : i + 1])[0])) for i, r in enumerate(records)
+    }
+    config = CurateConfig(scoring=ScoringConfig(clip=clip, safety={"nsfw_head": nsfw.model_dump()}))
+
+    def check(scored):
+        got = {r.key: r for r in scored}
+        assert sorted(got) == sorted(expected), sorted(got)
+        for key, (similarity, punsafe) in expected.items():
+            assert abs(got[key].clip_similarity - similarity) < 1e-5, (key, got[key].clip_similarity, similarity)
+            assert abs(got[key].punsafe - punsafe) < 1e-5
+            assert 0.0 <= got[key].nsfw_score < 0.2
+
+    options = make_pipeline_options(portable_services.argv)
+    p = beam.Pipeline(runner=create_runner(options), options=options)
+    kept, _ = p | beam.Create(records) | ModelStages(config)
+    assert_that(kept, check)
+    state = p.run().wait_until_finish(duration=300_000)
+    assert state == PipelineState.DONE, service_logs(portable_services.workdir)
