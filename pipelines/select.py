@@ -20,8 +20,11 @@ still adds up to the same input rows.
 What it can and cannot reproduce:
 - Same thresholds: the same kept keys, index rows and rejects as DIR (shard
   numbering may differ: shards are filled in arrival order).
-- Stricter thresholds: always exact: a sample DIR dropped also fails a
-  stricter check, and a kept one is re-judged from its stored scores.
+- Stricter thresholds (each one tightened, kept, or newly set): the kept set
+  is exactly what curate with those thresholds would keep: a kept sample is
+  re-judged from its stored scores, and one DIR dropped would fail again. The
+  latter keeps its original rejection (a fresh curate might name an earlier
+  check as the reason).
 - Looser thresholds: only samples whose bytes DIR kept can come back. Without
   `DIR/unselected/`, a sample DIR's selection dropped stays rejected with its
   original reason (its image was never written); the run counts them in the
