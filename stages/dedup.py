@@ -32,8 +32,8 @@ local decisions.
 
 Roots are found by pointer jumping: every dropped node (near, and exact
 duplicates pointing at their sha-survivor) holds a pointer; each round looks up
-the pointer's own pointer with one `CoGroupByKey` and jumps to it, so pointer
-distances double. `max_survivor_rounds` rounds resolve chains of up to
+the pointer's own pointer (one `GroupByKey` over partitions of the pointer
+space) and jumps to it, so pointer distances double. `max_survivor_rounds` rounds resolve chains of up to
 `2 ** rounds - 1` links (`max_chain_links`); a longer chain is not guessed:
 its records are rejected with `duplicate_of=None`, a detail asking to raise
 `max_survivor_rounds`, an ERROR log line and the `unresolved_survivor_chains`
@@ -60,22 +60,24 @@ the root it resolves to is too.
 
 Cost model (uniform hashes): bands are 64/(t+1) bits wide, so a band value is
 shared by about `N / 2**(64/(t+1))` hashes and the comparisons are about
-`(t+1) * N**2 / 2**(64/(t+1) + 1)`: 6e9 for N = 1e6 at t = 6 (~1 ns each). They
-grow quadratically with N; memory does not: a partition holds about
-`N / min(partitions_per_band, 2**band_bits)` hashes (`band_bits` = 9 at t = 6)
-and is compared in tiles.
+`(t+1) * N**2 / 2**(64/(t+1) + 1)`: 6e9 for N = 1e6 at t = 6 (~1 ns each).
+Memory per partition is bounded: about `N / min(partitions_per_band,
+2**band_bits)` hashes (`band_bits` = 9 at t = 6), compared in tiles. Compute
+is not: it grows as N**2 (6e15 comparisons at N = 1e9, t = 6), the price of an
+exact answer with the band layout the threshold dictates.
 
 Scale
 -----
 Only keys, ranks and hashes go through shuffles (records carry metadata only;
-image bytes never do). No worker holds all hashes or pairs: exact groups,
-pointer tables are keyed and streamed; LSH partitions are bounded by
-`partitions_per_band` (plus at most one copy of a hash per batch). Shuffled
-elements: the records' JSON and a `(sha256, member)` per record (one
-`GroupByKey` each), one chunk per (batch, band, partition), and the few pairs
-and pointers. Records are joined back with the decisions by
-key in one `CoGroupByKey` (records travel as their JSON, which pydantic encodes
-~2x faster than pickle).
+image bytes never do), and no worker holds all hashes, pairs or pointers.
+Records, sha256 members and pointers are batched on the worker
+(`beam.BatchElements`, `batch_size`) and shuffled as one chunk per (batch, key
+partition); each of the `key_partitions` partitions then groups or joins in
+memory what falls in it (about N / key_partitions entries; a sha256 with a
+million copies costs one entry), streaming its chunks twice. A keyed shuffle of
+one element per record would cost ~30 us per record on FnApiRunner. Records are
+joined back with the decisions by key as their JSON (`exclude_defaults`, so the
+round trip is exact), which pydantic writes and reads ~2x faster than pickle.
 
 pHash computed fast
 -------------------
@@ -879,6 +881,8 @@ class _BandChunks(beam.DoFn):
 
     def process(self, batch: list[list[tuple]]):
         members = [m for chunk in batch for m in chunk]
+        if not members:  # BatchElements may flush an empty batch before an oversized list
+            return
         layout = band_layout(self.threshold)
         hashes = phashes_to_array(m[2] for m in members)
         neg_pixels = np.fromiter((m[0] for m in members), dtype=np.int64, count=len(members))

@@ -196,6 +196,35 @@ def test_long_runs_are_compared_in_tiles(monkeypatch):
     assert set(zip(all_i.tolist(), all_j.tolist())) == set(expected)
 
 
+def test_collapse_identical_keeps_the_best_copy():
+    hashes = np.array([5, 9, 5, 7, 5, 9], dtype=np.uint64)
+    neg_pixels = np.array([-10, -1, -20, -1, -20, -1])
+    keys = ["a", "f", "c", "d", "b", "e"]
+    keep, losers = dedup.collapse_identical(hashes, neg_pixels, keys)
+    # 5: c and b have 20 px, b has the smaller key; 9: e and f tie, e wins.
+    assert keep.tolist() == [3, 4, 5]
+    assert sorted((keys[a], keys[b]) for a, b in losers) == [("a", "b"), ("c", "b"), ("f", "e")]
+    keep, losers = dedup.collapse_identical(np.array([1, 2, 3], dtype=np.uint64), np.zeros(3), ["x", "y", "z"])
+    assert keep.tolist() == [0, 1, 2] and losers == []
+
+
+def test_key_blob_slices_and_round_trips():
+    keys = ["k1", "", "ünïcode", "a-much-longer-key-0000001", "z"]
+    blob = dedup.KeyBlob.of(keys)
+    assert [blob[i] for i in range(len(blob))] == keys
+    taken = blob.take(np.array([3, 0, 2]))
+    again = dedup.KeyBlob.from_bytes(*taken.to_bytes())
+    joined = dedup.KeyBlob.concat([again, blob])
+    assert [joined[i] for i in range(len(joined))] == [keys[3], keys[0], keys[2], *keys]
+    assert len(blob.take(np.array([], dtype=np.int64))) == 0
+
+
+def test_key_partition_is_stable_across_processes():
+    # CRC-32, not the per-process salted hash(): every worker must agree.
+    assert dedup.key_partition("abc", 1 << 32) == 0x352441C2
+    assert all(0 <= dedup.key_partition(f"k{i}", 7) < 7 for i in range(100))
+
+
 # ------------------------------------------------------------ decisions
 
 
@@ -379,22 +408,37 @@ def test_deduplicate_disabled_passes_everything():
         assert_that(out.rejects, equal_to([]), label="Rejects")
 
 
-def test_unresolved_chain_is_rejected_without_a_survivor():
-    # A chain of 5 records, each 4 bits from the previous and >6 bits from the one
-    # before that; ranks decrease along the chain. One round resolves 1 link.
+def chain_items(length):
+    """A chain of records, each 4 bits from the previous and 8 from the one
+    before that; ranks decrease along the chain, so k{i} points at k{i-1}."""
     hashes, current, bit = [], BASE, 0
-    for _ in range(5):
+    for _ in range(length):
         hashes.append(current)
         current = flip(current, bit, bit + 1, bit + 2, bit + 3)
         bit += 4
-    items = [item(f"k{i}", (10 - i) ** 2, f"s{i}", h) for i, h in enumerate(hashes)]
+    return [item(f"k{i:02d}", (20 - i) ** 2, f"s{i}", h) for i, h in enumerate(hashes)]
+
+
+def test_long_chain_resolves_to_its_root_in_beam():
+    items = chain_items(15)  # 14 links: 4 rounds resolve up to 15
+    config = DedupConfig(hamming_threshold=6, max_survivor_rounds=4, batch_size=4, key_partitions=3)
+    assert {d.survivor for d in plan_dedup(items, config).values()} == {"k00"}
+    with BeamTestPipeline(runner=FnApiRunner()) as p:
+        out = p | beam.Create([record(i) for i in items]) | Deduplicate(config)
+        rows = out.rejects | beam.Map(lambda r: (r.key, r.duplicate_of))
+        assert_that(rows, equal_to([(i.key, "k00") for i in items[1:]]))
+
+
+def test_unresolved_chain_is_rejected_without_a_survivor():
+    items = chain_items(5)
     config = DedupConfig(hamming_threshold=6, max_survivor_rounds=1)
     plan = plan_dedup(items, config)
-    assert plan["k1"].survivor == "k0" and plan["k4"].survivor is None
+    assert plan["k01"].survivor == "k00" and plan["k04"].survivor is None
     with BeamTestPipeline(runner=FnApiRunner()) as p:
         out = p | beam.Create([record(i) for i in items]) | Deduplicate(config)
         rows = out.rejects | beam.Map(lambda r: (r.key, r.duplicate_of, "raise max_survivor_rounds" in r.detail))
-        assert_that(rows, equal_to([("k1", "k0", False), ("k2", None, True), ("k3", None, True), ("k4", None, True)]))
+        expected = [("k01", "k00", False), ("k02", None, True), ("k03", None, True), ("k04", None, True)]
+        assert_that(rows, equal_to(expected))
 
 
 def test_duplicate_keys_fail_loudly():
@@ -402,6 +446,46 @@ def test_duplicate_keys_fail_loudly():
     with pytest.raises(Exception, match="keys must be unique"):
         with BeamTestPipeline(runner=FnApiRunner()) as p:
             _ = p | beam.Create(records) | Deduplicate(DedupConfig())
+
+
+def test_records_travel_as_exact_json():
+    full = SampleRecord(
+        key="000003-0000017",
+        url="https://example.com/a.jpg",
+        caption_original="a red kite over a beach",
+        caption_synthetic="a kite",
+        caption="a kite",
+        declared_width=800,
+        declared_height=600,
+        original_width=1600,
+        original_height=1200,
+        width=512,
+        height=384,
+        image_format="jpg",
+        image_bytes=12345,
+        image_sha256="ab" * 32,
+        phash=BASE,
+        clip_similarity=0.3141592653589793,
+        nsfw_score=1e-7,
+        aesthetic_score=5.5,
+        provenance=Provenance(
+            source_file="s3://bucket/part-00003.parquet",
+            source_row=17,
+            final_url="https://cdn.example.com/a.jpg",
+            http_status=200,
+            content_type="image/jpeg",
+            fetched_at="2024-05-01T12:34:56.789+02:00",
+            pipeline_version="0.1.0",
+        ),
+        image_ref={"path": "/staging/0.bin", "offset": 10, "length": 99},
+    )
+    sparse = record(item("k7", 100, None, None))
+    for original in (full, sparse):
+        key, record_json, sha, neg_pixels, phash = dedup._row(original)
+        assert SampleRecord.model_validate_json(record_json) == original
+        assert (key, sha, neg_pixels, phash) == (original.key, original.image_sha256, -original.pixels, original.phash)
+    with pytest.raises(ValueError, match="'k7'.*not 16 hex digits"):
+        dedup._row(sparse.model_copy(update={"phash": "xyz"}))
 
 
 def test_dofns_pickle():
