@@ -58,11 +58,6 @@ from stages.staging import cleanup_after
 
 LOG = logging.getLogger(__name__)
 
-# Selection reasons a threshold can decide (other SELECT-stage rejections, such
-# as unreadable staged bytes, are not threshold decisions).
-_THRESHOLD_REASONS = {"unsafe", "watermark", "low_clip_similarity", "low_aesthetic"}
-
-
 class SelectError(ValueError):
     """The select run cannot start: bad input folder or thresholds."""
 
@@ -97,11 +92,7 @@ class _NotReadmittable(beam.DoFn):
         self.count = Metrics.counter(Stage.SELECT.value, "not_readmittable")
 
     def process(self, rejection: Rejection):
-        if (
-            rejection.stage == Stage.SELECT
-            and rejection.reason.value in _THRESHOLD_REASONS
-            and drop_would_pass(rejection.reason, rejection.score, self.config)
-        ):
+        if drop_would_pass(rejection, self.config):
             self.count.inc()
         yield rejection
 

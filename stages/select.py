@@ -32,7 +32,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from schemas import ImageRef, RejectReason, SampleRecord, Stage
+from schemas import ImageRef, RejectReason, Rejection, SampleRecord, Stage
 from schemas.scoring import SelectConfig
 from stages.base import REJECTS, Drop, FilterDoFn, apply_filter
 
@@ -136,21 +136,27 @@ def apply_select(records: beam.PCollection, label: str, config: SelectConfig, em
     return outputs.kept, outputs[REJECTS], unselected
 
 
-def drop_would_pass(reason: RejectReason, score: float | None, config: SelectConfig) -> bool:
-    """For a selection rejection recorded earlier (reason and its score): would
-    the check that rejected it pass under `config`? Used by `beam run select`
-    to count samples a looser threshold would re-admit but whose bytes are gone."""
-    if score is None:
+def drop_would_pass(rejection: Rejection, config: SelectConfig) -> bool:
+    """For a selection rejection recorded earlier: would the check that
+    rejected it pass under `config`? (Other checks may still fail: the old
+    rejection holds only the first failing score.) The check is the one whose
+    field opens `detail`; if that is unreadable, every check of the reason must
+    pass. Used by `beam run select` to count samples a looser threshold would
+    re-admit but whose bytes are gone."""
+    if rejection.stage != Stage.SELECT or rejection.score is None:
         return False
-    for check in CHECKS:
-        if check.reason != reason:
-            continue
+    field = rejection.detail.split(" ", 1)[0]
+    checks = [c for c in CHECKS if c.field == field and c.reason == rejection.reason]
+    checks = checks or [c for c in CHECKS if c.reason == rejection.reason]
+    if not checks:
+        return False
+    for check in checks:
         threshold = getattr(config, check.threshold)
         if threshold is None:
-            return True
-        if check.keep_at_most and score <= threshold or not check.keep_at_most and score >= threshold:
-            return True
-    return False
+            continue
+        if (rejection.score > threshold) if check.keep_at_most else (rejection.score < threshold):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- reading a finished output back

@@ -87,13 +87,25 @@ def test_thresholds_need_their_scorer():
         check_thresholds(SelectConfig(min_clip_similarity=0.28), computed_scores(nudenet_only))
 
 
-def test_drop_would_pass():
-    config = SelectConfig(min_clip_similarity=0.2, max_punsafe=0.5)
-    assert drop_would_pass(RejectReason.LOW_CLIP_SIMILARITY, 0.25, config)
-    assert not drop_would_pass(RejectReason.LOW_CLIP_SIMILARITY, 0.15, config)
-    assert drop_would_pass(RejectReason.UNSAFE, 0.4, config)  # passes max_punsafe
-    assert drop_would_pass(RejectReason.WATERMARK, 0.9, config)  # check disabled
-    assert not drop_would_pass(RejectReason.UNSAFE, None, config)
+def test_drop_would_pass_judges_the_check_that_dropped_it():
+    from stages.base import rejection
+
+    config = SelectConfig(min_clip_similarity=0.2, max_punsafe=0.5, max_nsfw_score=0.3)
+
+    def dropped(**scores):
+        return rejection(record(**scores), Stage.SELECT, select(record(**scores), SelectConfig(
+            min_clip_similarity=0.28, max_punsafe=0.1, max_nsfw_score=0.1, max_pwatermark=0.5)))
+
+    assert drop_would_pass(dropped(clip_similarity=0.25), config)
+    assert not drop_would_pass(dropped(clip_similarity=0.15), config)
+    assert drop_would_pass(dropped(punsafe=0.4), config)
+    # nsfw_score 0.4 failed max_nsfw_score; it passes max_punsafe 0.5 but that is not its check.
+    assert not drop_would_pass(dropped(nsfw_score=0.4), config)
+    assert drop_would_pass(dropped(pwatermark=0.9), config)  # watermark check now disabled
+    staging_lost = rejection(record(), Stage.SELECT, Drop(RejectReason.STAGING_LOST, "gone"))
+    assert not drop_would_pass(staging_lost, config)
+    earlier_stage = rejection(record(), Stage.DEDUP, Drop(RejectReason.EXACT_DUPLICATE, "dup", score=0.0))
+    assert not drop_would_pass(earlier_stage, config)
 
 
 def test_select_in_beam_counts_and_emits_unselected():
