@@ -119,9 +119,17 @@ def test_handler_scores_equal_open_clip_for_any_batch_split(tiny):
     assert handler.get_num_bytes(examples) == sum(e.inputs[PIXELS].nbytes + e.inputs[TOKENS].nbytes for e in examples)
 
 
-def test_model_stages_write_clip_and_head_scores(tiny, tmp_path):
-    """End to end in Beam: staged bytes -> similarity and head scores on the record."""
+def test_model_stages_write_clip_and_head_scores(tiny, tmp_path, monkeypatch):
+    """End to end in Beam: staged bytes -> similarity and head scores on the
+    record, with each image encoded once for the similarity and all three heads."""
     from pipelines.scoring import ModelStages
+
+    encoded = []
+    original_encode = open_clip.model.CLIP.encode_image
+
+    def counting_encode(self, image, *args, **kwargs):
+        encoded.append(image.shape[0])
+        return original_encode(self, image, *args, **kwargs)
 
     clip, nsfw, aesthetic = tiny
     images = make_images(5, seed=11)
@@ -134,9 +142,13 @@ def test_model_stages_write_clip_and_head_scores(tiny, tmp_path):
         )
     )
     out = tmp_path / "scored.jsonl"
+    stages = ModelStages(config)
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_image", counting_encode)
     with TestPipeline(runner=FnApiRunner()) as p:
-        kept, rejects = p | beam.Create(records) | ModelStages(config)
+        kept, rejects = p | beam.Create(records) | stages
         _ = kept | beam.Map(lambda r: r.model_dump_json()) | beam.io.WriteToText(str(out), shard_name_template="")
+    monkeypatch.undo()
+    assert sum(encoded) == len(records)  # one image forward pass per sample, heads included
     from schemas import SampleRecord
 
     scored = {r.key: r for r in (SampleRecord.model_validate_json(line) for line in out.read_text().splitlines())}
