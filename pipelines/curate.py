@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from pydantic import ValidationError
 
 from pipelines import outputs
+from pipelines.scoring import UNSELECTED_DIR, ModelStages
 from schemas import CurateConfig
 from stages.base import apply_filter
 from stages.caption import CaptionHygieneDoFn
@@ -66,14 +67,10 @@ def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig
         raise ConfigError(f"{path or 'config'}: {err}") from err
 
 
-def _model_stages(config: CurateConfig):
-    """The scoring/selection/recaption composite, when it is configured."""
-    try:
-        from pipelines.scoring import ModelStages
-    except ImportError:
-        return None
+def _model_stages(config: CurateConfig) -> ModelStages | None:
+    """The scoring/selection/recaption composite, when any of it is configured."""
     stages = ModelStages(config)
-    return stages if getattr(stages, "enabled", True) else None
+    return stages if stages.enabled else None
 
 
 def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: CurateConfig, run_config: dict):
@@ -95,17 +92,28 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
 
     model_stages = _model_stages(config)
+    unselected_written = None
     if model_stages is not None:
         kept, model_rejects = kept | "Models" >> model_stages
         rejects.append(model_rejects)
+        if model_stages.unselected is not None:
+            # Samples the thresholds dropped stay in rejects.parquet; their
+            # images are kept under DIR/unselected/ so `beam run select` can
+            # loosen the thresholds later without crawling again. (Their rows are
+            # already counted as select rejects, so a lost one is not counted twice.)
+            unselected_written, _, _ = model_stages.unselected | "UnselectedShards" >> WriteShards(
+                FileSystems.join(output_dir, UNSELECTED_DIR), config.shards, run_config
+            )
 
     written, manifests, shard_rejects = kept | "Shards" >> WriteShards(output_dir, config.shards, run_config)
     rejects.append(shard_rejects)
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
-    cleanup_after(
-        report,
-        [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)],
-    )
+    done = [report | "ReportDone" >> beam.Map(lambda _: None)]
+    temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
+    if unselected_written is not None:
+        done.append(unselected_written | "UnselectedDone" >> beam.Map(lambda _: None))
+        temporary.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))
+    cleanup_after(tuple(done) | "AllDone" >> beam.Flatten(), temporary)
     return report

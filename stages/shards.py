@@ -179,6 +179,10 @@ class WriteShards(beam.PTransform):
     def expand(self, records):
         batches = (
             records
+            # Metadata only. Also keeps GroupIntoBatches out of the producer's
+            # fused stage: Beam 2.77's local runner flushes the final partial
+            # batch of only one of two GroupIntoBatches fused into one stage.
+            | "Detach" >> beam.Reshuffle()
             | "SpreadOverWriters"
             >> beam.Map(_writer_key, self.config.writers).with_output_types(beam.typehints.KV[int, typing.Any])
             | "Batch" >> beam.GroupIntoBatches(self.config.samples_per_shard)

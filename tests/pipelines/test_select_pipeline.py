@@ -27,7 +27,15 @@ MIN_CLIP = 0.3  # the tiny random CLIP scores these images about 0.15 .. 0.55
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("curated")
+    return _curate(tmp_path_factory.mktemp("curated"), keep_unselected=False)
+
+
+@pytest.fixture(scope="module")
+def curated_keeping_unselected(tmp_path_factory) -> Path:
+    return _curate(tmp_path_factory.mktemp("curated_unselected"), keep_unselected=True)
+
+
+def _curate(tmp: Path, keep_unselected: bool) -> Path:
     config_path, weights = save_tiny_clip(tmp / "models", seed=0)
     save_embedding_head(tmp / "models" / "aesthetic.safetensors", [32, 1], seed=1, bias=5.0)
     with LocalWeb() as web:
@@ -43,7 +51,7 @@ def curated(tmp_path_factory) -> Path:
                 "safety": {},
                 "aesthetic": {"head": {"path": str(tmp / "models" / "aesthetic.safetensors"), "output": "identity"}},
             },
-            "select": {"min_clip_similarity": MIN_CLIP, "max_nsfw_score": 0.5},
+            "select": {"min_clip_similarity": MIN_CLIP, "max_nsfw_score": 0.5, "keep_unselected": keep_unselected},
         }
         (tmp / "curate.yaml").write_text(yaml.safe_dump(config))
         code = main([
@@ -179,6 +187,18 @@ def test_unselected_samples_make_thresholds_reversible(curated, tmp_path, no_mod
     assert index_rows(restored) == before
     assert reject_rows(restored) == reject_rows(curated)
     assert shard_samples(restored) == shard_samples(curated)
+
+
+def test_curate_keeps_unselected_images_so_select_can_loosen(curated_keeping_unselected, tmp_path, no_models):
+    out = curated_keeping_unselected
+    unselected = {r["key"] for r in reject_rows(out) if r["stage"] == "select"}
+    assert unselected and set(shard_samples(out / "unselected")) == unselected
+    assert not (out / "_staging").exists() and not list((out / "unselected" / "shards").glob(".tmp*"))
+
+    loose = tmp_path / "loose"
+    run_select(out, loose, "--min-clip-similarity", "none", "--max-nsfw-score", "none")
+    assert set(index_rows(loose)) == set(index_rows(out)) | unselected
+    assert report(loose)["accounting_ok"]
 
 
 def test_bad_requests_fail_before_running(curated, tmp_path, capsys):
