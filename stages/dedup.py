@@ -107,6 +107,7 @@ from typing import NamedTuple
 import apache_beam as beam
 import imagehash
 import numpy as np
+import scipy.fftpack
 from apache_beam.metrics import Metrics
 from PIL import Image
 
@@ -182,7 +183,8 @@ def digest_image(data: bytes) -> ImageDigest:
             oriented = img.transpose(transpose) if transpose is not None else img
             phash = str(imagehash.phash(oriented, hash_size=_HASH_SIZE))
         else:
-            luma = np.asarray(img.convert("L"), dtype=np.float64)  # (h/scale, w/scale), block means
+            luma = img if img.mode == "L" else img.convert("L")  # CMYK JPEGs keep their mode
+            luma = np.asarray(luma, dtype=np.float64)  # (h/scale, w/scale), block means
             phash = _phash_from_block_means(luma, full_width, full_height, scale, transpose, orientation)
     if orientation in _SWAPS_AXES:
         full_width, full_height = full_height, full_width
@@ -202,34 +204,71 @@ def compute_phash(data: bytes) -> str:
 
 
 def _lanczos(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+    """PIL's LANCZOS kernel sinc(x) * sinc(x / 3) on |x| < 3, in float32 (one
+    SIMD sine: sin(pi x) = s (3 - 4 s^2) with s = sin(pi x / 3)); float32 is
+    finer than the 22-bit fixed point PIL applies the weights in."""
+    x = np.asarray(x, dtype=np.float32)
+    s = np.sin(np.float32(np.pi / 3.0) * x)
+    s2 = s * s
+    px2 = np.float32(np.pi * np.pi) * x * x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.float32(3.0) * s2 * (np.float32(3.0) - np.float32(4.0) * s2) / px2
+    value[x == 0] = 1.0
+    value[np.abs(x) >= 3.0] = 0.0
+    return value
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=1024)
 def _resize_weights(in_size: int, block: int) -> np.ndarray:
     """Weights of PIL's LANCZOS resize from `in_size` to 32 pixels (one axis),
     summed over runs of `block` input pixels: shape (32, ceil(in_size / block)).
 
-    Follows PIL's `precompute_coeffs`: support 3 * scale, centre (j + 0.5) * scale,
-    weights normalised per output pixel.
+    Follows PIL's `precompute_coeffs` for a downscale: support 3 * scale, centre
+    (j + 0.5) * scale, window [int(centre - support + 0.5), int(centre + support
+    + 0.5)), weights normalised per output pixel.
     """
     scale = in_size / _HASH_SIDE
     filter_scale = max(scale, 1.0)
     support = 3.0 * filter_scale
-    weights = np.zeros((_HASH_SIDE, in_size))
-    for j in range(_HASH_SIDE):
-        center = (j + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        w = _lanczos((np.arange(lo, hi) - center + 0.5) / filter_scale)
-        weights[j, lo:hi] = w / w.sum()
+    centers = (np.arange(_HASH_SIDE) + 0.5) * scale
+    lo = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # int() truncates toward 0, as in C
+    hi = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
+    x = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]  # (32, window) input pixels
+    inside = x < hi[:, None]
+    weights = np.where(inside, _lanczos((x - centers[:, None] + 0.5) / filter_scale), 0.0).astype(np.float64)
+    weights /= weights.sum(axis=1, keepdims=True)
     blocks = -(-in_size // block)
-    padded = np.zeros((_HASH_SIDE, blocks * block))
-    padded[:, :in_size] = weights
-    summed = padded.reshape(_HASH_SIDE, blocks, block).sum(axis=2)
+    cells = (np.arange(_HASH_SIDE)[:, None] * blocks + x // block)[inside]
+    summed = np.bincount(cells, weights=weights[inside], minlength=_HASH_SIDE * blocks).reshape(_HASH_SIDE, blocks)
     summed.setflags(write=False)
     return summed
+
+
+# OpenBLAS runs a GEMM of up to 65536 * 4 multiply-adds on one thread; a larger
+# one starts its thread pool, which on a busy worker costs more than the product.
+_SINGLE_THREAD_GEMM = 65536 * 4
+
+
+def _gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b, split into products small enough to stay single-threaded."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m * n * k <= _SINGLE_THREAD_GEMM:
+        return a @ b
+    if m >= n:
+        step = max(1, _SINGLE_THREAD_GEMM // (k * n))
+        return np.concatenate([a[i : i + step] @ b for i in range(0, m, step)], axis=0)
+    step = max(1, _SINGLE_THREAD_GEMM // (m * k))
+    return np.concatenate([a @ b[:, j : j + step] for j in range(0, n, step)], axis=1)
+
+
+def _phash_of_pixels(pixels: np.ndarray) -> str:
+    """The end of `imagehash.phash` on a 32x32 8-bit image (given as its pixel
+    values): the same scipy DCT, low 8x8 frequencies, median, hex string."""
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)
+    low = dct[:_HASH_SIZE, :_HASH_SIZE]
+    # str(imagehash.ImageHash(bits)): the row-major bits as big-endian hex.
+    return np.packbits(low > np.median(low)).tobytes().hex()
 
 
 def _phash_from_block_means(
@@ -241,23 +280,19 @@ def _phash_from_block_means(
     orientation: int,
 ) -> str:
     rows, cols = luma.shape
-    wx = _resize_weights(full_width, block)[:, :cols]  # (32, w/block)
+    wx_t = _resize_weights(full_width, block)[:, :cols].T  # (w/block, 32)
     wy = _resize_weights(full_height, block)[:, :rows]  # (32, h/block)
     # PIL resizes horizontally first, rounding to 8 bits in between; after a
     # 90-degree EXIF rotation the stored image's vertical axis is the horizontal one.
-    # einsum, not `@`: these products are small, and multithreaded BLAS on a busy
-    # worker costs more than the product itself.
     if orientation in _SWAPS_AXES:
-        tmp = np.clip(np.rint(np.einsum("ij,jk->ik", wy, luma)), 0, 255)  # (32, w/block)
-        small = np.clip(np.rint(np.einsum("ij,kj->ik", tmp, wx)), 0, 255)  # (32, 32)
+        tmp = np.clip(np.rint(_gemm(wy, luma)), 0, 255)  # (32, w/block)
+        small = np.clip(np.rint(_gemm(tmp, wx_t)), 0, 255)  # (32, 32)
     else:
-        tmp = np.clip(np.rint(np.einsum("ij,kj->ik", luma, wx)), 0, 255)  # (h/block, 32)
-        small = np.clip(np.rint(np.einsum("ij,jk->ik", wy, tmp)), 0, 255)  # (32, 32)
-    image = Image.fromarray(small.astype(np.uint8), "L")
+        tmp = np.clip(np.rint(_gemm(luma, wx_t)), 0, 255)  # (h/block, 32)
+        small = np.clip(np.rint(_gemm(wy, tmp)), 0, 255)  # (32, 32)
     if transpose is not None:
-        image = image.transpose(transpose)
-    # 32x32 in, so imagehash's own resize is the identity.
-    return str(imagehash.phash(image, hash_size=_HASH_SIZE))
+        small = np.asarray(Image.fromarray(small.astype(np.uint8), "L").transpose(transpose), dtype=np.float64)
+    return _phash_of_pixels(small)
 
 
 def phash_to_int(phash: str) -> int:

@@ -116,6 +116,15 @@ def test_same_duplicate_decisions_as_full_decode(photos):
                 assert same_fast, (a, b)  # re-encoded and resized copies are found
 
 
+def test_hash_of_pixels_is_imagehash_phash():
+    rng = np.random.default_rng(2)
+    arrays = [rng.integers(0, 256, (32, 32)) for _ in range(20)]
+    arrays += [np.full((32, 32), 128), np.tile(np.arange(32) * 8, (32, 1)), np.eye(32) * 255]
+    for pixels in arrays:
+        expected = str(imagehash.phash(Image.fromarray(pixels.astype(np.uint8), "L")))
+        assert dedup._phash_of_pixels(pixels.astype(np.float64)) == expected
+
+
 def test_compute_phash_raises_on_undecodable_bytes(photos):
     with pytest.raises(Exception):
         compute_phash(b"not an image at all")
