@@ -97,8 +97,11 @@ class DedupConfig(_StageConfig):
         6,
         ge=0,
         le=16,
-        description="Pairs whose pHash Hamming distance is <= this are near duplicates. "
-        "6 was measured on re-encoded, resized and cropped copies (see benchmarks/dedup_bench.py).",
+        description="Pairs whose pHash Hamming distance is <= this are near duplicates (0: identical pHashes "
+        "only). 6 is measured in benchmarks/dedup_bench.py: it finds every re-encoded and resized copy and ~80 % "
+        "of 2-5 % crops with no false pair among 900 photo-like images, and leaves < 0.01 chance matches per "
+        "image among 1e9 uniformly random hashes (8 finds ~92 % of crops but ~0.3 chance matches per image). "
+        "Cost grows with it: t + 1 bands of 64 / (t + 1) bits.",
     )
     partitions_per_band: int = Field(
         256, ge=1, description="LSH partitions per band; raise for billions of images to bound memory per key."
