@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.scoring import RecaptionConfig, ScoringConfig, SelectConfig
 
@@ -158,3 +158,10 @@ class CurateConfig(_StageConfig):
         description="Synthetic captions for the selected samples from a LLaVA-style model (needs `model`); "
         "None (the default) skips recaptioning and KEY.txt gets the alt text. See schemas/scoring.py.",
     )
+
+    @model_validator(mode="after")
+    def _resolve_auto_thresholds(self) -> CurateConfig:
+        # Thresholds left at `auto` take their defaults only where their score is
+        # computed, so a run without that scorer doesn't fail on a default.
+        self.select = self.select.resolve_auto(self.scoring)
+        return self

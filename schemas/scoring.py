@@ -172,6 +172,11 @@ class ScoringConfig(_ScoringModel):
         return self.clip is not None or self.safety is not None
 
 
+# What `auto` thresholds become when their score is computed (issue defaults:
+# LAION-5B's CLIP ViT-B/32 similarity floor, unsafe probability under 0.5).
+AUTO_THRESHOLDS = {"min_clip_similarity": 0.28, "max_nsfw_score": 0.5, "max_punsafe": 0.5}
+
+
 class SelectConfig(_ScoringModel):
     """Thresholds of the selection step; `None` disables a check.
 
@@ -185,9 +190,18 @@ class SelectConfig(_ScoringModel):
     `min_aesthetic_score` 5 or 6 and `max_pwatermark` 0.5.
     """
 
-    min_clip_similarity: float | None = Field(None, ge=-1.0, le=1.0, description="Keep clip_similarity >= this.")
-    max_nsfw_score: float | None = Field(None, ge=0.0, le=1.0, description="Keep nsfw_score <= this.")
-    max_punsafe: float | None = Field(None, ge=0.0, le=1.0, description="Keep punsafe <= this.")
+    min_clip_similarity: float | Literal["auto"] | None = Field(
+        "auto",
+        ge=-1.0,
+        le=1.0,
+        description="Keep clip_similarity >= this. `auto`: 0.28 (LAION-5B, ViT-B/32) when scoring.clip is configured, else off.",
+    )
+    max_nsfw_score: float | Literal["auto"] | None = Field(
+        "auto", ge=0.0, le=1.0, description="Keep nsfw_score <= this. `auto`: 0.5 when NudeNet is configured, else off."
+    )
+    max_punsafe: float | Literal["auto"] | None = Field(
+        "auto", ge=0.0, le=1.0, description="Keep punsafe <= this. `auto`: 0.5 when the CLIP NSFW head is configured, else off."
+    )
     max_pwatermark: float | None = Field(None, ge=0.0, le=1.0, description="Keep pwatermark <= this.")
     min_aesthetic_score: float | None = Field(None, description="Keep aesthetic_score >= this.")
     keep_unselected: bool = Field(
@@ -199,7 +213,22 @@ class SelectConfig(_ScoringModel):
     def thresholds(self) -> dict[str, float]:
         """The enabled thresholds, by config field name."""
         names = ["min_clip_similarity", "max_nsfw_score", "max_punsafe", "max_pwatermark", "min_aesthetic_score"]
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {name: value for name in names if isinstance(value := getattr(self, name), (int, float))}
+
+    def resolve_auto(self, scoring: ScoringConfig) -> SelectConfig:
+        """Replace `auto` thresholds by their defaults where the score is computed, else turn them off."""
+        safety = scoring.safety
+        computed = {
+            "min_clip_similarity": scoring.clip is not None,
+            "max_nsfw_score": safety is not None and safety.nudenet is not None,
+            "max_punsafe": safety is not None and safety.nsfw_head is not None,
+        }
+        updates = {
+            name: (AUTO_THRESHOLDS[name] if computed[name] else None)
+            for name in AUTO_THRESHOLDS
+            if getattr(self, name) == "auto"
+        }
+        return self.model_copy(update=updates) if updates else self
 
 
 class RecaptionConfig(_ScoringModel):

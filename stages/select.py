@@ -65,8 +65,9 @@ class MissingScoreError(ValueError):
 def failed_checks(record: SampleRecord, config: SelectConfig) -> list[tuple[Check, float, float]]:
     """(check, score, threshold) for every enabled check the record fails, in CHECKS order."""
     failed = []
+    enabled = config.thresholds()  # unresolved `auto` thresholds count as off
     for check in CHECKS:
-        threshold = getattr(config, check.threshold)
+        threshold = enabled.get(check.threshold)
         if threshold is None:
             continue
         score = getattr(record, check.field)

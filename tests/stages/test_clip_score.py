@@ -29,6 +29,9 @@ from stages.inference import EmbeddingHead, ScoringExample
 from tests.models import TINY_CLIP_NAME, make_images, save_embedding_head, save_tiny_clip, staged_records
 from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
 
+# Scores only: the default `auto` thresholds would drop samples a tiny random model scores low.
+SCORE_ONLY = {"min_clip_similarity": None, "max_nsfw_score": None, "max_punsafe": None}
+
 CAPTIONS = ["a red circle", "a blue square on grass", "two dogs", "an empty street at night", "a cat"]
 
 
@@ -139,7 +142,8 @@ def test_model_stages_write_clip_and_head_scores(tiny, tmp_path, monkeypatch):
             clip=clip,
             safety={"nudenet": None, "nsfw_head": nsfw.model_dump(), "watermark_head": nsfw.model_dump()},
             aesthetic={"head": aesthetic.model_dump()},
-        )
+        ),
+        select=SCORE_ONLY,
     )
     out = tmp_path / "scored.jsonl"
     stages = ModelStages(config)
@@ -176,6 +180,15 @@ def test_pt_checkpoint_loads_like_safetensors(tmp_path):
 
 
 # ---------------------------------------------------------------- errors before the pipeline starts
+
+
+def test_default_thresholds_apply_only_where_the_score_is_computed(tiny):
+    clip, nsfw, _ = tiny
+    assert CurateConfig().select.thresholds() == {}
+    with_clip = CurateConfig(scoring=ScoringConfig(clip=clip, safety={"nsfw_head": nsfw.model_dump()}))
+    assert with_clip.select.thresholds() == {"min_clip_similarity": 0.28, "max_nsfw_score": 0.5, "max_punsafe": 0.5}
+    chosen = CurateConfig(scoring=ScoringConfig(clip=clip), select={"min_clip_similarity": 0.2})
+    assert chosen.select.thresholds() == {"min_clip_similarity": 0.2}
 
 
 def _curate(clip: ClipConfig, **scoring) -> CurateConfig:
@@ -249,7 +262,7 @@ def test_model_stages_on_the_portable_runner(portable_services, tiny, tmp_path):
     expected = {
         r.key: (float(want[i]), float(head(embeddings[i : i + 1])[0])) for i, r in enumerate(records)
     }
-    config = CurateConfig(scoring=ScoringConfig(clip=clip, safety={"nsfw_head": nsfw.model_dump()}))
+    config = CurateConfig(scoring=ScoringConfig(clip=clip, safety={"nsfw_head": nsfw.model_dump()}), select=SCORE_ONLY)
 
     def check(scored):
         got = {r.key: r for r in scored}
