@@ -16,8 +16,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "green": (40, 170, 60),
     "blue": (40, 70, 220),
     "yellow": (235, 215, 40),
-    "purple": (140, 50, 180),
     "white": (240, 240, 240),
+    "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle")
 
