@@ -13,7 +13,7 @@ its defaults (`ViT-B-32` / `laion2b_s34b_b79k`, as LAION-5B).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -172,6 +172,8 @@ class ScoringConfig(_ScoringModel):
         return self.clip is not None or self.safety is not None
 
 
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
 # What `auto` thresholds become when their score is computed (issue defaults:
 # LAION-5B's CLIP ViT-B/32 similarity floor, unsafe probability under 0.5).
 AUTO_THRESHOLDS = {"min_clip_similarity": 0.28, "max_nsfw_score": 0.5, "max_punsafe": 0.5}
@@ -190,17 +192,15 @@ class SelectConfig(_ScoringModel):
     `min_aesthetic_score` 5 or 6 and `max_pwatermark` 0.5.
     """
 
-    min_clip_similarity: float | Literal["auto"] | None = Field(
+    min_clip_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] | Literal["auto"] | None = Field(
         "auto",
-        ge=-1.0,
-        le=1.0,
         description="Keep clip_similarity >= this. `auto`: 0.28 (LAION-5B, ViT-B/32) when scoring.clip is configured, else off.",
     )
-    max_nsfw_score: float | Literal["auto"] | None = Field(
-        "auto", ge=0.0, le=1.0, description="Keep nsfw_score <= this. `auto`: 0.5 when NudeNet is configured, else off."
+    max_nsfw_score: Probability | Literal["auto"] | None = Field(
+        "auto", description="Keep nsfw_score <= this. `auto`: 0.5 when NudeNet is configured, else off."
     )
-    max_punsafe: float | Literal["auto"] | None = Field(
-        "auto", ge=0.0, le=1.0, description="Keep punsafe <= this. `auto`: 0.5 when the CLIP NSFW head is configured, else off."
+    max_punsafe: Probability | Literal["auto"] | None = Field(
+        "auto", description="Keep punsafe <= this. `auto`: 0.5 when the CLIP NSFW head is configured, else off."
     )
     max_pwatermark: float | None = Field(None, ge=0.0, le=1.0, description="Keep pwatermark <= this.")
     min_aesthetic_score: float | None = Field(None, description="Keep aesthetic_score >= this.")
