@@ -101,7 +101,7 @@ import hashlib
 import io
 import logging
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -111,7 +111,7 @@ import scipy.fftpack
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from schemas import DedupConfig, RejectReason, Rejection, SampleRecord, Stage
+from schemas import DedupConfig, RejectReason, SampleRecord, Stage
 from stages.base import REJECTS, Drop, StageMetrics, rejection
 
 logger = logging.getLogger(__name__)
@@ -710,7 +710,8 @@ def _near_detail(distance: int, threshold: int, neighbour: str) -> str:
 
 def plan_dedup(items: Iterable[DedupItem], config: DedupConfig) -> dict[str, Decision]:
     """All of `Deduplicate`'s decisions computed in memory: key -> Decision for
-    every dropped item. Same steps, same rules; for tests and small data."""
+    every dropped item, by the same rules, naming the same survivors with the
+    same details; the steps are simpler (global dicts). For tests and small data."""
     items = list(items)
     links: list[tuple[str, Link]] = []
     near_input: list[Member] = []

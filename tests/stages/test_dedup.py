@@ -11,6 +11,7 @@ import imagehash
 import numpy as np
 import pytest
 from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -406,6 +407,18 @@ def test_deduplicate_transform_matches_plan(config):
         assert_that(rows, equal_to(expected_rejects), label="Rejects")
         meta = out.rejects | beam.Map(lambda r: (r.stage, r.source_file, r.url == f"https://example.com/{r.key}.jpg"))
         assert_that(meta | beam.Distinct(), equal_to([(Stage.DEDUP, "part-0.parquet", True)]), label="Meta")
+
+
+def test_deduplicate_in_separate_worker_processes():
+    # The DoFns are pickled to SDK worker subprocesses, as on a portable runner.
+    rng = np.random.default_rng(9)
+    items = random_items(rng, 300, 6)
+    config = DedupConfig(batch_size=50, key_partitions=5, partitions_per_band=4)
+    expected = sorted((k, d.reason, d.survivor) for k, d in plan_dedup(items, config).items())
+    options = PipelineOptions(flags=[], direct_num_workers=2, direct_running_mode="multi_processing")
+    with BeamTestPipeline(runner=FnApiRunner(), options=options) as p:
+        out = p | beam.Create([record(i) for i in items]) | Deduplicate(config)
+        assert_that(out.rejects | beam.Map(lambda r: (r.key, r.reason.value, r.duplicate_of)), equal_to(expected))
 
 
 def test_deduplicate_disabled_passes_everything():
