@@ -49,14 +49,16 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 ATTENTION_KERNEL_HINTS = ("flash", "fmha", "attention", "sdpa", "attn")
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def peak_for(device_name: str) -> float | None:
+    """Dense bf16 peak (TFLOP/s) of a CUDA device by its name; None when not in the table."""
     for key, peak in PEAK_BF16_TFLOPS:
-        if key in name:
+        if key in device_name:
             return peak
     return None
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    return peak_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 @dataclasses.dataclass

@@ -112,6 +112,14 @@ def with_trigger(caption: str, trigger: str | None) -> str:
     return f"{trigger}, {caption}" if caption else trigger
 
 
+def without_word(caption: str, word: str | None) -> str:
+    """`caption` with every whole-word `word` (and a comma right after it) removed."""
+    if not word:
+        return caption
+    text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)\s*,?", " ", caption, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
 def read_caption(path: Path) -> tuple[str | None, str | None]:
     """The caption in `path` (None if missing or unusable) and, if unusable, why."""
     if not path.is_file():

@@ -189,7 +189,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train per `config` into `run_dir`; with `resume`, continue from its latest checkpoint
     (exactly: same losses and weights as an uninterrupted run). Returns the export folder."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     run_dir = Path(run_dir)
     tracker = None if config.logging.tracker == "none" else config.logging.tracker
@@ -197,7 +197,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.optim.grad_accum,
         log_with=tracker,
-        project_dir=str(run_dir),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
     device = accelerator.device
     rank, world_size = accelerator.process_index, accelerator.num_processes
