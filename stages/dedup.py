@@ -208,13 +208,13 @@ def _lanczos(x: np.ndarray) -> np.ndarray:
     SIMD sine: sin(pi x) = s (3 - 4 s^2) with s = sin(pi x / 3)); float32 is
     finer than the 22-bit fixed point PIL applies the weights in."""
     x = np.asarray(x, dtype=np.float32)
-    s = np.sin(np.float32(np.pi / 3.0) * x)
-    s2 = s * s
+    s2 = np.sin(np.float32(np.pi / 3.0) * x)
+    s2 *= s2
     px2 = np.float32(np.pi * np.pi) * x * x
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.float32(3.0) * s2 * (np.float32(3.0) - np.float32(4.0) * s2) / px2
-    value[x == 0] = 1.0
-    value[np.abs(x) >= 3.0] = 0.0
+    value[px2 == 0] = 1.0
+    value[px2 >= np.float32(9.0 * np.pi * np.pi)] = 0.0  # |x| >= 3
     return value
 
 
@@ -234,12 +234,13 @@ def _resize_weights(in_size: int, block: int) -> np.ndarray:
     lo = np.maximum((centers - support + 0.5).astype(np.int64), 0)  # int() truncates toward 0, as in C
     hi = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
     x = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]  # (32, window) input pixels
-    inside = x < hi[:, None]
-    weights = np.where(inside, _lanczos((x - centers[:, None] + 0.5) / filter_scale), 0.0).astype(np.float64)
-    weights /= weights.sum(axis=1, keepdims=True)
+    weights = _lanczos((x - centers[:, None] + 0.5) / filter_scale)  # float32 (32, window)
+    weights *= x < hi[:, None]
     blocks = -(-in_size // block)
-    cells = (np.arange(_HASH_SIDE)[:, None] * blocks + x // block)[inside]
-    summed = np.bincount(cells, weights=weights[inside], minlength=_HASH_SIDE * blocks).reshape(_HASH_SIDE, blocks)
+    cells = np.arange(_HASH_SIDE)[:, None] * blocks + np.minimum(x // block, blocks - 1)  # zero weight past the edge
+    summed = np.bincount(cells.ravel(), weights=weights.ravel(), minlength=_HASH_SIDE * blocks)
+    summed = summed.reshape(_HASH_SIDE, blocks)
+    summed /= summed.sum(axis=1, keepdims=True)  # normalised per output pixel, in float64
     summed.setflags(write=False)
     return summed
 
