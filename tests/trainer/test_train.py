@@ -96,3 +96,37 @@ def test_warmup_cosine_schedule():
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert schedule(9) == pytest.approx(0.1 + 0.9 * 0.5)
     assert schedule(14) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+
+
+def run_ddp(args: list[str], kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """Two CPU ranks with gloo, launched by torchrun (accelerate reads its environment)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    env.pop(KILL_AT_STEP_ENV, None)
+    if kill_at is not None:
+        env[KILL_AT_STEP_ENV] = str(kill_at)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    return subprocess.run([*torchrun, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # the single-process kill-and-resume test covers the same code; this adds two ranks
+def test_two_rank_kill_and_resume(tmp_path, components_dir, cache_dir):
+    config = tiny_config(components_dir, max_steps=6, data={"cache": str(cache_dir), "num_workers": 1, "batch_size": 2}, checkpoint={"every_steps": 2, "keep_last": 5})
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    done = run_ddp(["fit", "--config", str(config_file), "--output", str(straight)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in latest_checkpoint(straight).iterdir()} >= {"rng-rank0.safetensors", "rng-rank1.safetensors"}
+    run_ddp(["fit", "--config", str(config_file), "--output", str(interrupted)], kill_at=3)
+    assert [read_state(c).step for c in list_checkpoints(interrupted)] == [2]
+    resumed = run_ddp(["fit", "--config", str(config_file), "--output", str(interrupted), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = metrics(straight), metrics(interrupted)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
+    assert read_state(latest_checkpoint(straight)).samples_seen == 6 * 2 * 2
+    for name in ("model.safetensors", "ema.safetensors"):
+        ta, tb = load_file(str(latest_checkpoint(straight) / name)), load_file(str(latest_checkpoint(interrupted) / name))
+        for key in ta:
+            torch.testing.assert_close(ta[key], tb[key], rtol=1e-6, atol=1e-7)
