@@ -268,8 +268,11 @@ def _phash_of_pixels(pixels: np.ndarray) -> str:
     values): the same scipy DCT, low 8x8 frequencies, median, hex string."""
     dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)
     low = dct[:_HASH_SIZE, :_HASH_SIZE]
+    middle = _HASH_SIZE * _HASH_SIZE // 2
+    ordered = np.sort(low, axis=None)
+    median = (ordered[middle - 1] + ordered[middle]) / 2  # np.median's arithmetic, without its overhead
     # str(imagehash.ImageHash(bits)): the row-major bits as big-endian hex.
-    return np.packbits(low > np.median(low)).tobytes().hex()
+    return np.packbits(low > median).tobytes().hex()
 
 
 def _phash_from_block_means(

@@ -120,7 +120,10 @@ def test_same_duplicate_decisions_as_full_decode(photos):
 def test_hash_of_pixels_is_imagehash_phash():
     rng = np.random.default_rng(2)
     arrays = [rng.integers(0, 256, (32, 32)) for _ in range(20)]
+    arrays += [rng.integers(0, 2, (32, 32)) * 255 for _ in range(5)]
+    # Degenerate images, where many DCT coefficients tie with the median.
     arrays += [np.full((32, 32), 128), np.tile(np.arange(32) * 8, (32, 1)), np.eye(32) * 255]
+    arrays += [np.indices((32, 32)).sum(axis=0) % 2 * 255, np.pad(np.full((16, 16), 200), 8)]
     for pixels in arrays:
         expected = str(imagehash.phash(Image.fromarray(pixels.astype(np.uint8), "L")))
         assert dedup._phash_of_pixels(pixels.astype(np.float64)) == expected
