@@ -17,6 +17,7 @@ import ssl
 import threading
 
 import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
 import pytest
 from apache_beam.internal import pickler
 from apache_beam.metrics.metric import MetricsFilter
@@ -588,7 +589,9 @@ def test_dofn_setup_process_teardown(web):
         out = list(dofn.process([record("k0", web.url("/a.jpg")), record("k1", web.url("/missing"))]))
     finally:
         dofn.teardown()
-    fetched, rejected = out
+    # Results come out as downloads finish, not in input order.
+    [fetched] = [o for o in out if not isinstance(o, TaggedOutput)]
+    [rejected] = [o for o in out if isinstance(o, TaggedOutput)]
     assert fetched.record.key == "k0" and fetched.data == b"a"
     assert fetched.record.provenance.content_type == "image/png"
     assert rejected.tag == REJECTS and rejected.value.reason == RejectReason.HTTP_ERROR
