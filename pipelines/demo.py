@@ -3,8 +3,9 @@
 1. Starts a local web on 127.0.0.1 with a few hundred generated, captioned
    images and every kind of bad row (see `pipelines/webcorpus.py`).
 2. Runs `beam run curate` on it (DirectRunner) and prints the funnel.
-3. Stops the server and says where the shards are; then hands over to the
-   trainer's demo when it is available.
+3. Stops the server and says where the shards are.
+4. Trains a tiny latent-diffusion model on the shards with the trainer's own
+   commands (`init-components`, `cache`, `fit`, `sample`) and writes a sample grid.
 """
 
 from __future__ import annotations
@@ -60,14 +61,37 @@ def curate(output: Path, n_images: int) -> Path:
     return curated
 
 
-def train(output: Path, curated: Path) -> None:
-    """Runs the trainer's demo on the shards, if the trainer provides one."""
-    try:
-        from trainer import demo as trainer_demo
-    except ImportError:
-        print("demo: the trainer is not built yet; stopping after curation")
-        return
-    trainer_demo.run(shards_dir=curated / "shards", output_dir=output / "train")
+def train(output: Path, curated: Path, steps: int | None) -> None:
+    """Caches latents from the curated shards, trains a tiny model, and samples
+    a grid from its exported pipeline (the trainer's own commands)."""
+    from trainer.cli import main as trainer_main
+
+    shards = sorted(p.name for p in (curated / "shards").glob("*.tar"))
+    spec = str(curated / "shards" / f"{{{shards[0][:-4]}..{shards[-1][:-4]}}}.tar")
+    components, latents, run = output / "components", output / "latents", output / "run"
+    for folder in (components, latents, run):
+        if folder.exists():
+            shutil.rmtree(folder)
+    overrides = ["--set", f"max_steps={steps}"] if steps else []
+    commands = [
+        ["init-components", "--output", str(components)],
+        ["cache", "--shards", spec, "--config", "demo", "--components", str(components), "--output", str(latents)],
+        ["fit", "--config", "demo", "--components", str(components), "--cache", str(latents), "--output", str(run), *overrides],
+        [
+            "sample", "--run", str(run), "--out", str(output / "samples.png"), "--seed", "0",
+            "--prompt", "a red circle on a patterned background",
+            "--prompt", "a blue square on a patterned background",
+            "--prompt", "a yellow triangle on a patterned background",
+        ],
+    ]
+    for command in commands:
+        print(f"demo: trainer {' '.join(command)}", flush=True)
+        started = time.monotonic()
+        code = trainer_main(command)
+        if code:
+            raise SystemExit(f"demo: trainer {command[0]} failed with exit code {code}")
+        print(f"demo: trainer {command[0]} took {time.monotonic() - started:.0f} s", flush=True)
+    print(f"demo: trained model in {run / 'export'}; sample grid {output / 'samples.png'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="demo-output", help="Where everything goes (default: demo-output/).")
     parser.add_argument("--images", type=int, default=300, help="Ordinary images in the generated web (default 300).")
     parser.add_argument("--skip-training", action="store_true", help="Stop after curation.")
+    parser.add_argument("--steps", type=int, help="Training steps (default: the trainer's demo config).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     output = Path(args.output).resolve()
     curated = curate(output, args.images)
     print(f"demo: shards in {curated / 'shards'}, index {curated / 'index.parquet'}, rejects {curated / 'rejects.parquet'}")
     if not args.skip_training:
-        train(output, curated)
+        train(output, curated, args.steps)
     return 0
 
 
