@@ -24,6 +24,7 @@ import time
 import torch
 
 from schemas.trainer import TrainConfig
+from trainer.components import cpu_threads_beside_workers
 from trainer.data import CachedLatents, SyntheticLatents, make_loader
 from trainer.flow import RectifiedFlow
 from trainer.train import EMA, build_denoiser, build_optimizer, training_loss
@@ -136,6 +137,7 @@ def run_bench(
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
+    cpu_threads_beside_workers(device, config.data.num_workers)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     d = config.data

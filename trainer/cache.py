@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from schemas.trainer import CacheFile, CachePart, CacheSpec, LatentCacheManifest, SourceShard, TrainConfig
-from trainer.components import DTYPES, Components, load_components
+from trainer.components import DTYPES, Components, cpu_threads_beside_workers, load_components
 from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, pooled_key, text_key
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
     from accelerate import PartialState
 
     state = PartialState()
+    cpu_threads_beside_workers(state.device, config.cache.num_workers)
     output = Path(output)
     paths = expand_shards(shards)
     stems = _unique_stems(paths)

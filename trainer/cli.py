@@ -188,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-components", help="write a tiny offline VAE, text encoder and tokenizer (demo and test aid)")
     p.add_argument("--output", required=True)
-    p.add_argument("--resolution", type=int, default=64, help="image size the VAE is used at (it trains on 16 px crops)")
+    p.add_argument("--resolution", type=int, default=64, help="image size the VAE is used at (it trains on <= 32 px images)")
     p.add_argument("--max-text-length", type=int, default=16)
-    p.add_argument("--vae-steps", type=int, default=300, help="VAE training steps on synthetic shapes (0: random VAE)")
+    p.add_argument("--vae-steps", type=int, default=800, help="VAE training steps on synthetic shapes, ~30 s on one core (0: random VAE)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_components)
 

@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +29,18 @@ from trainer.pipeline import encode_prompt, encode_tokens, tokenize
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_threads_beside_workers(device: torch.device | str, workers: int) -> None:
+    """On CPU, leave a core per data-loader worker: intra-op threads that share cores with
+    the workers (or other processes) spin at every parallel region, which measured 20x
+    slower than one thread on a busy 2-core machine. An explicit OMP_NUM_THREADS wins."""
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) - workers)
+    if threads < torch.get_num_threads():
+        logger.info("CPU run: %d intra-op thread(s) beside %d data-loader worker(s)", threads, workers)
+        torch.set_num_threads(threads)
 
 # Config keys that say how a model was saved or loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_use_default_values"}
@@ -293,7 +307,7 @@ def train_tiny_vae(
     resolution: int,
     steps: int,
     batch_size: int = 8,
-    train_resolution: int = 16,
+    train_resolution: int | None = None,
     lr: float = 2e-3,
     seed: int = 0,
     kl_weight: float = 1e-6,
@@ -301,9 +315,11 @@ def train_tiny_vae(
     """Fit the VAE to reconstruct synthetic coloured shapes, then set `scaling_factor` to
     1 / std of the latent means at `resolution` (how Stable Diffusion chose 0.18215).
 
-    The VAE is fully convolutional, so it trains on `train_resolution` images (cheap on
-    CPU) and is used at `resolution`. It decodes the posterior mean while training (a
-    plain autoencoder with a small KL term): the mean is also what the cache stores.
+    The VAE is fully convolutional, so it trains on `train_resolution` images (default
+    min(resolution, 32): cheap on CPU) and is used at `resolution`. Adam with cosine decay;
+    it decodes the posterior mean while training (a plain autoencoder with a small KL
+    term): the mean is also what the cache stores. Measured on one CPU thread: 800 steps at
+    32 px take ~30 s and reach a held-out MSE of 0.015 at 64 px (mean error 9/255).
     Returns the reconstruction MSE (images in [-1, 1]) on held-out images at `resolution`.
     """
     from trainer.demo_data import random_images
@@ -311,10 +327,15 @@ def train_tiny_vae(
     def as_tensor(array):
         return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, R, R)
 
-    images = as_tensor(random_images(256, train_resolution, seed))
+    train_resolution = train_resolution or min(resolution, 32)
+    images = as_tensor(random_images(512, train_resolution, seed))
     held_out = as_tensor(random_images(32, resolution, seed + 1))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # convolutions this small are fastest (and deterministic) on one thread
     vae.train()
     for step in range(steps):
         x = images[torch.randint(0, images.shape[0], (batch_size,), generator=generator)]
@@ -324,6 +345,7 @@ def train_tiny_vae(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % 100 == 0:
             logger.info("demo VAE step %d/%d: loss %.4f", step, steps, loss.item())
     vae.eval()
@@ -332,10 +354,11 @@ def train_tiny_vae(
         means = vae.encode(held_out).latent_dist.mean
         mse = torch.nn.functional.mse_loss(vae.decode(means).sample, held_out).item()
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    torch.set_num_threads(threads)
     return mse
 
 
-def build_demo_components(output: Path, resolution: int = 64, max_text_length: int = 16, vae_steps: int = 300, seed: int = 0) -> ComponentsConfig:
+def build_demo_components(output: Path, resolution: int = 64, max_text_length: int = 16, vae_steps: int = 800, seed: int = 0) -> ComponentsConfig:
     """Write a tiny VAE, CLIP text encoder and tokenizer to `output/{vae,text_encoder,tokenizer}`
     with `save_pretrained` (demo and test aid; not a useful model). Returns the config that
     loads them back."""

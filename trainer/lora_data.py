@@ -180,7 +180,7 @@ def load_pixels(directory: str | Path, image: LoraImage, config: DecodeConfig) -
     if sha256_hex(data) != image.sha256:
         raise ValueError(f"{Path(directory) / image.file} changed since the data report was made; rerun without --resume")
     rgb = open_rgb(data, config)
-    return np.asarray(cover_crop(rgb, image.bucket_width, image.bucket_height), dtype=np.uint8)
+    return np.array(cover_crop(rgb, image.bucket_width, image.bucket_height), dtype=np.uint8)
 
 
 def prepare_dataset(

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from schemas.trainer import DataPosition, TrainConfig
 from trainer.cache import cache_spec, check_cache, read_manifest
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, new_state, read_state, save_checkpoint
-from trainer.components import Components, load_components
+from trainer.components import Components, cpu_threads_beside_workers, load_components
 from trainer.data import CachedLatents, RawShards, expand_shards, make_loader
 from trainer.export import EXPORT, export_pipeline, make_pipeline, sample_grid
 from trainer.flow import FlowLoss, RectifiedFlow, timestep_bucket
@@ -201,6 +201,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     )
     device = accelerator.device
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    cpu_threads_beside_workers(device, config.data.num_workers)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -249,7 +250,9 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     metrics_path = run_dir / METRICS
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        # The resolved config: with the preview prompts actually used (`trainer sample`'s default).
+        resolved = config.model_copy(update={"validation": config.validation.model_copy(update={"prompts": prompts})})
+        (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
         (run_dir / "samples").mkdir(exist_ok=True)
         _truncate_metrics(metrics_path, step)
     if tracker:

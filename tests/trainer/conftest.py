@@ -121,8 +121,8 @@ def components_dir(tmp_path_factory) -> Path:
     from trainer.components import build_demo_components
 
     directory = tmp_path_factory.mktemp("components")
-    # 250 VAE steps: enough that decoded colours are right (the learning test reads them).
-    build_demo_components(directory, resolution=RESOLUTION, max_text_length=TEXT_LENGTH, vae_steps=250)
+    # 400 VAE steps (~15 s): enough that decoded colours are right (the learning test reads them).
+    build_demo_components(directory, resolution=RESOLUTION, max_text_length=TEXT_LENGTH, vae_steps=400)
     return directory
 
 

@@ -1,0 +1,578 @@
+"""`trainer lora`: data checks, buckets, training with held-out loss, previews, export formats, resume.
+
+One base model (a `trainer fit` run on palette shapes, built once for the module) serves
+every test; LoRA runs are short except the concept run, which shows the adapter binding a
+colour the base never saw to the trigger word while prompts without it stay as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from schemas.lora import CaptionSource, LoraDataReport, LoraRunSummary, LoraTrainConfig
+from schemas.records import RecaptionStatus
+from tests.trainer.lora_helpers import (
+    CONCEPT_RGB,
+    TRIGGER,
+    color_fractions,
+    comfyui_merged,
+    draw_shape,
+    reference_latents,
+    sample_latents,
+    train_base,
+    with_lora_loader,
+    write_concept_folder,
+    write_odd_folder,
+)
+from trainer.demo_data import PALETTE, SHAPES
+from trainer.lora_data import BatchPlan, make_buckets, nearest_bucket, prepare_dataset, without_word
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Several test processes share two cores: one intra-op thread each avoids oversubscription.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def lora_components(tmp_path_factory) -> Path:
+    """Tiny components with a VAE trained long enough to separate the palette colours
+    (and the concept colour) in its latent space."""
+    from trainer.components import build_demo_components
+
+    directory = tmp_path_factory.mktemp("lora_components")
+    build_demo_components(directory, resolution=32, max_text_length=12, vae_steps=300)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, lora_components) -> Path:
+    return train_base(tmp_path_factory.mktemp("lora_base"), lora_components)
+
+
+def quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stderr(io.StringIO()):  # progress bars
+        return fn(*args, **kwargs)
+
+
+def short_config(**sections) -> LoraTrainConfig:
+    """A LoRA config for quick CPU runs."""
+    tree = {
+        "trigger": TRIGGER,
+        "log_every_steps": 2,
+        "adapter": {"rank": 4},
+        "optim": {"steps": 6, "lr": 3e-3, "batch_size": 4, "warmup_steps": 2},
+        "prior": {"images": 4, "sample_steps": 2},
+        "holdout": {"images": 2, "every_steps": 2},
+        "preview": {"every_steps": 0, "steps": 2, "images_per_prompt": 1},
+        "checkpoint": {"every_steps": 4},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return LoraTrainConfig.model_validate(tree)
+
+
+def base_prompts() -> tuple[list[str], list[str]]:
+    """Prior-preservation prompts and (different) test prompts, both without the trigger."""
+    colors = list(PALETTE)
+    combos = [(s, c, b) for s in SHAPES for c in colors for b in colors if c != b]
+    rng = np.random.default_rng(3)
+    picked = [combos[i] for i in rng.permutation(len(combos))[:18]]
+    prompts = [f"a {c} {s} on a {b} background" for s, c, b in picked]
+    return prompts[:12], prompts[12:]
+
+
+# ---- the concept run (must-show 1 and 2) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def concept_run(tmp_path_factory, base_run):
+    from trainer.lora import train_lora
+
+    root = tmp_path_factory.mktemp("concept")
+    images = write_concept_folder(root / "images", count=20)
+    prior_prompts, _ = base_prompts()
+    config = LoraTrainConfig.model_validate({
+        "trigger": TRIGGER,
+        "log_every_steps": 10,
+        "adapter": {"rank": 4},
+        "optim": {"steps": 300, "lr": 3e-3, "batch_size": 4, "warmup_steps": 10},
+        "prior": {"prompts": prior_prompts, "images": 48, "sample_steps": 10, "weight": 3.0},
+        "holdout": {"images": 2, "every_steps": 50},
+        "preview": {"every_steps": 150, "steps": 6, "images_per_prompt": 2},
+        "checkpoint": {"every_steps": 150},
+        "output": {"comfyui": True},
+    })
+    printed = []
+    summary = quiet(train_lora, images, base_run, root / "run", config, announce=printed.append)
+    return {"run": root / "run", "images": images, "summary": summary, "config": config, "announced": printed}
+
+
+def test_trigger_word_brings_the_new_concept_and_other_prompts_stay_as_the_base_draws_them(concept_run, base_run):
+    from trainer.export import load_exported_pipeline
+    from trainer.lora import components_of, load_lora
+
+    base = load_exported_pipeline(base_run)
+    base.set_progress_bar_config(disable=True)
+    adapted = load_exported_pipeline(base_run)
+    adapted.set_progress_bar_config(disable=True)
+    load_lora(adapted, concept_run["run"])
+    components = components_of(base)
+    names, references = reference_latents(components, {**PALETTE, "concept": CONCEPT_RGB})
+    colors = list(PALETTE)
+    trigger_prompts = [f"a {colors[i]} {SHAPES[i % 3]} on a {TRIGGER} background" for i in range(3)]
+    _, plain_prompts = base_prompts()
+
+    def measure(prompts):
+        rates, shifts = {"base": [], "lora": []}, []
+        for prompt in prompts:
+            before = sample_latents(base, prompt, components, count=8)
+            after = sample_latents(adapted, prompt, components, count=8)
+            rates["base"].append(color_fractions(before, names, references)["concept"])
+            rates["lora"].append(color_fractions(after, names, references)["concept"])
+            shifts.append(float((after - before).pow(2).mean().sqrt()))
+        return float(np.mean(rates["base"])), float(np.mean(rates["lora"])), float(np.mean(shifts))
+
+    trig_base, trig_lora, trig_shift = measure(trigger_prompts)
+    plain_base, plain_lora, plain_shift = measure(plain_prompts)
+    print(
+        f"concept share of latent pixels: with '{TRIGGER}' base {trig_base:.2f} -> LoRA {trig_lora:.2f}; "
+        f"without base {plain_base:.2f} -> LoRA {plain_lora:.2f}; RMS latent change vs base: "
+        f"with {trig_shift:.2f}, without {plain_shift:.2f}"
+    )
+    gained = trig_lora - trig_base
+    assert gained >= 0.3
+    assert plain_lora - plain_base <= 0.25 * gained
+    assert plain_shift < 0.5 * trig_shift
+
+
+def test_adapter_loads_in_a_stock_diffusers_pipeline_and_matches_trainer_sample(concept_run, base_run):
+    from diffusers import DiffusionPipeline
+
+    from trainer.export import sample_grid
+    from trainer.lora import LORA_FILE, sample_with_lora
+
+    run = concept_run["run"]
+    prompts = [f"a red circle on a {TRIGGER} background", "a blue square on a green background"]
+    stock = with_lora_loader(DiffusionPipeline.from_pretrained(str(base_run / "export"), trust_remote_code=True))
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(run), adapter_name="subject")  # finds pytorch_lora_weights.safetensors
+    stock.set_adapters(["subject"], adapter_weights=[0.8])
+    expected = np.asarray(sample_grid(stock, prompts, images_per_prompt=2, steps=6, guidance=4.0, seed=11))
+    ours = np.asarray(quiet(sample_with_lora, base_run, run, prompts, scales=0.8, images_per_prompt=2, steps=6, guidance=4.0, seed=11))
+    assert np.array_equal(expected, ours)
+    # The scale is applied: full strength draws something else.
+    full = np.asarray(quiet(sample_with_lora, base_run, run / LORA_FILE, prompts, scales=1.0, images_per_prompt=2, steps=6, guidance=4.0, seed=11))
+    assert not np.array_equal(full, ours)
+
+    with safe_open(str(run / LORA_FILE), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    peft_config = json.loads(metadata["lora_adapter_metadata"])
+    assert peft_config["transformer.r"] == 4 and sorted(peft_config["transformer.target_modules"]) == ["to_k", "to_out", "to_q", "to_v"]
+
+
+def test_exported_pipeline_class_loads_loras_itself(base_run):
+    from trainer.export import load_exported_pipeline
+
+    pipe = load_exported_pipeline(base_run)
+    if not hasattr(pipe, "load_lora_weights"):
+        pytest.skip("trainer/pipeline.py does not mix in a diffusers LoRA loader yet (see trainer/lora.py: LORA_LOADER_MIXIN)")
+    from diffusers.loaders import PeftAdapterMixin
+
+    assert isinstance(pipe.transformer, PeftAdapterMixin)
+
+
+def test_previews_are_what_the_saved_adapter_draws(concept_run, base_run):
+    from safetensors.torch import load_model
+
+    from trainer.export import load_exported_pipeline, sample_grid
+    from trainer.lora import AdapterWeights, add_adapter, save_adapter, load_lora, default_preview_prompts
+
+    run, config = concept_run["run"], concept_run["config"]
+    report = LoraDataReport.model_validate_json((run / "data_report.json").read_text())
+    prompts = default_preview_prompts(report, TRIGGER)
+    p = config.preview
+
+    def render(adapter_dir: Path) -> np.ndarray:
+        pipe = load_exported_pipeline(base_run)
+        load_lora(pipe, adapter_dir)
+        return np.asarray(sample_grid(pipe, prompts, images_per_prompt=p.images_per_prompt, steps=p.steps, guidance=p.guidance, seed=p.seed))
+
+    # Mid-run preview: rebuild the adapter from the step-150 checkpoint and draw it as a user would.
+    trained = load_exported_pipeline(base_run).transformer
+    add_adapter(trained, config.adapter)
+    load_model(AdapterWeights(trained), str(run / "checkpoints" / "step-00000150" / "model.safetensors"))
+    save_adapter(run.parent / "adapter-150", trained)
+    assert np.array_equal(np.asarray(Image.open(run / "samples" / "step-000150.png")), render(run.parent / "adapter-150"))
+    # Final preview: the exported file.
+    assert np.array_equal(np.asarray(Image.open(run / "samples" / "final.png")), render(run))
+
+
+def test_comfyui_file_merges_to_the_same_model(concept_run, base_run):
+    from trainer.export import load_exported_pipeline
+    from trainer.lora import COMFYUI_FILE, load_lora
+
+    run = concept_run["run"]
+    comfy = load_file(str(run / COMFYUI_FILE))
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in comfy)
+    base = load_exported_pipeline(base_run).transformer
+    merged = load_exported_pipeline(base_run).transformer
+    merged.load_state_dict(comfyui_merged(base.state_dict(), comfy, strength=0.8))
+    adapted = load_exported_pipeline(base_run)
+    load_lora(adapted, run, 0.8)
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, 8, 8), generator=generator)
+    t = torch.tensor([0.3, 0.8])
+    text = torch.randn((2, 12, merged.config.text_dim), generator=generator)
+    pooled = torch.randn((2, merged.config.pooled_dim), generator=generator)
+    with torch.no_grad():
+        expected = adapted.transformer(x, t, text, pooled)
+        got = merged(x, t, text, pooled)
+        unchanged = base(x, t, text, pooled)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert not torch.allclose(unchanged, expected, atol=1e-3)
+
+
+def test_run_folder_reports_data_curve_and_usage(concept_run):
+    run, summary = concept_run["run"], concept_run["summary"]
+    saved = LoraRunSummary.model_validate_json((run / "summary.json").read_text())
+    assert saved.trigger == TRIGGER and saved.steps_done == 300 and saved.adapter_file == "pytorch_lora_weights.safetensors"
+    readme = (run / "README.md").read_text()
+    assert f"Trigger word: **{TRIGGER}**" in readme
+    assert "40 files" in readme and "--lora-scale" in readme and "load_lora_weights" in readme
+    assert (run / "curve.png").is_file() and Image.open(run / "curve.png").size == (640, 320)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(0, 301, 50))
+    assert all(len([k for k in r if k.startswith("heldout_t")]) == 5 for r in evals)
+    assert evals[-1]["train_probe_loss"] < evals[0]["train_probe_loss"]
+    trains = [r for r in records if r["kind"] == "train"]
+    assert len(trains) == 30 and all("prior_loss" in r for r in trains)
+    # What was printed before training started.
+    announced = concept_run["announced"][0]
+    assert len(announced.images) == 20 and len(announced.holdout) == 2 and not announced.set_aside
+    assert summary.best_heldout_step is not None
+
+
+# ---- data: sizes, corrupt files, duplicates, captions -------------------------------------------
+
+
+ODD_SIZES = [(37, 53), (120, 40), (64, 64), (23, 90), (200, 91), (48, 33), (33, 48), (91, 91), (140, 60), (60, 140),
+             (17, 65), (256, 100), (100, 256), (45, 44), (70, 35)]
+
+
+def test_fifteen_odd_images_are_all_bucketed_and_trained_on(tmp_path, base_run):
+    from trainer.lora import train_lora
+
+    images = write_odd_folder(tmp_path / "odd", ODD_SIZES)
+    config = short_config(holdout={"images": 0}, optim={"steps": 6, "batch_size": 3}, data={"min_side": 16, "bucket_max_aspect": 3.0})
+    summary = quiet(train_lora, images, base_run, tmp_path / "run", config)
+    report = LoraDataReport.model_validate_json((tmp_path / "run" / "data_report.json").read_text())
+    assert len(report.images) == 15 and not report.set_aside
+    assert {(i.width, i.height) for i in report.images} == set(ODD_SIZES)
+    # Several buckets, each image in the one nearest its shape, every side a multiple of 8 (VAE 4 x patch 2).
+    assert len(report.buckets) >= 4
+    buckets = make_buckets(report.resolution, 8, config.data.bucket_max_aspect)
+    for image in report.images:
+        assert image.bucket_width % 8 == 0 and image.bucket_height % 8 == 0
+        assert (image.bucket_width, image.bucket_height) == nearest_bucket(image.width, image.height, buckets)
+    # One epoch of the plan the run used covers every image; short batches are padded with repeats of their bucket.
+    by_bucket = {}
+    for i, image in enumerate(report.images):
+        by_bucket.setdefault((image.bucket_width, image.bucket_height), []).append(i)
+    plan = BatchPlan(by_bucket, 3, config.seed)
+    epoch = plan.epoch(0)
+    assert sorted({i for batch in epoch for i in batch}) == list(range(15))
+    for batch in epoch:
+        assert len(batch) == 3 and len({(report.images[i].bucket_width, report.images[i].bucket_height) for i in batch}) == 1
+    assert sum(b.padding_per_epoch for b in report.buckets) == 3 * len(epoch) - 15
+    assert summary.steps_done == 6
+    # Captionless images got the trigger word, and the report says so.
+    assert {i.caption_source for i in report.images} == {CaptionSource.TXT, CaptionSource.TRIGGER}
+    assert any("no usable caption" in w for w in report.warnings)
+
+
+def test_corrupt_file_and_duplicates_are_reported_and_the_rest_trains(tmp_path, base_run):
+    from trainer.lora import train_lora
+
+    images = write_concept_folder(tmp_path / "images", count=16)
+    original = images / "concept03.png"
+    # A near duplicate: the same picture re-encoded as JPEG at 95% size.
+    with Image.open(original) as picture:
+        picture.convert("RGB").resize((46, 46), Image.Resampling.BICUBIC).save(images / "copy_of_03.jpg", quality=90)
+    shutil.copyfile(images / "concept05.png", images / "concept05_again.png")  # an exact duplicate
+    data = (images / "concept07.png").read_bytes()
+    (images / "broken.png").write_bytes(data[: len(data) // 2])  # truncated
+    (images / "notes.md").write_text("shot on a phone")
+    printed = []
+    quiet(train_lora, images, base_run, tmp_path / "run", short_config(), announce=printed.append)
+
+    report = printed[0]
+    aside = {row.file: row for row in report.set_aside}
+    assert set(aside) == {"copy_of_03.jpg", "concept05_again.png", "broken.png"}
+    assert aside["copy_of_03.jpg"].reason == "near_duplicate" and aside["copy_of_03.jpg"].duplicate_of == "concept03.png"
+    assert aside["concept05_again.png"].reason == "exact_duplicate" and aside["concept05_again.png"].duplicate_of == "concept05.png"
+    assert aside["broken.png"].reason in ("truncated_image", "not_an_image")
+    assert len(report.images) == 16 and {i.file for i in report.images} == {f"concept{i:02d}.png" for i in range(16)}
+    assert any(name.startswith("notes.md") for name in report.ignored)
+    readme = (tmp_path / "run" / "README.md").read_text()
+    assert "copy_of_03.jpg: near_duplicate" in readme and "broken.png" in readme
+    assert LoraRunSummary.model_validate_json((tmp_path / "run" / "summary.json").read_text()).steps_done == 6
+
+
+def test_too_small_and_too_wide_images_are_set_aside_with_the_curation_reasons(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        draw_shape("circle", (220, 40, 40), CONCEPT_RGB, 48, 48, rng).save(folder / f"ok{i}.png")
+    draw_shape("circle", (220, 40, 40), CONCEPT_RGB, 10, 12, rng).save(folder / "tiny.png")
+    draw_shape("circle", (220, 40, 40), CONCEPT_RGB, 250, 50, rng).save(folder / "banner.png")
+    report = prepare_dataset(folder, short_config(), resolution=32, multiple=8)
+    aside = {row.file: row.reason for row in report.set_aside}
+    assert aside == {"tiny.png": "too_small", "banner.png": "aspect_ratio"}
+    assert len(report.images) == 10
+
+
+def test_captions_from_files_trigger_fallback_and_hygiene(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, name in enumerate(["a", "b", "c", "d", "e"]):
+        draw_shape(SHAPES[i % 3], (40, 70, 220), CONCEPT_RGB, 40 + 7 * i, 40, rng).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a dog   on the beach\n")
+    (folder / "c.txt").write_text("  ")
+    (folder / "d.txt").write_text("IMG_1234.jpg")
+    (folder / "e.txt").write_text("ZXQ sitting")
+    report = prepare_dataset(folder, short_config(holdout={"images": 0}), resolution=32, multiple=8)
+    by_file = {i.file: i for i in report.images}
+    assert by_file["a.png"].caption == f"{TRIGGER}, a dog on the beach" and by_file["a.png"].caption_source is CaptionSource.TXT
+    assert by_file["b.png"].caption == TRIGGER and by_file["b.png"].caption_source is CaptionSource.TRIGGER
+    assert by_file["c.png"].caption_source is CaptionSource.TRIGGER and "empty_caption" in by_file["c.png"].note
+    assert by_file["d.png"].caption_source is CaptionSource.TRIGGER and "filename_caption" in by_file["d.png"].note
+    assert by_file["e.png"].caption == "ZXQ sitting"  # already names the trigger
+    assert any("b.png" in w and "c.png" in w and "d.png" in w for w in report.warnings)
+    # Without a trigger word, uncaptioned images are an error that names them.
+    with pytest.raises(ValueError, match=r"b\.png.*--trigger"):
+        prepare_dataset(folder, short_config(trigger=None, prior={"weight": 0}), resolution=32, multiple=8)
+    assert without_word(f"{TRIGGER}, a dog on the beach", TRIGGER) == "a dog on the beach"
+    assert without_word(f"a red circle on a {TRIGGER} background", TRIGGER) == "a red circle on a background"
+
+
+def test_recaption_model_captions_images_without_a_caption_file(tmp_path):
+    from schemas.scoring import RecaptionConfig
+    from tests.models import save_tiny_llava
+    from trainer.lora_data import load_recaptioner
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        draw_shape("square", (40, 170, 60), CONCEPT_RGB, 40, 40 + 5 * i, rng).save(folder / f"img{i}.png")
+    (folder / "img0.txt").write_text("a green square")
+    model = save_tiny_llava(tmp_path / "llava", seed=0)
+    # Gates off except `empty`: the random model's words are accepted as they come.
+    lenient = load_recaptioner(RecaptionConfig(model=str(model), max_new_tokens=6, device="cpu", min_words=0, max_repeats=0, max_prompt_overlap=None, reject_truncated=False))
+    calls = []
+
+    def counting(image):
+        calls.append(image.size)
+        return lenient(image)
+
+    report = prepare_dataset(folder, short_config(holdout={"images": 0}), resolution=32, multiple=8, recaptioner=counting)
+    by_file = {i.file: i for i in report.images}
+    assert by_file["img0.png"].caption_source is CaptionSource.TXT and len(calls) == 4
+    for name in ("img1.png", "img2.png", "img3.png", "img4.png"):
+        image = by_file[name]
+        assert image.caption_source is CaptionSource.RECAPTION and image.recaption_status is RecaptionStatus.OK
+        assert image.caption.startswith(f"{TRIGGER}, ") and len(image.caption) > len(TRIGGER) + 2
+    # With the stage's default gate, 6 tokens without an end-of-sequence is `truncated`: the trigger stands in.
+    strict = load_recaptioner(RecaptionConfig(model=str(model), max_new_tokens=6, device="cpu"))
+    report = prepare_dataset(folder, short_config(holdout={"images": 0}), resolution=32, multiple=8, recaptioner=strict)
+    fallback = {i.file: i for i in report.images}["img1.png"]
+    assert fallback.caption == TRIGGER and fallback.recaption_status is RecaptionStatus.TRUNCATED
+    assert fallback.caption_source is CaptionSource.TRIGGER and "truncated" in fallback.note
+
+
+# ---- buckets and batches -----------------------------------------------------------------------
+
+
+def test_buckets_cover_aspect_ratios_within_the_area():
+    buckets = make_buckets(64, 8, 2.0)
+    assert (64, 64) in buckets
+    for width, height in buckets:
+        assert width % 8 == 0 and height % 8 == 0 and width * height <= 64 * 64
+        assert max(width / height, height / width) <= 2.0
+    assert {b for b in buckets if b[0] > b[1]} == {(h, w) for w, h in buckets if h > w}
+    assert nearest_bucket(300, 100, buckets)[0] > nearest_bucket(300, 100, buckets)[1]
+    assert nearest_bucket(100, 100, buckets) == (64, 64)
+    assert nearest_bucket(1000, 100, buckets) == max(buckets, key=lambda b: b[0] / b[1])  # wider than any: widest
+
+
+def test_batch_plan_covers_every_image_each_epoch_and_resumes_by_position():
+    plan = BatchPlan({(8, 8): [0, 1, 2, 3, 4], (16, 8): [5, 6], (8, 16): [7]}, batch_size=2, seed=3)
+    assert plan.batches_per_epoch == 3 + 1 + 1
+    for e in range(3):
+        batches = plan.epoch(e)
+        assert sorted({i for b in batches for i in b}) == list(range(8))
+        assert all(len(b) == 2 for b in batches)
+        assert [7, 7] in batches  # a one-image bucket repeats its image
+    assert plan.epoch(0) != plan.epoch(1)
+    stream = plan.stream()
+    full = [next(stream) for _ in range(13)]
+    resumed = plan.stream(start=7)
+    assert [next(resumed) for _ in range(6)] == full[7:]
+
+
+# ---- training pieces ---------------------------------------------------------------------------
+
+
+def test_overfit_monitor_flags_held_out_loss_rising_while_training_loss_falls():
+    from trainer.lora import OverfitMonitor
+
+    monitor = OverfitMonitor(tolerance=0.05, patience=2)
+    for step, heldout, probe in [(0, 1.0, 1.0), (10, 0.8, 0.8), (20, 0.85, 0.7), (30, 0.9, 0.6), (40, 0.95, 0.5)]:
+        monitor.update(step, heldout, probe)
+    assert monitor.best_step == 10 and monitor.flagged_step == 30
+    # Both rising (diverging, not overfitting), or held-out within the tolerance: no flag.
+    diverging = OverfitMonitor(tolerance=0.05, patience=2)
+    for step, heldout, probe in [(0, 1.0, 1.0), (10, 0.8, 0.8), (20, 0.9, 0.9), (30, 1.0, 1.0), (40, 1.1, 1.1)]:
+        diverging.update(step, heldout, probe)
+    flat = OverfitMonitor(tolerance=0.05, patience=2)
+    for step, heldout, probe in [(0, 1.0, 1.0), (10, 0.8, 0.8), (20, 0.82, 0.7), (30, 0.83, 0.6), (40, 0.83, 0.5)]:
+        flat.update(step, heldout, probe)
+    assert diverging.flagged_step is None and flat.flagged_step is None
+    # A new best resets the count.
+    reset = OverfitMonitor(tolerance=0.05, patience=2)
+    for step, heldout, probe in [(0, 1.0, 1.0), (10, 1.2, 0.9), (20, 0.9, 0.8), (30, 1.0, 0.7)]:
+        reset.update(step, heldout, probe)
+    assert reset.flagged_step is None and reset.best_step == 20
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from schemas.lora import LoraAdapterConfig
+    from trainer.lora import add_adapter, enable_gradient_checkpointing
+    from trainer.model import build_transformer
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_transformer("tiny", sample_size=8, in_channels=4, text_dim=16, pooled_dim=16, hidden_size=32, depth=2, num_heads=2)
+        for p in model.parameters():  # a base that is not the identity at init
+            torch.nn.init.normal_(p, std=0.05)
+        add_adapter(model, LoraAdapterConfig(rank=2, targets="attention_mlp"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn((2, 4, 8, 16), generator=generator)  # non-square latents
+        out = model(x, torch.tensor([0.2, 0.7]), torch.randn((2, 5, 16), generator=generator), torch.randn((2, 16), generator=generator))
+        out.pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any(".fc1.lora_A" in k for k in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_resume_after_a_kill_is_exact(tmp_path, base_run):
+    from trainer.checkpoint import list_checkpoints
+    from trainer.lora import LORA_FILE, train_lora
+    from trainer.train import KILL_AT_STEP_ENV
+
+    images = write_concept_folder(tmp_path / "images", count=12)
+    config = short_config(optim={"steps": 8}, preview={"every_steps": 4})
+    quiet(train_lora, images, base_run, tmp_path / "straight", config)
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "trainer.lora", "--images", str(images), "--base", str(base_run), "--output", str(killed), "--config", str(config_file), "--device", "cpu"]
+    env = {**os.environ, KILL_AT_STEP_ENV: "6", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(killed)] == ["step-00000004"]
+    assert max(json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()) == 6
+    with pytest.raises(FileExistsError):
+        quiet(train_lora, images, base_run, killed, config)
+    quiet(train_lora, images, base_run, killed, config, resume=True)
+
+    straight, resumed = load_file(str(tmp_path / "straight" / LORA_FILE)), load_file(str(killed / LORA_FILE))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert (tmp_path / "straight" / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "straight" / "samples" / "step-000004.png")), np.asarray(Image.open(killed / "samples" / "step-000004.png")))
+    # A changed folder or config cannot be resumed into.
+    (images / "concept00.txt").write_text("a different caption")
+    with pytest.raises(ValueError, match="changed"):
+        quiet(train_lora, images, base_run, killed, config, resume=True)
+    with pytest.raises(ValueError, match="different config"):
+        quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}), resume=True)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_cli_flags_build_the_config_and_dry_run_prints_the_folder(tmp_path, base_run, capsys):
+    from trainer.lora import add_lora_arguments, config_from_args, lora_main
+
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    args = parser.parse_args(["--images", "x", "--base", "y", "--output", str(tmp_path / "run"), "--trigger", "sks", "--rank", "8",
+                              "--steps", "20", "--lr", "2e-4", "--targets", "attention_mlp", "--comfyui", "--set", "holdout.patience=5",
+                              "--preview-prompt", "sks on a beach"])
+    config = config_from_args(args)
+    assert (config.trigger, config.adapter.rank, config.optim.steps, config.optim.lr) == ("sks", 8, 20, 2e-4)
+    assert config.adapter.targets == "attention_mlp" and config.output.comfyui and config.holdout.patience == 5
+    assert config.preview.prompts == ["sks on a beach"]
+
+    images = write_odd_folder(tmp_path / "odd", ODD_SIZES[:6])
+    (images / "junk.jpg").write_bytes(b"<html>not an image</html>")
+    assert lora_main(["--images", str(images), "--base", str(base_run), "--output", str(tmp_path / "run"), "--trigger", "sks", "--dry-run", "--set", "data.min_side=16"]) == 0
+    out = capsys.readouterr().out
+    assert "used: 6" in out and "junk.jpg: not_an_image" in out and "buckets at 32^2 px" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_lora_options_load_stacked_adapters(concept_run, base_run):
+    from trainer.export import load_exported_pipeline
+    from trainer.lora import add_sample_lora_arguments, apply_sample_lora
+
+    parser = argparse.ArgumentParser()
+    add_sample_lora_arguments(parser)
+    pipe = load_exported_pipeline(base_run)
+    assert apply_sample_lora(pipe, parser.parse_args([])) == []
+    names = apply_sample_lora(pipe, parser.parse_args(["--lora", str(concept_run["run"]), "--lora", str(concept_run["run"] / "pytorch_lora_weights.safetensors"), "--lora-scale", "0.5", "--lora-scale", "0.25"]))
+    assert names == ["lora0", "lora1"]
+    scales = {module.scaling[name] for module in pipe.transformer.modules() if hasattr(module, "scaling") for name in names}
+    assert scales == {0.5, 0.25}  # alpha = rank: scaling is the strength
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        apply_sample_lora(load_exported_pipeline(base_run), parser.parse_args(["--lora", str(base_run)]))
