@@ -44,6 +44,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -215,7 +216,10 @@ def _inject_from_file(transformer: nn.Module, folder: str, weight_name: str, ada
     config = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in metadata.items() if k.startswith(TRANSFORMER_PREFIX)}
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} is already loaded")
-    inject_adapter_in_model(LoraConfig(**config), transformer, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # peft warns whenever a model already has an adapter; stacking them is what was asked for.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(LoraConfig(**config), transformer, adapter_name=adapter_name)
     result = set_peft_model_state_dict(transformer, state, adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if unexpected:
@@ -230,9 +234,12 @@ def unload_lora(pipe, adapter_names: str | Sequence[str]) -> None:
         return
     from diffusers.utils.peft_utils import delete_adapter_layers
 
+    transformer = pipe.transformer
     for name in names:
-        delete_adapter_layers(pipe.transformer, name)
-        getattr(pipe.transformer, "peft_config", {}).pop(name, None)
+        delete_adapter_layers(transformer, name)
+        getattr(transformer, "peft_config", {}).pop(name, None)
+    if hasattr(transformer, "peft_config") and not transformer.peft_config:
+        del transformer.peft_config
 
 
 def sample_with_lora(
