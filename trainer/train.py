@@ -177,6 +177,17 @@ def open_source(config: TrainConfig, components: Components, rank: int, world_si
     return DataSource(dataset, len(paths), null_text, null_pooled, d.resolution // components.vae_scale_factor, previews, components, False)
 
 
+def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "validation.prompts":
+            changes.append(f"{prefix}{key}")
+    return changes
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     # A killed run may have logged steps past its last checkpoint; the resumed run redoes them.
     if not path.is_file():
@@ -239,6 +250,12 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         resumed = load_checkpoint(checkpoint, accelerator=accelerator, model=model, ema_model=ema.model, optimizer=optimizer, generator=generator)
         scheduler.load_state_dict(resumed.scheduler)
         step = resumed.step
+        changed = _config_changes(resumed.config, config.model_dump(mode="json"))
+        if changed:
+            logger.warning(
+                "resuming with a config that differs from the checkpoint's in %s; the LR schedule and data "
+                "order continue as saved, so the run is no longer the uninterrupted one", ", ".join(changed)
+            )
         logger.info("resumed from %s (step %d, %d micro-batches consumed)", checkpoint, step, start_batches)
     if config.model.compile:
         model.compile()

@@ -76,7 +76,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, components_d
 
 def test_fit_from_raw_shards_and_refusals(tmp_path, components_dir, shard_paths):
     run = tmp_path / "run"
-    config = tiny_config(components_dir, max_steps=3, data={"shards": shard_spec(shard_paths), "num_workers": 0})
+    # Two loader workers: decoding and tokenising run in worker processes.
+    config = tiny_config(components_dir, max_steps=3, data={"shards": shard_spec(shard_paths), "num_workers": 2})
     export = fit(config, run)
     records = metrics(run)
     assert sorted(records) == [1, 2, 3] and all(r["loss"] > 0 for r in records.values())
@@ -86,9 +87,9 @@ def test_fit_from_raw_shards_and_refusals(tmp_path, components_dir, shard_paths)
 
     with pytest.raises(FileExistsError, match="pass --resume"):
         fit(config, run)
-    more_workers = tiny_config(components_dir, max_steps=4, data={"shards": shard_spec(shard_paths), "num_workers": 2})
+    fewer_workers = tiny_config(components_dir, max_steps=4, data={"shards": shard_spec(shard_paths), "num_workers": 1})
     with pytest.raises(ValueError, match="exact resume needs the same"):
-        fit(more_workers, run, resume=True)
+        fit(fewer_workers, run, resume=True)
 
 
 def test_warmup_cosine_schedule():
