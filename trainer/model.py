@@ -17,7 +17,8 @@ positions carry the encoder's padding states, and an unmasked call is what lets
 Attention goes through `torch.nn.functional.scaled_dot_product_attention` (flash or cuDNN
 kernels on CUDA in bf16/fp16), or the `flash_attn` package's `flash_attn_func` when it is
 installed and the inputs are CUDA bf16/fp16. Every attention projection is its own
-`nn.Linear` named `to_q`, `to_k`, `to_v`, `to_out`, so peft's LoRA can target them.
+`nn.Linear` named `to_q`, `to_k`, `to_v`, `to_out`, so peft's LoRA can target them
+(`trainer lora`, issue 5).
 
 This file imports only torch and diffusers: the export copies it next to the weights so that
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` can load the model without
@@ -33,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -167,8 +169,11 @@ class DiTBlock(nn.Module):
         return x
 
 
-class DiffusionTransformer(ModelMixin, ConfigMixin):
+class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Predicts the rectified-flow velocity (noise - x0) for latents at time t in [0, 1].
+
+    `PeftAdapterMixin` gives it diffusers' LoRA adapter methods (`load_lora_adapter`,
+    `set_adapters`, ...), which the pipeline's `load_lora_weights` uses.
 
     Args:
         sample_size: latent side the position table is built for (other sizes are computed on the fly).

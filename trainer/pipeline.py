@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -68,8 +69,13 @@ def encode_prompt(tokenizer, text_encoder, prompts: list[str], max_length: int) 
     return encode_tokens(text_encoder, input_ids, attention_mask)
 
 
-class ImagemillPipeline(DiffusionPipeline):
-    """Text-to-image with a rectified-flow diffusion transformer and classifier-free guidance."""
+class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
+    """Text-to-image with a rectified-flow diffusion transformer and classifier-free guidance.
+
+    `load_lora_weights(DIR)` loads a `trainer lora` adapter into the transformer: diffusers
+    has no generic transformer-only LoRA loader, and Sana's is the plain one (no key
+    conversion, `_lora_loadable_modules = ["transformer"]`).
+    """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
 
