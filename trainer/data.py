@@ -7,7 +7,9 @@ an epoch every file is read by exactly one worker of one rank. A worker shuffles
 samples of `shuffle_span` consecutive files of its list together (a block shuffle),
 then moves on; at the end of its list it starts its next epoch. Each worker's stream is
 infinite, so the DataLoader hands out batches round-robin forever (batch i comes from
-worker i % num_workers) and no rank runs out before another.
+worker i % num_workers) and no rank runs out before another. (When readers' files hold
+different numbers of samples their epochs drift apart; the per-epoch reshuffle of the
+assignment evens this out over epochs.)
 
 The whole stream is a pure function of (seed, file sizes, ranks, workers, batch size), so
 the data position in a checkpoint is one number: micro-batches consumed. On resume each

@@ -69,14 +69,18 @@ class EMA:
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.decay = decay
         self.warmup = warmup
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay_at(step))
+        """One fused lerp over all parameters (a few kernels, no host sync)."""
+        if self._pairs is None:  # the training parameters are the same tensors every step
+            self._pairs = (list(self.model.parameters()), [p.detach() for p in model.parameters()])
+        ema_params, params = self._pairs
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
 
 
 def build_denoiser(config: TrainConfig, latent_channels: int, latent_size: int, text_dim: int, pooled_dim: int) -> DiffusionTransformer:
