@@ -189,12 +189,15 @@ def load_lora(pipe, sources: str | Path | Sequence[str | Path], scales: float | 
     if len(scales) != len(sources):
         raise ValueError(f"{len(sources)} adapters but {len(scales)} scales")
     names = list(adapter_names) if adapter_names else [f"lora{i}" for i in range(len(sources))]
-    for source, name in zip(sources, names):
-        folder, weight_name = _adapter_location(source)
-        if callable(getattr(pipe, "load_lora_weights", None)):
-            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
-        else:
-            _inject_from_file(pipe.transformer, folder, weight_name, name)
+    with warnings.catch_warnings():
+        # peft warns whenever a model already has an adapter; stacking them is what was asked for.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for source, name in zip(sources, names):
+            folder, weight_name = _adapter_location(source)
+            if callable(getattr(pipe, "load_lora_weights", None)):
+                pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+            else:
+                _inject_from_file(pipe.transformer, folder, weight_name, name)
     if callable(getattr(pipe, "set_adapters", None)):
         pipe.set_adapters(names, adapter_weights=scales)
     else:
@@ -216,10 +219,7 @@ def _inject_from_file(transformer: nn.Module, folder: str, weight_name: str, ada
     config = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in metadata.items() if k.startswith(TRANSFORMER_PREFIX)}
     if adapter_name in getattr(transformer, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} is already loaded")
-    with warnings.catch_warnings():
-        # peft warns whenever a model already has an adapter; stacking them is what was asked for.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(LoraConfig(**config), transformer, adapter_name=adapter_name)
+    inject_adapter_in_model(LoraConfig(**config), transformer, adapter_name=adapter_name)
     result = set_peft_model_state_dict(transformer, state, adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if unexpected:

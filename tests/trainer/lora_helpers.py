@@ -125,24 +125,6 @@ def sample_latents(pipe, prompt: str, components, count: int, steps: int = 10, g
     return (out.float() - components.shift_factor) * components.scaling_factor
 
 
-def with_lora_loader(pipe):
-    """Give a loaded Imagemill pipeline diffusers' LoRA loading, as the one-line changes
-    proposed for `trainer/pipeline.py` (inherit `LORA_LOADER_MIXIN`) and `trainer/model.py`
-    (inherit `diffusers.loaders.PeftAdapterMixin`) do, when the exported classes do not
-    have it yet. A no-op once they do."""
-    from diffusers.loaders import PeftAdapterMixin
-
-    from trainer.lora import LORA_LOADER_MIXIN
-
-    if hasattr(pipe, "load_lora_weights"):
-        return pipe
-    transformer = pipe.transformer
-    if not isinstance(transformer, PeftAdapterMixin):
-        transformer.__class__ = type(type(transformer).__name__, (type(transformer), PeftAdapterMixin), {})
-    pipe.__class__ = type(type(pipe).__name__, (type(pipe), LORA_LOADER_MIXIN), {})
-    return pipe
-
-
 def comfyui_merged(state_dict: dict[str, torch.Tensor], comfy: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
     """The base weights with a kohya/ComfyUI LoRA merged the way ComfyUI does it: for every
     `lora_unet_X` it finds the model weight `diffusion_model.<path>.weight` whose path with

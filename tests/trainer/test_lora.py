@@ -36,7 +36,6 @@ from tests.trainer.lora_helpers import (
     reference_latents,
     sample_latents,
     train_base,
-    with_lora_loader,
     write_concept_folder,
     write_odd_folder,
 )
@@ -56,19 +55,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def lora_components(tmp_path_factory) -> Path:
-    """Tiny components with a VAE trained long enough to separate the palette colours
-    (and the concept colour) in its latent space."""
-    from trainer.components import build_demo_components
-
-    directory = tmp_path_factory.mktemp("lora_components")
-    build_demo_components(directory, resolution=32, max_text_length=12, vae_steps=300)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, lora_components) -> Path:
-    return train_base(tmp_path_factory.mktemp("lora_base"), lora_components)
+def base_run(tmp_path_factory, components_dir) -> Path:
+    # components_dir (tests/trainer/conftest.py): its VAE separates the palette colours and the concept's.
+    return train_base(tmp_path_factory.mktemp("lora_base"), components_dir)
 
 
 def quiet(fn, *args, **kwargs):
@@ -178,7 +167,7 @@ def test_adapter_loads_in_a_stock_diffusers_pipeline_and_matches_trainer_sample(
 
     run = concept_run["run"]
     prompts = [f"a red circle on a {TRIGGER} background", "a blue square on a green background"]
-    stock = with_lora_loader(DiffusionPipeline.from_pretrained(str(base_run / "export"), trust_remote_code=True))
+    stock = DiffusionPipeline.from_pretrained(str(base_run / "export"), trust_remote_code=True)
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(str(run), adapter_name="subject")  # finds pytorch_lora_weights.safetensors
     stock.set_adapters(["subject"], adapter_weights=[0.8])
@@ -196,15 +185,32 @@ def test_adapter_loads_in_a_stock_diffusers_pipeline_and_matches_trainer_sample(
     assert peft_config["transformer.r"] == 4 and sorted(peft_config["transformer.target_modules"]) == ["to_k", "to_out", "to_q", "to_v"]
 
 
-def test_exported_pipeline_class_loads_loras_itself(base_run):
+def test_load_lora_without_diffusers_lora_loader_matches_load_lora_weights(concept_run, base_run):
+    """Pipelines exported before the LoRA mixins (no `load_lora_weights`) get the same
+    adapter through `load_lora`'s own path."""
+    import types
+
     from trainer.export import load_exported_pipeline
+    from trainer.lora import load_lora, unload_lora
 
-    pipe = load_exported_pipeline(base_run)
-    if not hasattr(pipe, "load_lora_weights"):
-        pytest.skip("trainer/pipeline.py does not mix in a diffusers LoRA loader yet (see trainer/lora.py: LORA_LOADER_MIXIN)")
-    from diffusers.loaders import PeftAdapterMixin
+    stock = load_exported_pipeline(base_run)
+    assert hasattr(stock, "load_lora_weights")
+    load_lora(stock, concept_run["run"], 0.8)
+    bare = types.SimpleNamespace(transformer=load_exported_pipeline(base_run).transformer)  # no loader methods
+    names = load_lora(bare, concept_run["run"], 0.8)
 
-    assert isinstance(pipe.transformer, PeftAdapterMixin)
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn((2, 4, 8, 8), generator=generator), torch.tensor([0.3, 0.8])
+    text = torch.randn((2, 12, bare.transformer.config.text_dim), generator=generator)
+    pooled = torch.randn((2, bare.transformer.config.pooled_dim), generator=generator)
+    with torch.no_grad():
+        expected = stock.transformer(x, t, text, pooled)
+        got = bare.transformer(x, t, text, pooled)
+        unload_lora(bare, names)
+        base = bare.transformer(x, t, text, pooled)
+        plain = load_exported_pipeline(base_run).transformer(x, t, text, pooled)
+    assert torch.equal(got, expected)
+    assert torch.equal(base, plain) and not torch.allclose(base, expected, atol=1e-3)
 
 
 def test_previews_are_what_the_saved_adapter_draws(concept_run, base_run):
@@ -576,3 +582,62 @@ def test_sample_lora_options_load_stacked_adapters(concept_run, base_run):
     assert scales == {0.5, 0.25}  # alpha = rank: scaling is the strength
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
         apply_sample_lora(load_exported_pipeline(base_run), parser.parse_args(["--lora", str(base_run)]))
+
+
+class _FlagsAtStep4:
+    """An OverfitMonitor whose verdicts are scripted: best held-out loss at step 2,
+    overfitting flagged at step 4 (the real rule is tested on its own above)."""
+
+    def __init__(self, tolerance, patience):
+        self.best_step, self.best_loss, self.flagged_step = None, float("inf"), None
+
+    def update(self, step, heldout, probe):
+        if step == 4:
+            self.flagged_step = step
+        if step <= 2:
+            self.best_step, self.best_loss = step, heldout
+            return True
+        return False
+
+
+@pytest.mark.parametrize("action", ["stop", "warn"])
+def test_overfitting_stops_or_keeps_the_best_adapter(tmp_path, base_run, monkeypatch, action):
+    import trainer.lora
+    from trainer.lora import LORA_FILE, train_lora
+
+    images = write_concept_folder(tmp_path / "images", count=12)
+    # A constant LR after warmup: the weights after step 2 do not depend on the planned length.
+    at_two = quiet(train_lora, images, base_run, tmp_path / "two", short_config(optim={"steps": 2}))
+    assert at_two.steps_done == 2
+    monkeypatch.setattr(trainer.lora, "OverfitMonitor", _FlagsAtStep4)
+    summary = quiet(train_lora, images, base_run, tmp_path / "run", short_config(optim={"steps": 8}, holdout={"on_overfit": action}))
+    assert summary.overfit_step == 4 and summary.best_heldout_step == 2
+    best_file = tmp_path / "run" / (LORA_FILE if action == "stop" else f"best/{LORA_FILE}")
+    expected, got = load_file(str(tmp_path / "two" / LORA_FILE)), load_file(str(best_file))
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    readme = (tmp_path / "run" / "README.md").read_text()
+    assert "Overfitting was flagged at step 4" in readme
+    if action == "stop":
+        assert summary.stopped_early and summary.steps_done == 4 and summary.exported_step == 2
+    else:
+        assert not summary.stopped_early and summary.steps_done == 8 and summary.exported_step == 8
+        assert summary.best_adapter_file == f"best/{LORA_FILE}" and "best/" in readme
+        final = load_file(str(tmp_path / "run" / LORA_FILE))
+        assert not all(torch.equal(final[k], got[k]) for k in final)
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_cuda(tmp_path, base_run):
+    from trainer.export import load_exported_pipeline
+    from trainer.lora import load_lora, train_lora
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    images = write_concept_folder(tmp_path / "images", count=12)
+    summary = quiet(train_lora, images, base_run, tmp_path / "run", short_config(gradient_checkpointing=True), device="cuda")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "auto"
+    assert all(np.isfinite(r.get("loss", 0.0)) and np.isfinite(r.get("heldout_loss", 0.0)) for r in records)
+    assert summary.steps_done == 6
+    pipe = load_exported_pipeline(base_run)
+    load_lora(pipe, tmp_path / "run")  # a CUDA-trained adapter loads on CPU
