@@ -24,6 +24,8 @@ from schemas.records import (
     Stage,
 )
 
+from schemas.trainer import LatentCacheManifest, TrainConfig  # noqa: E402  (after the records it may use)
+
 # Models whose JSON Schemas are checked in under schemas/json/ (name -> model).
 JSON_SCHEMA_MODELS = {
     "sample_record": SampleRecord,
@@ -31,6 +33,8 @@ JSON_SCHEMA_MODELS = {
     "shard_manifest": ShardManifest,
     "report": Report,
     "curate_config": CurateConfig,
+    "train_config": TrainConfig,
+    "latent_cache_manifest": LatentCacheManifest,
 }
 
 __all__ = [
