@@ -149,3 +149,80 @@ def test_without_allow_private_network_no_request_reaches_the_server(tmp_path, c
     assert all(r["stage"] == "crawl" for r in private) and len(private) < len(loopback)
     report = json.loads((out / "report.json").read_text())
     assert report["kept"] == 0 and report["input_rows"] == len(corpus.rows) == report["rejected"]
+
+
+# ---------------------------------------------------------------- with every model stage
+
+MIN_CLIP = 0.3  # the tiny random CLIP scores these images about 0.15 .. 0.55
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tests.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip, save_tiny_llava
+
+    root = tmp_path_factory.mktemp("models")
+    clip_config, clip_weights = save_tiny_clip(root / "clip", seed=0)
+    save_embedding_head(root / "aesthetic.safetensors", [32, 1], seed=1, bias=5.0)
+    save_tiny_llava(root / "llava", seed=0)
+    return {
+        "scoring": {
+            "clip": {"model": TINY_CLIP_NAME, "pretrained": str(clip_weights), "model_config_path": str(clip_config)},
+            "safety": {},
+            "aesthetic": {"head": {"path": str(root / "aesthetic.safetensors"), "output": "identity"}},
+            "cpu_threads": 1,
+        },
+        "select": {"min_clip_similarity": MIN_CLIP, "max_nsfw_score": None},
+        "recaption": {"model": str(root / "llava"), "max_new_tokens": 8, "cpu_threads": 1},
+    }
+
+
+def run_curate_with_models(tmp_path, corpus, models, beam_args=()) -> Path:
+    urls, config_path = write_inputs(tmp_path, corpus)
+    config = yaml.safe_load(Path(config_path).read_text()) | models
+    Path(config_path).write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    argv = ["run", "curate", "--input", urls, "--output", str(out), "--config", config_path, "--allow-private-network"]
+    assert main([*argv, *beam_args]) == 0
+    return out
+
+
+def check_model_outputs(out: Path, corpus) -> None:
+    """Rows the cheap stages drop are exactly as without models; every survivor
+    of dedup is scored and then either selected (and recaptioned) or rejected
+    by selection with its score."""
+    survivors = {k for k, e in corpus.expected.items() if e.status == "kept"}
+    rejects = {r["key"]: r for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    for key, expected in corpus.expected.items():
+        if expected.status == "rejected":
+            assert (rejects[key]["stage"], rejects[key]["reason"]) == (expected.stage, expected.reason)
+    selected_out = {k: r for k, r in rejects.items() if r["stage"] == "select"}
+    index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert set(index) | set(selected_out) == survivors and not set(index) & set(selected_out)
+    assert index and selected_out, "the thresholds should both keep and drop some samples"
+    for key, reject in selected_out.items():
+        assert reject["reason"] == "low_clip_similarity" and reject["score"] < MIN_CLIP
+    for key, row in index.items():
+        assert row["clip_similarity"] >= MIN_CLIP
+        assert row["nsfw_score"] is not None and row["aesthetic_score"] is not None
+        assert row["recaption_status"] is not None
+        assert (row["caption_synthetic"] is not None) == (row["recaption_status"] == "ok")
+        assert row["caption"] == (row["caption_synthetic"] or row["caption_original"])
+    texts = {}
+    for shard in (out / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".txt"):
+                    texts[member.name[:-4]] = tar.extractfile(member).read().decode()
+    assert texts == {key: row["caption"] for key, row in index.items()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["accounting_ok"] and report["input_rows"] == len(corpus.rows)
+
+
+def test_curate_with_every_model_stage_on_direct_runner(tmp_path, corpus, models):
+    check_model_outputs(run_curate_with_models(tmp_path, corpus, models), corpus)
+
+
+@pytest.mark.portable
+def test_curate_with_every_model_stage_on_portable_runner(tmp_path, corpus, models, portable_services):  # noqa: F811
+    out = run_curate_with_models(tmp_path, corpus, models, portable_services.argv)
+    check_model_outputs(out, corpus)
