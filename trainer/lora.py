@@ -12,24 +12,29 @@ or the run folder itself). The command:
    caption with its text encoder (`trainer.pipeline.encode_prompt`, what sampling uses);
 3. injects peft LoRA layers (rank, alpha, dropout) into the denoiser's attention
    projections `to_q`, `to_k`, `to_v`, `to_out` (optionally the MLP's `fc1`, `fc2`) and
-   trains only them with the base trainer's rectified-flow loss (`trainer.train.training_loss`,
-   caption dropout included) under bf16 autocast on CUDA;
-4. every `holdout.every_steps` measures the held-out loss by timestep bucket, and a
-   train probe, with fixed noise, and flags overfitting (`OverfitMonitor`);
-5. every `preview.every_steps` saves the adapter exactly as it is exported, loads it
-   into a frozen copy of the base pipeline with `load_lora` (what `trainer sample --lora`
-   does) and draws a grid of fixed prompts and seeds, so a preview is what users get;
+   trains only them, in fp32 under bf16 autocast on CUDA, on the base trainer's
+   rectified-flow loss (`trainer.train.training_loss`) plus a prior-preservation term:
+   for prompts without the trigger word the adapted model is pulled towards what a frozen
+   copy of the base predicts (`prior_loss`, `LoraPriorConfig`), so they keep drawing
+   what the base drew;
+4. every `holdout.every_steps` measures the held-out loss by timestep bucket and a train
+   probe at fixed timesteps and noise (`HeldOutLoss`) and flags overfitting, held-out
+   loss rising while training loss falls (`OverfitMonitor`): warn, or stop and export
+   the best step;
+5. every `preview.every_steps` saves the adapter exactly as it is exported, loads it into
+   the frozen base pipeline with `load_lora` (what `trainer sample --lora` does) and draws
+   fixed prompts and seeds (`Previews`), so a preview is what users will get;
 6. checkpoints with the base trainer's `save_checkpoint` (safetensors, atomic, RNG and
    generator states, data position = batches consumed), so `--resume` continues exactly;
 7. exports `RUN_DIR/pytorch_lora_weights.safetensors` in diffusers' LoRA format (keys
    `transformer.<module>.lora_A/B.weight`, the peft `LoraConfig` in the safetensors
-   metadata, as `save_lora_weights` writes it), optionally `lora_comfyui.safetensors` with
-   kohya/ComfyUI names, `summary.json`, `curve.png` and a `README.md`.
+   metadata, written by `save_lora_weights`), optionally `lora_comfyui.safetensors` with
+   kohya/ComfyUI key names, and `summary.json`, `curve.png`, `README.md`.
 
-Loading an adapter: `pipe.load_lora_weights(RUN_DIR)` works once the pipeline class
-mixes in a diffusers LoRA loader (`LORA_LOADER_MIXIN`) and the denoiser `PeftAdapterMixin`;
-`load_lora` uses that path when the pipeline has it and otherwise does the same steps with
-diffusers' and peft's functions on `pipe.transformer` (exports made before the mixins).
+Loading: `pipe.load_lora_weights(RUN_DIR)` on the exported pipeline (its class mixes in
+`LORA_LOADER_MIXIN`, the denoiser `PeftAdapterMixin`). `load_lora` takes that route when
+the pipeline has it and otherwise does the same steps with diffusers' and peft's
+functions on `pipe.transformer` (pipelines exported before the mixins were added).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from schemas.lora import LoraAdapterConfig, LoraDataReport, LoraRunSummary, LoraTrainConfig
+from schemas.lora import LoraAdapterConfig, LoraDataReport, LoraHoldoutConfig, LoraPreviewConfig, LoraRunSummary, LoraTrainConfig
 from schemas.scoring import RecaptionConfig
 from schemas.trainer import DataPosition
 
@@ -414,44 +419,90 @@ def prior_loss(student, teacher, flow, latents: torch.Tensor, text: torch.Tensor
     return (student(x_t, t, text, pooled).float() - target).pow(2).mean()
 
 
-@dataclass
-class _Probe:
-    """Fixed evaluation inputs for one image: K = buckets x draws (t, noise) pairs."""
+class HeldOutLoss:
+    """The held-out loss, by timestep bucket, and the same measure on a few training images
+    (the train probe), at fixed timesteps (bucket midpoints) with fixed noise, so the numbers
+    move only when the weights do.
 
-    latents: torch.Tensor  # (K, C, h, w) the image's latent, repeated
-    noise: torch.Tensor  # (K, C, h, w) fixed
-    t: torch.Tensor  # (K,) bucket midpoints, repeated per draw
-    text: torch.Tensor  # (K, L, D)
-    pooled: torch.Tensor  # (K, P)
+    Args:
+        latents, text, pooled: every image's latent (C, h, w), caption tokens (L, D) and pooled (P).
+        holdout, train: indices of held-out and training images.
+    """
+
+    def __init__(self, latents: list[torch.Tensor], text: torch.Tensor, pooled: torch.Tensor, holdout: list[int], train: list[int], config: LoraHoldoutConfig, seed: int):
+        self.buckets = config.timestep_buckets
+        self.draws = config.noise_draws
+        pick = torch.Generator("cpu").manual_seed(seed)
+        probe_train = [train[j] for j in torch.randperm(len(train), generator=pick)[: config.probe_train_images].tolist()]
+        self.heldout = [self._inputs(latents[i], text[i], pooled[i], seed + 7919 * (n + 1)) for n, i in enumerate(holdout)]
+        self.train_probe = [self._inputs(latents[i], text[i], pooled[i], seed + 104729 * (n + 1)) for n, i in enumerate(probe_train)]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.heldout)
+
+    def _inputs(self, latent, text, pooled, seed):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        t = ((torch.arange(self.buckets, dtype=torch.float32) + 0.5) / self.buckets).repeat_interleave(self.draws)  # (K,)
+        k = t.shape[0]
+        noise = torch.randn((k, *latent.shape), generator=generator).to(latent.device)  # (K, C, h, w)
+        x0 = latent[None].expand(k, -1, -1, -1)  # (K, C, h, w)
+        return x0, noise, t.to(latent.device), text[None].expand(k, -1, -1), pooled[None].expand(k, -1)
+
+    @torch.no_grad()
+    def _losses(self, model, inputs) -> torch.Tensor:
+        from trainer.flow import RectifiedFlow
+
+        per_bucket = torch.zeros(self.buckets)
+        for x0, noise, t, text, pooled in inputs:
+            x_t = RectifiedFlow.interpolate(x0, noise, t)  # (K, C, h, w)
+            prediction = model(x_t, t, text, pooled).float()
+            per_sample = (prediction - RectifiedFlow.velocity(x0, noise).float()).pow(2).mean(dim=(1, 2, 3))  # (K,)
+            per_bucket += per_sample.cpu().view(self.buckets, self.draws).mean(1)
+        return per_bucket / len(inputs)
+
+    def measure(self, model) -> dict[str, float]:
+        """{"heldout_loss", "train_probe_loss", "heldout_t0.0-0.2", ...} for `model` (call in eval mode)."""
+        heldout = self._losses(model, self.heldout)
+        record = {"heldout_loss": float(heldout.mean()), "train_probe_loss": float(self._losses(model, self.train_probe).mean())}
+        for i, value in enumerate(heldout.tolist()):
+            record[f"heldout_t{i / self.buckets:.1f}-{(i + 1) / self.buckets:.1f}"] = value
+        return record
 
 
-def _make_probe(latent: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, buckets: int, draws: int, seed: int) -> _Probe:
-    generator = torch.Generator("cpu").manual_seed(seed)
-    midpoints = (torch.arange(buckets, dtype=torch.float32) + 0.5) / buckets  # (buckets,)
-    t = midpoints.repeat_interleave(draws)  # (K,)
-    k = t.shape[0]
-    noise = torch.randn((k, *latent.shape), generator=generator).to(latent.device)  # (K, C, h, w)
-    return _Probe(latent[None].expand(k, -1, -1, -1), noise, t.to(latent.device), text[None].expand(k, -1, -1), pooled[None].expand(k, -1))
+class Previews:
+    """Preview grids drawn from the adapter as exported: the weights are written with
+    `save_adapter` (the export's dtype and format), loaded into a frozen copy of the base
+    pipeline with `load_lora` (what `trainer sample --lora` does), drawn, and unloaded."""
 
+    def __init__(self, pipe, prompts: list[str], config: LoraPreviewConfig, directory: Path, dtype: torch.dtype):
+        self.pipe = pipe
+        self.prompts = prompts
+        self.config = config
+        self.directory = directory
+        self.dtype = dtype
 
-@torch.no_grad()
-def _probe_losses(model, probes: list[_Probe], buckets: int, draws: int) -> tuple[float, list[float]]:
-    """Mean rectified-flow loss over the probes, and per timestep bucket."""
-    from trainer.flow import RectifiedFlow
+    def draw_adapter(self, step: int, adapter: str | Path) -> Path:
+        from trainer.export import sample_grid
 
-    per_bucket = torch.zeros(buckets)
-    for probe in probes:
-        x_t = RectifiedFlow.interpolate(probe.latents, probe.noise, probe.t)  # (K, C, h, w)
-        target = RectifiedFlow.velocity(probe.latents, probe.noise)
-        prediction = model(x_t, probe.t, probe.text, probe.pooled).float()
-        per_sample = (prediction - target.float()).pow(2).mean(dim=(1, 2, 3)).cpu()  # (K,)
-        per_bucket += per_sample.view(buckets, draws).mean(1)
-    per_bucket /= len(probes)
-    return float(per_bucket.mean()), per_bucket.tolist()
+        c = self.config
+        names = load_lora(self.pipe, adapter, 1.0, adapter_names=[f"preview_{step}"])
+        try:
+            image = sample_grid(self.pipe, self.prompts, images_per_prompt=c.images_per_prompt, steps=c.steps, guidance=c.guidance, seed=c.seed)
+        finally:
+            unload_lora(self.pipe, names)
+        out = self.directory / f"step-{step:06d}.png"
+        image.save(out)
+        return out
 
-
-def _bucket_label(i: int, buckets: int) -> str:
-    return f"t{i / buckets:.1f}-{(i + 1) / buckets:.1f}"
+    def draw(self, step: int, transformer: nn.Module) -> Path:
+        scratch = self.directory / ".adapter"
+        shutil.rmtree(scratch, ignore_errors=True)
+        save_adapter(scratch, transformer, dtype=self.dtype)
+        try:
+            return self.draw_adapter(step, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -556,9 +607,9 @@ def train_lora(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint, new_state, read_state, save_checkpoint
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint, new_state, save_checkpoint
     from trainer.components import fingerprint
-    from trainer.export import export_dir, load_exported_pipeline, sample_grid
+    from trainer.export import export_dir, load_exported_pipeline
     from trainer.flow import RectifiedFlow
     from trainer.lora_data import BatchPlan, decode_config, load_pixels, load_recaptioner, prepare_dataset
     from trainer.lora_report import write_readme
@@ -576,23 +627,21 @@ def train_lora(
 
     # ---- where we start ---------------------------------------------------------------------
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    if not resume and latest_checkpoint(run_dir) is not None:
+    if not resume and checkpoint is None and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already has checkpoints: pass --resume to continue it, or choose a new --output")
     if resume:
         _check_resume_config(run_dir, config)
-    resumed = read_state(checkpoint) if checkpoint else None
-    set_seed(config.seed)
+    set_seed(config.seed)  # LoRA's initial A matrices come from the global generator
 
-    # ---- base pipeline and data ------------------------------------------------------------
+    # ---- the base pipeline and the folder ------------------------------------------------------
     pipe = load_exported_pipeline(base_dir, device=device)
     pipe.set_progress_bar_config(disable=True)
     transformer = pipe.transformer
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = config.data.resolution or transformer.config.sample_size * vae_factor
-    multiple = vae_factor * transformer.config.patch_size
     if recaptioner is None and config.data.recaption is not None:
         recaptioner = load_recaptioner(config.data.recaption)
-    report = prepare_dataset(images, config, resolution=resolution, multiple=multiple, recaptioner=recaptioner)
+    report = prepare_dataset(images, config, resolution=resolution, multiple=vae_factor * transformer.config.patch_size, recaptioner=recaptioner)
     if resume:
         _check_resume_data(run_dir, report)
     if announce:
@@ -602,47 +651,43 @@ def train_lora(
     (run_dir / DATA_REPORT).write_text(report.model_dump_json(indent=2))
     (run_dir / "samples").mkdir(exist_ok=True)
 
+    # Every image and caption is encoded once (a LoRA folder is small): latents at the
+    # image's bucket size, caption features as the pipeline computes them when sampling.
     components = components_of(pipe)
     checks = decode_config(config, resolution)
-    base_fingerprint = fingerprint(transformer, dict(transformer.config))
-    # Latents and caption features, once (<= a few hundred images: small).
-    latents: list[torch.Tensor] = []
-    for image in report.images:
-        pixels = torch.from_numpy(load_pixels(images, image, checks)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
-        latents.append(components.encode_images(pixels.to(device))[0])  # (C, h, w)
+    latents = [components.encode_images(torch.from_numpy(load_pixels(images, image, checks)).permute(2, 0, 1)[None].to(device))[0] for image in report.images]  # N x (C, h, w)
     with torch.no_grad():
         text, pooled = encode_prompt(pipe.tokenizer, pipe.text_encoder, [i.caption for i in report.images], components.max_text_length)
         null_text, null_pooled = encode_prompt(pipe.tokenizer, pipe.text_encoder, [""], components.max_text_length)
     text, pooled = text.float().to(device), pooled.float().to(device)  # (N, L, D), (N, P)
-    null_text, null_pooled = null_text.float().to(device), null_pooled.float().to(device)
+    null_text, null_pooled = null_text.float().to(device), null_pooled.float().to(device)  # (1, L, D), (1, P)
     train_idx = [i for i, image in enumerate(report.images) if image.role == "train"]
     holdout_idx = [i for i, image in enumerate(report.images) if image.role == "holdout"]
     by_bucket: dict[tuple[int, int], list[int]] = {}
     for i in train_idx:
         by_bucket.setdefault((report.images[i].bucket_width, report.images[i].bucket_height), []).append(i)
     plan = BatchPlan(by_bucket, config.optim.batch_size, config.seed)
+    heldout = HeldOutLoss(latents, text, pooled, holdout_idx, train_idx, config.holdout, config.seed)
 
-    # ---- the frozen preview copy, then the adapter -----------------------------------------
-    preview_pipe = type(pipe)(
+    # ---- a frozen copy of the base (previews, prior targets), then the adapter ---------------
+    base_fingerprint = fingerprint(transformer, dict(transformer.config))
+    frozen = type(pipe)(
         transformer=copy.deepcopy(transformer).requires_grad_(False).eval(),
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=copy.deepcopy(pipe.scheduler),
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=copy.deepcopy(pipe.scheduler),
     )
-    preview_pipe.set_progress_bar_config(disable=True)
-    prior = make_prior_set(config, report, preview_pipe, components, device)
+    frozen.set_progress_bar_config(disable=True)
+    prior = make_prior_set(config, report, frozen, components, device)
+    previews = Previews(frozen, config.preview.prompts or default_preview_prompts(report, config.trigger), config.preview, run_dir / "samples", DTYPES[config.output.dtype])
     add_adapter(transformer, config.adapter)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
     weights = AdapterWeights(transformer)
     best = copy.deepcopy(weights).requires_grad_(False)  # the best held-out adapter; checkpointed in the EMA slot
-    o = config.optim
+    o, h = config.optim, config.holdout
     optimizer = torch.optim.AdamW(weights.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(o.warmup_steps, o.steps, 1.0 if o.schedule == "constant" else 0.0))
-    generator = torch.Generator(device).manual_seed(config.seed * 1_000_003)  # noise, t, caption dropout
+    generator = torch.Generator(device).manual_seed(config.seed * 1_000_003)  # noise, t, caption dropout, prior rows
     flow = RectifiedFlow(o.logit_normal_mean, o.logit_normal_std)
-    h = config.holdout
     monitor = OverfitMonitor(h.tolerance, h.patience)
     metrics_path = run_dir / METRICS
     step = 0
@@ -651,8 +696,8 @@ def train_lora(
         scheduler.load_state_dict(resumed.scheduler)
         step = resumed.step
         _truncate_metrics(metrics_path, step)
-        for record in _read_metrics(metrics_path):
-            if record.get("kind") == "eval":
+        for record in _read_metrics(metrics_path):  # the monitor is a function of the evaluations so far
+            if record["kind"] == "eval":
                 monitor.update(record["step"], record["heldout_loss"], record["train_probe_loss"])
         logger.info("resumed from %s at step %d", checkpoint, step)
     elif metrics_path.exists():
@@ -660,83 +705,51 @@ def train_lora(
     position = DataPosition(micro_batches=step, world_size=1, num_workers=0, batch_size=o.batch_size, files=len(train_idx))
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
 
-    probes_heldout = [_make_probe(latents[i], text[i], pooled[i], h.timestep_buckets, h.noise_draws, config.seed + 7919 * (n + 1)) for n, i in enumerate(holdout_idx)]
-    probe_rng = torch.Generator("cpu").manual_seed(config.seed)
-    probe_train_idx = [train_idx[j] for j in torch.randperm(len(train_idx), generator=probe_rng)[: h.probe_train_images].tolist()]
-    probes_train = [_make_probe(latents[i], text[i], pooled[i], h.timestep_buckets, h.noise_draws, config.seed + 104729 * (n + 1)) for n, i in enumerate(probe_train_idx)]
-    prompts = config.preview.prompts or default_preview_prompts(report, config.trigger)
-    p = config.preview
-
     def log(record: dict) -> None:
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def evaluate(at_step: int) -> dict | None:
-        if not probes_heldout:
-            return None
+    def evaluate(at_step: int) -> None:
+        if not heldout.enabled:
+            return
         transformer.eval()
         with accelerator.autocast():
-            heldout, by_t = _probe_losses(transformer, probes_heldout, h.timestep_buckets, h.noise_draws)
-            probe, _ = _probe_losses(transformer, probes_train, h.timestep_buckets, h.noise_draws)
+            record = {"step": at_step, "kind": "eval", **heldout.measure(transformer)}
         transformer.train()
-        record = {"step": at_step, "kind": "eval", "heldout_loss": heldout, "train_probe_loss": probe}
-        record.update({f"heldout_{_bucket_label(i, h.timestep_buckets)}": v for i, v in enumerate(by_t)})
         log(record)
-        if monitor.update(at_step, heldout, probe):
+        if monitor.update(at_step, record["heldout_loss"], record["train_probe_loss"]):
             best.copy_from(weights)
         if monitor.flagged_step == at_step:
             logger.warning(
-                "overfitting at step %d: held-out loss %.4f is above its best %.4f (step %d) for %d evaluations "
-                "while the training loss keeps falling%s",
-                at_step, heldout, monitor.best_loss, monitor.best_step, h.patience,
-                "; stopping and exporting the best adapter" if h.on_overfit == "stop" else "; the best adapter will also be saved in best/",
+                "overfitting at step %d: held-out loss %.4f has stayed above its best %.4f (step %d) for %d evaluations "
+                "while the training loss kept falling; %s",
+                at_step, record["heldout_loss"], monitor.best_loss, monitor.best_step, h.patience,
+                "stopping, and exporting the adapter of the best step" if h.on_overfit == "stop" else "the best adapter will also be saved in best/",
             )
-        return record
-
-    def preview(at_step: int, adapter_dir: Path | None = None) -> Path:
-        # Rendered from the adapter as exported: saved, then loaded the way users load it.
-        scratch = None
-        if adapter_dir is None:
-            scratch = run_dir / "samples" / ".adapter"
-            shutil.rmtree(scratch, ignore_errors=True)
-            save_adapter(scratch, accelerator.unwrap_model(transformer), dtype=DTYPES[config.output.dtype])
-            adapter_dir = scratch
-        names = load_lora(preview_pipe, adapter_dir, 1.0, adapter_names=[f"preview_{at_step}"])
-        try:
-            image = sample_grid(preview_pipe, prompts, images_per_prompt=p.images_per_prompt, steps=p.steps, guidance=p.guidance, seed=p.seed)
-        finally:
-            unload_lora(preview_pipe, names)
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        out = run_dir / "samples" / f"step-{at_step:06d}.png"
-        image.save(out)
-        return out
 
     # ---- the loop -----------------------------------------------------------------------------
     logger.info(
-        "LoRA rank %d (alpha %g) on %s of the base at %s: %d trainable parameters, %d training + %d held-out images, %d steps",
+        "LoRA rank %d (alpha %g) on %s of %s: %d trainable parameters, %d training + %d held-out images, %d steps",
         config.adapter.rank, config.adapter.lora_alpha, "+".join(target_modules(config.adapter)), base_dir,
         sum(q.numel() for q in weights.parameters()), len(train_idx), len(holdout_idx), o.steps,
     )
     if step == 0:
         evaluate(0)
+    stopped_early = monitor.flagged_step is not None and h.on_overfit == "stop" and step < o.steps  # resuming a stopped run
     batches = plan.stream(start=step)
-    loss_sum = torch.zeros((), device=device)
-    prior_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
+    loss_sum, prior_sum, grad_norm = (torch.zeros((), device=device) for _ in range(3))
     window = 0
-    stopped_early = False
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
     progress = tqdm(total=o.steps, initial=step, desc="lora", unit="step")
     transformer.train()
-    while step < o.steps:
+    while step < o.steps and not stopped_early:
         batch = next(batches)  # indices of same-bucket images
         batch_latents = torch.stack([latents[i] for i in batch])  # (B, C, h, w)
         out = training_loss(transformer, flow, batch_latents, text[batch], pooled[batch], null_text, null_pooled, generator, o.caption_dropout)
         loss = out.loss
         if prior is not None:
             prior_latents, prior_text, prior_pooled = prior.batch(batch, batch_latents, generator)
-            term = prior_loss(transformer, preview_pipe.transformer, flow, prior_latents, prior_text, prior_pooled, generator, accelerator)
+            term = prior_loss(transformer, frozen.transformer, flow, prior_latents, prior_text, prior_pooled, generator, accelerator)
             loss = loss + config.prior.weight * term
             prior_sum += term.detach()
         accelerator.backward(loss)
@@ -762,36 +775,32 @@ def train_lora(
             window = 0
         if step % h.every_steps == 0 or step == o.steps:
             evaluate(step)
-            if monitor.flagged_step is not None and h.on_overfit == "stop":
-                stopped_early = step < o.steps
-        if p.every_steps and step % p.every_steps == 0 and step < o.steps and not stopped_early:
-            preview(step)
+            stopped_early = monitor.flagged_step is not None and h.on_overfit == "stop" and step < o.steps
+        if config.preview.every_steps and step % config.preview.every_steps == 0 and step < o.steps and not stopped_early:
+            previews.draw(step, accelerator.unwrap_model(transformer))
         if step % config.checkpoint.every_steps == 0 or step == o.steps or stopped_early:
             state = new_state(step=step, samples_seen=step * o.batch_size, data=position.model_copy(update={"micro_batches": step}), scheduler=scheduler.state_dict(), config=config.model_dump(mode="json"))
             save_checkpoint(run_dir, accelerator=accelerator, model=weights, ema_model=best, optimizer=optimizer, generator=generator, state=state, keep_last=config.checkpoint.keep_last)
         if step == kill_at:
             logger.warning("%s=%d: killing this process (fault injection)", KILL_AT_STEP_ENV, kill_at)
             os.kill(os.getpid(), signal.SIGKILL)
-        if stopped_early:
-            break
     progress.close()
 
-    # ---- export -------------------------------------------------------------------------------
-    final_model = accelerator.unwrap_model(transformer)
-    exported_step = step
-    best_file = None
+    # ---- export: the final adapter (or, after stop-on-overfit, the best one) ------------------
+    model = accelerator.unwrap_model(transformer)
+    dtype = DTYPES[config.output.dtype]
+    exported_step, best_file = step, None
     if monitor.flagged_step is not None and h.on_overfit == "stop":
         weights.copy_from(best)
         exported_step = monitor.best_step
     elif monitor.flagged_step is not None and monitor.best_step != step:
         current = copy.deepcopy(weights).requires_grad_(False)
         weights.copy_from(best)
-        best_file = save_adapter(run_dir / BEST, final_model, dtype=DTYPES[config.output.dtype])
+        best_file = save_adapter(run_dir / BEST, model, dtype=dtype)
         weights.copy_from(current)
-    comfy_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.adapter.rank), "ss_network_alpha": str(config.adapter.lora_alpha), "imagemill_trigger": config.trigger or "", "imagemill_base": base_fingerprint}
-    adapter_file = save_adapter(run_dir, final_model, dtype=DTYPES[config.output.dtype], comfyui=config.output.comfyui, comfyui_metadata=comfy_meta)
-    final_preview = preview(exported_step, adapter_dir=run_dir)
-    shutil.copyfile(final_preview, run_dir / "samples" / "final.png")
+    comfy_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.adapter.rank), "ss_network_alpha": f"{config.adapter.lora_alpha:g}", "imagemill_trigger": config.trigger or "", "imagemill_base_fingerprint": base_fingerprint}
+    adapter_file = save_adapter(run_dir, model, dtype=dtype, comfyui=config.output.comfyui, comfyui_metadata=comfy_meta)
+    shutil.copyfile(previews.draw_adapter(exported_step, run_dir), run_dir / "samples" / "final.png")  # what users will get
 
     records = _read_metrics(metrics_path)
     evals = [r for r in records if r["kind"] == "eval"]
