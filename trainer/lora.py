@@ -837,23 +837,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # ---- command line ----------------------------------------------------------------------------
 
-# flag -> (config path, type, help)
-_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--trigger": ("trigger", str, "word bound to the subject or style (prefixed to captions; used for previews)"),
-    "--rank": ("adapter.rank", int, "LoRA rank (default 16)"),
-    "--alpha": ("adapter.alpha", float, "LoRA alpha (default: = rank)"),
-    "--targets": ("adapter.targets", str, "attention (default) or attention_mlp"),
-    "--steps": ("optim.steps", int, "optimizer steps (default 1000)"),
-    "--lr": ("optim.lr", float, "learning rate (default 1e-4)"),
-    "--batch-size": ("optim.batch_size", int, "images per step (default 4)"),
-    "--resolution": ("data.resolution", int, "bucket area resolution^2 (default: the base model's size)"),
-    "--holdout": ("holdout.images", int, "images held out for the overfitting check (default 2; 0 disables)"),
-    "--eval-every": ("holdout.every_steps", int, "steps between held-out evaluations (default 50)"),
-    "--on-overfit": ("holdout.on_overfit", str, "warn (default) or stop"),
-    "--preview-every": ("preview.every_steps", int, "steps between preview grids (default 250; 0: final only)"),
-    "--checkpoint-every": ("checkpoint.every_steps", int, "steps between checkpoints (default 250)"),
-    "--mixed-precision": ("mixed_precision", str, "auto (bf16 on CUDA), no or bf16"),
-    "--seed": ("seed", int, "seed of everything random (default 0)"),
+# flag -> (config path, type, help, choices)
+_FLAGS: dict[str, tuple[str, type, str, tuple | None]] = {
+    "--trigger": ("trigger", str, "word bound to the subject or style (prefixed to captions; used for previews)", None),
+    "--rank": ("adapter.rank", int, "LoRA rank (default 16)", None),
+    "--alpha": ("adapter.alpha", float, "LoRA alpha (default: = rank)", None),
+    "--targets": ("adapter.targets", str, "layers that get LoRA (default attention)", ("attention", "attention_mlp")),
+    "--steps": ("optim.steps", int, "optimizer steps (default 1000)", None),
+    "--lr": ("optim.lr", float, "learning rate (default 1e-4)", None),
+    "--batch-size": ("optim.batch_size", int, "images per step (default 4)", None),
+    "--resolution": ("data.resolution", int, "bucket area resolution^2 (default: the base model's size)", None),
+    "--prior-weight": ("prior.weight", float, "weight of prior preservation (default 1; 0 disables)", None),
+    "--holdout": ("holdout.images", int, "images held out for the overfitting check (default 2; 0 disables)", None),
+    "--eval-every": ("holdout.every_steps", int, "steps between held-out evaluations (default 50)", None),
+    "--on-overfit": ("holdout.on_overfit", str, "what to do when held-out loss rises while training loss falls (default warn)", ("warn", "stop")),
+    "--preview-every": ("preview.every_steps", int, "steps between preview grids (default 250; 0: final only)", None),
+    "--checkpoint-every": ("checkpoint.every_steps", int, "steps between checkpoints (default 250)", None),
+    "--mixed-precision": ("mixed_precision", str, "default auto: bf16 on CUDA, fp32 on CPU", ("auto", "no", "bf16")),
+    "--seed": ("seed", int, "seed of everything random (default 0)", None),
 }
 
 
@@ -864,9 +865,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="run folder for the adapter, previews, checkpoints, README")
     parser.add_argument("--config", help="YAML file with LoraTrainConfig fields (flags override it)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field, e.g. --set holdout.patience=5")
-    for flag, (_, kind, text) in _FLAGS.items():
-        parser.add_argument(flag, type=kind, help=text)
+    for flag, (_, kind, text, choices) in _FLAGS.items():
+        parser.add_argument(flag, type=kind, help=text, choices=choices)
     parser.add_argument("--preview-prompt", action="append", help="preview prompt (repeat); default: a training caption and the trigger")
+    parser.add_argument("--prior-prompt", action="append", help="prompt for prior preservation, e.g. 'a photo of a dog' (repeat); default: the captions without the trigger")
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute blocks in backward (less memory)")
     parser.add_argument("--comfyui", action="store_true", default=None, help="also write lora_comfyui.safetensors (kohya/ComfyUI keys)")
     parser.add_argument("--recaption-model", help="caption images without a .txt with this VLM (the recaption stage's model)")
@@ -902,12 +904,14 @@ def config_from_args(args: argparse.Namespace) -> LoraTrainConfig:
         if not sep:
             raise ValueError(f"--set expects key.path=value, got {override!r}")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    for flag, (path, _, _) in _FLAGS.items():
+    for flag, (path, _, _, _) in _FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             _set_dotted(tree, path, value)
     if args.preview_prompt:
         _set_dotted(tree, "preview.prompts", list(args.preview_prompt))
+    if args.prior_prompt:
+        _set_dotted(tree, "prior.prompts", list(args.prior_prompt))
     if args.gradient_checkpointing:
         tree["gradient_checkpointing"] = True
     if args.comfyui:

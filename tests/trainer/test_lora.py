@@ -559,11 +559,21 @@ def test_cli_flags_build_the_config_and_dry_run_prints_the_folder(tmp_path, base
     add_lora_arguments(parser)
     args = parser.parse_args(["--images", "x", "--base", "y", "--output", str(tmp_path / "run"), "--trigger", "sks", "--rank", "8",
                               "--steps", "20", "--lr", "2e-4", "--targets", "attention_mlp", "--comfyui", "--set", "holdout.patience=5",
-                              "--preview-prompt", "sks on a beach"])
+                              "--preview-prompt", "sks on a beach", "--prior-prompt", "a photo of a dog", "--prior-weight", "2",
+                              "--on-overfit", "stop"])
     config = config_from_args(args)
     assert (config.trigger, config.adapter.rank, config.optim.steps, config.optim.lr) == ("sks", 8, 20, 2e-4)
     assert config.adapter.targets == "attention_mlp" and config.output.comfyui and config.holdout.patience == 5
-    assert config.preview.prompts == ["sks on a beach"]
+    assert config.preview.prompts == ["sks on a beach"] and config.prior.prompts == ["a photo of a dog"] and config.prior.weight == 2
+    assert config.holdout.on_overfit == "stop"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--images", "x", "--base", "y", "--output", "z", "--on-overfit", "panic"])
+    # --resume starts from the run's saved config; flags given again override it.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(config.model_dump_json())
+    resumed = config_from_args(parser.parse_args(["--images", "x", "--base", "y", "--output", str(tmp_path / "run"), "--resume", "--steps", "30"]))
+    assert resumed.trigger == "sks" and resumed.adapter.rank == 8 and resumed.optim.steps == 30
+    shutil.rmtree(tmp_path / "run")
 
     images = write_odd_folder(tmp_path / "odd", ODD_SIZES[:6])
     (images / "junk.jpg").write_bytes(b"<html>not an image</html>")
