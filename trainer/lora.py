@@ -32,7 +32,7 @@ or the run folder itself). The command:
    kohya/ComfyUI key names, and `summary.json`, `curve.png`, `README.md`.
 
 Loading: `pipe.load_lora_weights(RUN_DIR)` on the exported pipeline (its class mixes in
-`LORA_LOADER_MIXIN`, the denoiser `PeftAdapterMixin`). `load_lora` takes that route when
+`lora_loader_mixin()`, the denoiser `PeftAdapterMixin`). `load_lora` takes that route when
 the pipeline has it and otherwise does the same steps with diffusers' and peft's
 functions on `pipe.transformer` (pipelines exported before the mixins were added).
 """
@@ -54,26 +54,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
-from PIL import Image
-from safetensors.torch import save_file
-from torch import nn
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from schemas.lora import LoraAdapterConfig, LoraDataReport, LoraHoldoutConfig, LoraPreviewConfig, LoraRunSummary, LoraTrainConfig
 from schemas.scoring import RecaptionConfig
 from schemas.trainer import DataPosition
 
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+
 logger = logging.getLogger(__name__)
 
-# diffusers has no generic "transformer only" LoRA loader; Sana's is the plain one (no key
-# conversion, `_lora_loadable_modules = ["transformer"]`). It writes our files and is the
-# mixin the exported pipeline class should inherit for `load_lora_weights`.
-LORA_LOADER_MIXIN = SanaLoraLoaderMixin
-LORA_FILE = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors": what load_lora_weights(DIR) picks
+# torch, diffusers and peft are imported where they are used: `trainer --help` and the
+# option builders below must not pay for them (diffusers' LoRA loaders alone take seconds).
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE: what load_lora_weights(DIR) picks
 COMFYUI_FILE = "lora_comfyui.safetensors"
 TRANSFORMER_PREFIX = "transformer."
 TRAIN_ADAPTER = "default"
@@ -86,6 +82,15 @@ BEST = "best"
 
 
 # ---- adapters: create, save, load -------------------------------------------------------------
+
+
+def lora_loader_mixin():
+    """The diffusers LoRA loader that writes our files and that the exported pipeline class
+    mixes in. diffusers has no generic "transformer only" loader; Sana's is the plain one
+    (no key conversion, `_lora_loadable_modules = ["transformer"]`)."""
+    from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+
+    return SanaLoraLoaderMixin
 
 
 def target_modules(adapter: LoraAdapterConfig) -> list[str]:
@@ -129,6 +134,8 @@ def comfyui_state_dict(transformer: nn.Module, state_dict: dict[str, torch.Tenso
     underscores>.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`, where ComfyUI
     applies W + strength * alpha / rank * up @ down (rank = lora_down rows). The alpha is the
     peft layer's own scaling x rank, so the scale is exact whatever the config."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for key, down in state_dict.items():
         if not key.endswith(".lora_A.weight"):
@@ -149,19 +156,22 @@ def save_adapter(
     transformer: nn.Module,
     *,
     adapter_name: str = TRAIN_ADAPTER,
-    dtype: torch.dtype = torch.float16,
+    dtype: str = "float16",
     comfyui: bool = False,
     comfyui_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the adapter of `transformer` to `directory/pytorch_lora_weights.safetensors` in
-    diffusers' LoRA format (with `LORA_LOADER_MIXIN.save_lora_weights`, the peft config in
-    the metadata) and, with `comfyui`, `directory/lora_comfyui.safetensors`. Returns the
-    diffusers file."""
+    diffusers' LoRA format (with the loader mixin's `save_lora_weights`, the peft config in
+    the metadata) and, with `comfyui`, `directory/lora_comfyui.safetensors`; tensors in
+    `dtype` ("float32", "float16", "bfloat16"). Returns the diffusers file."""
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to("cpu", dtype).contiguous() for k, v in adapter_state_dict(transformer, adapter_name).items()}
+    state = {k: v.to("cpu", getattr(torch, dtype)).contiguous() for k, v in adapter_state_dict(transformer, adapter_name).items()}
     config = transformer.peft_config[adapter_name].to_dict()
-    LORA_LOADER_MIXIN.save_lora_weights(
+    lora_loader_mixin().save_lora_weights(
         str(directory), transformer_lora_layers=state, transformer_lora_adapter_metadata=config, weight_name=LORA_FILE
     )
     if comfyui:
@@ -215,7 +225,7 @@ def load_lora(pipe, sources: str | Path | Sequence[str | Path], scales: float | 
 def _inject_from_file(transformer: nn.Module, folder: str, weight_name: str, adapter_name: str) -> None:
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    state, metadata = LORA_LOADER_MIXIN.lora_state_dict(folder, weight_name=weight_name, return_lora_metadata=True)
+    state, metadata = lora_loader_mixin().lora_state_dict(folder, weight_name=weight_name, return_lora_metadata=True)
     state = {k[len(TRANSFORMER_PREFIX) :]: v for k, v in state.items() if k.startswith(TRANSFORMER_PREFIX)}
     if not state:
         raise ValueError(f"{folder}/{weight_name} holds no `transformer.` LoRA weights")
@@ -257,7 +267,7 @@ def sample_with_lora(
     steps: int = 30,
     guidance: float = 4.0,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str = "cpu",
 ) -> Image.Image:
     """`trainer sample --run BASE --lora RUN_DIR --lora-scale S`: load the exported base
     pipeline, load the adapters with `load_lora`, draw `sample_grid`."""
@@ -288,24 +298,32 @@ def enable_gradient_checkpointing(transformer: nn.Module) -> None:
 
 
 def _checkpointed(forward, *args, **kwargs):
+    import torch
+
     if torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
 
 
-class AdapterWeights(nn.Module):
-    """The trainable LoRA tensors of a peft-injected model, registered under their names
-    (dots as colons), so the base trainer's checkpoint code saves just these."""
+def adapter_weights(model: nn.Module) -> nn.Module:
+    """A module holding the trainable LoRA tensors of a peft-injected model (the same
+    Parameter objects, names with dots as colons), so the base trainer's checkpoint code
+    saves and restores just these."""
+    import torch
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                self.register_parameter(name.replace(".", ":"), parameter)
+    holder = torch.nn.Module()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            holder.register_parameter(name.replace(".", ":"), parameter)
+    return holder
 
-    @torch.no_grad()
-    def copy_from(self, other: AdapterWeights) -> None:
-        for mine, theirs in zip(self.parameters(), other.parameters()):
+
+def copy_weights(target: nn.Module, source: nn.Module) -> None:
+    """Copy every parameter of `source` into `target` (same names, same order)."""
+    import torch
+
+    with torch.no_grad():
+        for mine, theirs in zip(target.parameters(), source.parameters(), strict=True):
             mine.copy_(theirs)
 
 
@@ -358,6 +376,8 @@ class PriorSet:
 
     def batch(self, images: list[int], batch_latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Latents (B', C, h, w), text and pooled embeddings for one step's prior term."""
+        import torch
+
         size = len(images)
         device = self.text.device
         if self.latents is not None:
@@ -373,6 +393,8 @@ class PriorSet:
 def make_prior_set(config: LoraTrainConfig, report: LoraDataReport, base_pipe, components, device: torch.device) -> PriorSet | None:
     """Embed the prior prompts and, with `prior.images`, generate the base model's latents
     for them (seeded, so a resumed run regenerates the same ones). None when off."""
+    import torch
+
     from trainer.lora_data import without_word
     from trainer.pipeline import encode_prompt
 
@@ -411,6 +433,8 @@ def prior_loss(student, teacher, flow, latents: torch.Tensor, text: torch.Tensor
     """Prior preservation by distillation: MSE between the adapted model's and the frozen
     base model's velocity for the same noisy latents (fresh t and noise from `generator`)
     and prompts without the trigger word. latents (B, C, h, w); text (B, L, D); pooled (B, P)."""
+    import torch
+
     t = flow.sample_timesteps(latents.shape[0], generator, latents.device)  # (B,)
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     x_t = flow.interpolate(latents, noise, t)  # (B, C, h, w)
@@ -430,6 +454,8 @@ class HeldOutLoss:
     """
 
     def __init__(self, latents: list[torch.Tensor], text: torch.Tensor, pooled: torch.Tensor, holdout: list[int], train: list[int], config: LoraHoldoutConfig, seed: int):
+        import torch
+
         self.buckets = config.timestep_buckets
         self.draws = config.noise_draws
         pick = torch.Generator("cpu").manual_seed(seed)
@@ -442,6 +468,8 @@ class HeldOutLoss:
         return bool(self.heldout)
 
     def _inputs(self, latent, text, pooled, seed):
+        import torch
+
         generator = torch.Generator("cpu").manual_seed(seed)
         t = ((torch.arange(self.buckets, dtype=torch.float32) + 0.5) / self.buckets).repeat_interleave(self.draws)  # (K,)
         k = t.shape[0]
@@ -449,14 +477,16 @@ class HeldOutLoss:
         x0 = latent[None].expand(k, -1, -1, -1)  # (K, C, h, w)
         return x0, noise, t.to(latent.device), text[None].expand(k, -1, -1), pooled[None].expand(k, -1)
 
-    @torch.no_grad()
     def _losses(self, model, inputs) -> torch.Tensor:
+        import torch
+
         from trainer.flow import RectifiedFlow
 
         per_bucket = torch.zeros(self.buckets)
         for x0, noise, t, text, pooled in inputs:
             x_t = RectifiedFlow.interpolate(x0, noise, t)  # (K, C, h, w)
-            prediction = model(x_t, t, text, pooled).float()
+            with torch.no_grad():
+                prediction = model(x_t, t, text, pooled).float()
             per_sample = (prediction - RectifiedFlow.velocity(x0, noise).float()).pow(2).mean(dim=(1, 2, 3))  # (K,)
             per_bucket += per_sample.cpu().view(self.buckets, self.draws).mean(1)
         return per_bucket / len(inputs)
@@ -475,7 +505,7 @@ class Previews:
     `save_adapter` (the export's dtype and format), loaded into a frozen copy of the base
     pipeline with `load_lora` (what `trainer sample --lora` does), drawn, and unloaded."""
 
-    def __init__(self, pipe, prompts: list[str], config: LoraPreviewConfig, directory: Path, dtype: torch.dtype):
+    def __init__(self, pipe, prompts: list[str], config: LoraPreviewConfig, directory: Path, dtype: str):
         self.pipe = pipe
         self.prompts = prompts
         self.config = config
@@ -604,8 +634,10 @@ def train_lora(
 
     Returns the run summary (also in `run_dir/summary.json`).
     """
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from tqdm import tqdm
 
     from trainer.checkpoint import latest_checkpoint, load_checkpoint, new_state, save_checkpoint
     from trainer.components import fingerprint
@@ -677,11 +709,11 @@ def train_lora(
     )
     frozen.set_progress_bar_config(disable=True)
     prior = make_prior_set(config, report, frozen, components, device)
-    previews = Previews(frozen, config.preview.prompts or default_preview_prompts(report, config.trigger), config.preview, run_dir / "samples", DTYPES[config.output.dtype])
+    previews = Previews(frozen, config.preview.prompts or default_preview_prompts(report, config.trigger), config.preview, run_dir / "samples", config.output.dtype)
     add_adapter(transformer, config.adapter)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(transformer)
-    weights = AdapterWeights(transformer)
+    weights = adapter_weights(transformer)
     best = copy.deepcopy(weights).requires_grad_(False)  # the best held-out adapter; checkpointed in the EMA slot
     o, h = config.optim, config.holdout
     optimizer = torch.optim.AdamW(weights.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -718,7 +750,7 @@ def train_lora(
         transformer.train()
         log(record)
         if monitor.update(at_step, record["heldout_loss"], record["train_probe_loss"]):
-            best.copy_from(weights)
+            copy_weights(best, weights)
         if monitor.flagged_step == at_step:
             logger.warning(
                 "overfitting at step %d: held-out loss %.4f has stayed above its best %.4f (step %d) for %d evaluations "
@@ -788,16 +820,16 @@ def train_lora(
 
     # ---- export: the final adapter (or, after stop-on-overfit, the best one) ------------------
     model = accelerator.unwrap_model(transformer)
-    dtype = DTYPES[config.output.dtype]
+    dtype = config.output.dtype
     exported_step, best_file = step, None
     if monitor.flagged_step is not None and h.on_overfit == "stop":
-        weights.copy_from(best)
+        copy_weights(weights, best)
         exported_step = monitor.best_step
     elif monitor.flagged_step is not None and monitor.best_step != step:
         current = copy.deepcopy(weights).requires_grad_(False)
-        weights.copy_from(best)
+        copy_weights(weights, best)
         best_file = save_adapter(run_dir / BEST, model, dtype=dtype)
-        weights.copy_from(current)
+        copy_weights(weights, current)
     comfy_meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.adapter.rank), "ss_network_alpha": f"{config.adapter.lora_alpha:g}", "imagemill_trigger": config.trigger or "", "imagemill_base_fingerprint": base_fingerprint}
     adapter_file = save_adapter(run_dir, model, dtype=dtype, comfyui=config.output.comfyui, comfyui_metadata=comfy_meta)
     shutil.copyfile(previews.draw_adapter(exported_step, run_dir), run_dir / "samples" / "final.png")  # what users will get
@@ -830,9 +862,6 @@ def train_lora(
     write_readme(run_dir, config, report, summary, records)
     logger.info("adapter %s (step %d); previews in %s", adapter_file, exported_step, run_dir / "samples")
     return summary
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- command line ----------------------------------------------------------------------------

@@ -222,7 +222,7 @@ def test_previews_are_what_the_saved_adapter_draws(concept_run, base_run):
     from safetensors.torch import load_model
 
     from trainer.export import load_exported_pipeline, sample_grid
-    from trainer.lora import AdapterWeights, add_adapter, save_adapter, load_lora, default_preview_prompts
+    from trainer.lora import adapter_weights, add_adapter, default_preview_prompts, load_lora, save_adapter
 
     run, config = concept_run["run"], concept_run["config"]
     report = LoraDataReport.model_validate_json((run / "data_report.json").read_text())
@@ -237,7 +237,7 @@ def test_previews_are_what_the_saved_adapter_draws(concept_run, base_run):
     # Mid-run preview: rebuild the adapter from the step-150 checkpoint and draw it as a user would.
     trained = load_exported_pipeline(base_run).transformer
     add_adapter(trained, config.adapter)
-    load_model(AdapterWeights(trained), str(run / "checkpoints" / "step-00000150" / "model.safetensors"))
+    load_model(adapter_weights(trained), str(run / "checkpoints" / "step-00000150" / "model.safetensors"))
     save_adapter(run.parent / "adapter-150", trained)
     assert np.array_equal(np.asarray(Image.open(run / "samples" / "step-000150.png")), render(run.parent / "adapter-150"))
     # Final preview: the exported file.
@@ -656,3 +656,11 @@ def test_bf16_training_on_cuda(tmp_path, base_run):
     assert summary.steps_done == 6
     pipe = load_exported_pipeline(base_run)
     load_lora(pipe, tmp_path / "run")  # a CUDA-trained adapter loads on CPU
+
+
+def test_option_builders_import_without_torch_or_diffusers():
+    # `trainer --help` builds every subcommand's options: they must not import the heavy stack.
+    code = "import sys, argparse, trainer.lora as l; l.add_lora_arguments(argparse.ArgumentParser()); l.add_sample_lora_arguments(argparse.ArgumentParser()); print(sorted(m for m in ('torch', 'diffusers', 'peft', 'apache_beam') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
