@@ -260,6 +260,9 @@ class LoraImage(_Config):
     caption: str
     caption_source: CaptionSource
     recaption_status: RecaptionStatus | None = Field(None, description="Set when the recaption model was asked.")
+    generated_caption: str | None = Field(
+        None, description="What the recaption model wrote, used or not (the status says which); a resumed run reuses it."
+    )
     note: str | None = Field(None, description="Why the caption is not the .txt file's text, when it is not.")
     role: Literal["train", "holdout"]
 

@@ -672,8 +672,13 @@ def train_lora(
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = config.data.resolution or transformer.config.sample_size * vae_factor
     if recaptioner is None and config.data.recaption is not None:
-        recaptioner = load_recaptioner(config.data.recaption)
-    report = prepare_dataset(images, config, resolution=resolution, multiple=vae_factor * transformer.config.patch_size, recaptioner=recaptioner)
+        recaptioner = load_recaptioner(config.data.recaption)  # loads the model only if an image needs it
+    known = None
+    if resume and (run_dir / DATA_REPORT).is_file():  # captions the model already wrote are not asked for again
+        saved = LoraDataReport.model_validate_json((run_dir / DATA_REPORT).read_text())
+        known = {i.sha256: (i.generated_caption or "", i.recaption_status) for i in saved.images if i.recaption_status is not None}
+    report = prepare_dataset(images, config, resolution=resolution, multiple=vae_factor * transformer.config.patch_size, recaptioner=recaptioner, known_captions=known)
+    recaptioner = None  # frees the captioning model before training
     if resume:
         _check_resume_data(run_dir, report)
     if announce:

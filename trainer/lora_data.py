@@ -56,8 +56,8 @@ TEXT_SUFFIXES = (".txt", ".caption", ".json", ".jsonl", ".md", ".yaml", ".yml", 
 HOLDOUT_ONE_IN = 5
 FEW_IMAGES, MANY_IMAGES = 15, 200
 
-# An image -> (caption or None, the gate's verdict).
-Recaptioner = Callable[[Image.Image], tuple[str | None, RecaptionStatus]]
+# An image -> (the generated caption, the quality gate's verdict; only `ok` captions are used).
+Recaptioner = Callable[[Image.Image], tuple[str, RecaptionStatus]]
 
 
 # ---- buckets ---------------------------------------------------------------------------------
@@ -138,19 +138,20 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
 
 def load_recaptioner(config: RecaptionConfig) -> Recaptioner:
     """The recaption stage's model as a one-image function: greedy generation, then the
-    stage's quality gate (`stages.recaption.gate_caption`)."""
+    stage's quality gate (`stages.recaption.gate_caption`). The model is loaded on the
+    first call, so a folder whose images all have captions never loads it."""
     from stages.recaption import Captioner, format_prompt, gate_caption, load_processor
 
-    captioner = Captioner.load(config)
-    processor = load_processor(config.model)
-    prompt = format_prompt(processor, config)
+    loaded: dict = {}
 
-    def caption(image: Image.Image) -> tuple[str | None, RecaptionStatus]:
-        inputs = processor(images=image, text=prompt, return_tensors="np")
-        generation = captioner.generate([{key: np.asarray(value) for key, value in inputs.items()}])[0]
+    def caption(image: Image.Image) -> tuple[str, RecaptionStatus]:
+        if not loaded:
+            processor = load_processor(config.model)
+            loaded.update(captioner=Captioner.load(config), processor=processor, prompt=format_prompt(processor, config))
+        inputs = loaded["processor"](images=image, text=loaded["prompt"], return_tensors="np")
+        generation = loaded["captioner"].generate([{key: np.asarray(value) for key, value in inputs.items()}])[0]
         text = generation.text.strip()
-        status = gate_caption(text, prompt=config.prompt, truncated=not generation.finished, config=config)
-        return (text if status is RecaptionStatus.OK else None), status
+        return text, gate_caption(text, prompt=config.prompt, truncated=not generation.finished, config=config)
 
     return caption
 
@@ -190,6 +191,7 @@ def prepare_dataset(
     resolution: int,
     multiple: int,
     recaptioner: Recaptioner | None = None,
+    known_captions: dict[str, tuple[str, RecaptionStatus]] | None = None,
 ) -> LoraDataReport:
     """Check, deduplicate, caption, bucket and split the images in `directory` (not recursive).
 
@@ -197,6 +199,8 @@ def prepare_dataset(
         resolution: bucket area is resolution^2 pixels.
         multiple: bucket sides are multiples of this (VAE factor x patch size).
         recaptioner: captions images without a usable caption file (see `load_recaptioner`).
+        known_captions: image SHA-256 -> an earlier (generated caption, status), used instead
+            of asking the recaptioner again (a resumed run).
 
     Raises:
         FileNotFoundError: `directory` is not a folder.
@@ -251,20 +255,22 @@ def prepare_dataset(
     uncaptioned: list[str] = []
     for name, info in found.items():
         text, note = read_caption(directory / (Path(name).stem + data.caption_extension))
-        status = None
+        status = generated = None
         source = CaptionSource.TXT
-        if text is None and recaptioner is not None:
-            rgb = open_rgb((directory / name).read_bytes(), checks)
-            text, status = recaptioner(rgb)
+        known = (known_captions or {}).get(info["sha256"])
+        if text is None and (known is not None or recaptioner is not None):
+            generated, status = known if known is not None else recaptioner(open_rgb((directory / name).read_bytes(), checks))
             source = CaptionSource.RECAPTION
-            if text is None:
+            if status is RecaptionStatus.OK:
+                text = generated
+            else:
                 note = (note + "; " if note else "") + f"recaption fell back ({status.value})"
         if text is None:
             source = CaptionSource.TRIGGER
             uncaptioned.append(name)
             text = ""
         caption = with_trigger(text, trigger) if data.prepend_trigger or not text else text
-        images.append({**info, "file": name, "caption": caption, "caption_source": source, "recaption_status": status, "note": note})
+        images.append({**info, "file": name, "caption": caption, "caption_source": source, "recaption_status": status, "generated_caption": generated, "note": note})
     if uncaptioned:
         if not trigger:
             raise ValueError(

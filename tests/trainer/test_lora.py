@@ -422,13 +422,21 @@ def test_recaption_model_captions_images_without_a_caption_file(tmp_path):
     for name in ("img1.png", "img2.png", "img3.png", "img4.png"):
         image = by_file[name]
         assert image.caption_source is CaptionSource.RECAPTION and image.recaption_status is RecaptionStatus.OK
-        assert image.caption.startswith(f"{TRIGGER}, ") and len(image.caption) > len(TRIGGER) + 2
+        assert image.caption == f"{TRIGGER}, {image.generated_caption}" and image.generated_caption
+    # A resumed run reuses what the model wrote instead of asking it again.
+    known = {i.sha256: (i.generated_caption, i.recaption_status) for i in report.images if i.recaption_status}
+
+    def must_not_run(image):
+        raise AssertionError("the recaption model was asked again")
+
+    again = prepare_dataset(folder, short_config(holdout={"images": 0}), resolution=32, multiple=8, recaptioner=must_not_run, known_captions=known)
+    assert [i.caption for i in again.images] == [i.caption for i in report.images]
     # With the stage's default gate, 6 tokens without an end-of-sequence is `truncated`: the trigger stands in.
     strict = load_recaptioner(RecaptionConfig(model=str(model), max_new_tokens=6, device="cpu"))
     report = prepare_dataset(folder, short_config(holdout={"images": 0}), resolution=32, multiple=8, recaptioner=strict)
     fallback = {i.file: i for i in report.images}["img1.png"]
     assert fallback.caption == TRIGGER and fallback.recaption_status is RecaptionStatus.TRUNCATED
-    assert fallback.caption_source is CaptionSource.TRIGGER and "truncated" in fallback.note
+    assert fallback.caption_source is CaptionSource.TRIGGER and "truncated" in fallback.note and fallback.generated_caption
 
 
 # ---- buckets and batches -----------------------------------------------------------------------
