@@ -548,12 +548,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def components_of(pipe):
-    """The base trainer's `Components` for a loaded pipeline's VAE, text encoder and tokenizer."""
+    """The base trainer's `Components` around a loaded pipeline's VAE, text encoder and
+    tokenizer, so images and captions are encoded exactly as `trainer cache`/`fit` encode
+    them. Their identities are not fingerprinted (hashing a large text encoder's weights
+    takes a while and nothing here compares them)."""
     from schemas.trainer import ComponentIdentity
-    from trainer.components import Components, fingerprint
+    from trainer.components import Components
 
-    def identity(model, config) -> ComponentIdentity:
-        return ComponentIdentity(source=str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")), class_name=type(model).__name__, fingerprint=fingerprint(model, config))
+    def identity(model) -> ComponentIdentity:
+        source = str(getattr(model.config, "_name_or_path", "") or "")
+        return ComponentIdentity(source=source, class_name=type(model).__name__, fingerprint="not computed")
 
     components = Components(
         vae=pipe.vae,
@@ -562,8 +566,8 @@ def components_of(pipe):
         max_text_length=int(pipe.tokenizer.model_max_length),
         text_dim=0,
         pooled_dim=0,
-        vae_identity=identity(pipe.vae, dict(pipe.vae.config)),
-        text_identity=identity(pipe.text_encoder, pipe.text_encoder.config.to_dict()),
+        vae_identity=identity(pipe.vae),
+        text_identity=identity(pipe.text_encoder),
     )
     hidden, pooled = components.encode_text([""])
     components.text_dim, components.pooled_dim = hidden.shape[-1], pooled.shape[-1]
