@@ -218,15 +218,15 @@ def prepare_dataset(
     ignored: list[str] = []
     warnings: list[str] = []
     found: dict[str, dict] = {}
+    text_suffixes = set(TEXT_SUFFIXES) | {caption_suffix}
+    image_stems = {Path(n).stem for n in entries if Path(n).suffix.lower() not in text_suffixes and not (directory / n).is_dir()}
     for name in entries:
         path = directory / name
         if path.is_dir():
             ignored.append(f"{name}/ (a folder; subfolders are not read)")
             continue
-        suffix = path.suffix.lower()
-        if suffix == caption_suffix or suffix in TEXT_SUFFIXES:
-            stem_has_image = any(other != name and Path(other).stem == path.stem and Path(other).suffix.lower() not in TEXT_SUFFIXES + (caption_suffix,) for other in entries)
-            if not stem_has_image:
+        if path.suffix.lower() in text_suffixes:
+            if path.stem not in image_stems:  # a caption beside its image is read with the image
                 ignored.append(f"{name} (text file without an image of the same name)")
             continue
         raw = path.read_bytes()
