@@ -79,7 +79,7 @@ def draw_curve(records: list[dict], size: tuple[int, int] = (640, 320)) -> Image
         for s, v in values if len(values) == 1 else []:
             x, y = xy(s, v)
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((margin + 8, margin // 2 + 4 + 12 * row), name, fill=colour)
+        draw.text((width - margin - 70, margin // 2 + 4 + 12 * row), name, fill=colour)  # losses fall: the top right is clear
     draw.text((4, margin // 2), f"{high:.3f}", fill=(0, 0, 0))
     draw.text((4, height - margin - 10), f"{low:.3f}", fill=(0, 0, 0))
     draw.text((width - margin - 30, height - margin + 6), f"step {max_step}", fill=(0, 0, 0))
