@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from schemas.trainer import TrainConfig
+from trainer.lora import add_lora_arguments, add_sample_lora_arguments
 
 logger = logging.getLogger("trainer")
 
@@ -118,6 +119,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from trainer.export import export_dir, load_exported_pipeline, sample_grid
+    from trainer.lora import apply_sample_lora
 
     run = Path(args.run)
     saved = TrainConfig.model_validate_json((run / "config.json").read_text()) if (run / "config.json").is_file() else None
@@ -129,7 +131,7 @@ def cmd_sample(args) -> int:
     guidance = args.guidance if args.guidance is not None else (validation.guidance if validation else 4.0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_exported_pipeline(export_dir(run), device=device)
-    # (issue 5: a --lora option loads adapters into pipe.transformer here, before sampling)
+    apply_sample_lora(pipe, args)  # --lora adapters from `trainer lora`, before sampling
     image = sample_grid(pipe, prompts, images_per_prompt=args.num_per_prompt, steps=steps, guidance=guidance, seed=args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-per-prompt", type=int, default=4)
     p.add_argument("--device")
     p.add_argument("--out", required=True, help="PNG file")
+    add_sample_lora_arguments(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("lora", help="fine-tune a trained base model with LoRA on 15-200 images of one subject or style")
+    add_lora_arguments(p)
 
     p = sub.add_parser("bench", help="training throughput: images/s, TFLOP/s, MFU, data-loader stall")
     _add_config_args(p, components=False)

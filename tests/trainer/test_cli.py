@@ -47,3 +47,13 @@ def test_demo_sequence(tmp_path, shard_paths, capsys):
     assert main(["sample", "--run", str(tmp_path / "run"), "--prompt", "a red circle", "--steps", "2", "--num-per-prompt", "3", "--out", str(tmp_path / "grid.png")]) == 0
     assert Image.open(tmp_path / "grid.png").size == (3 * 32, 32)
     assert "grid.png" in capsys.readouterr().out
+
+
+def test_lora_commands_are_registered():
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["lora", "--images", "imgs", "--base", "runs/base", "--output", "runs/lora", "--trigger", "sks"])
+    assert args.func.__name__ == "cmd_lora" and args.trigger == "sks"
+    args = parser.parse_args(["sample", "--run", "runs/base", "--out", "x.png", "--lora", "runs/lora", "--lora-scale", "0.8"])
+    assert args.lora == ["runs/lora"] and args.lora_scale == [0.8]
