@@ -24,7 +24,8 @@ from schemas.records import (
     Stage,
 )
 
-from schemas.trainer import LatentCacheManifest, TrainConfig  # noqa: E402  (after the records it may use)
+from schemas.lora import LoraDataReport, LoraTrainConfig  # noqa: E402
+from schemas.trainer import LatentCacheManifest, TrainConfig  # noqa: E402
 
 # Models whose JSON Schemas are checked in under schemas/json/ (name -> model).
 JSON_SCHEMA_MODELS = {
@@ -35,6 +36,8 @@ JSON_SCHEMA_MODELS = {
     "curate_config": CurateConfig,
     "train_config": TrainConfig,
     "latent_cache_manifest": LatentCacheManifest,
+    "lora_train_config": LoraTrainConfig,
+    "lora_data_report": LoraDataReport,
 }
 
 __all__ = [
