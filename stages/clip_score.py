@@ -39,6 +39,7 @@ from schemas.scoring import ClipConfig, EmbeddingHeadConfig, ScoringConfig
 from stages.inference import (
     EmbeddingHead,
     ScoringExample,
+    ScoringHandlerMixin,
     check_embedding_head,
     model_handler_kwargs,
     resolve_device,
@@ -263,9 +264,11 @@ class ClipOutput:
     embedding: np.ndarray  # float32 [D], L2-normalised
 
 
-class ClipModelHandler(ModelHandler[ScoringExample, PredictionResult, ClipScorer]):
+class ClipModelHandler(ScoringHandlerMixin, ModelHandler[ScoringExample, PredictionResult, ClipScorer]):
     """RunInference handler: ScoringExample (with `clip_pixels`, `clip_tokens`)
     -> PredictionResult(example, ClipOutput)."""
+
+    metrics_namespace = NAMESPACE
 
     def __init__(self, config: ClipConfig, scoring: ScoringConfig, preprocess: dict):
         super().__init__(**model_handler_kwargs(config.batching, scoring))
@@ -309,16 +312,6 @@ class ClipModelHandler(ModelHandler[ScoringExample, PredictionResult, ClipScorer
         return [
             PredictionResult(example, ClipOutput(float(s), e)) for example, s, e in zip(batch, similarity, embedding)
         ]
-
-    def get_num_bytes(self, batch: Sequence[ScoringExample]) -> int:
-        # The default pickles the whole batch just to measure it.
-        return sum(example.nbytes() for example in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return NAMESPACE
-
-    def get_resource_hints(self) -> dict:
-        return dict(self._hints)
 
 
 class ApplyClipHeadsDoFn(beam.DoFn):

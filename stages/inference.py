@@ -98,6 +98,24 @@ def model_handler_kwargs(batching: BatchingConfig, scoring: ScoringConfig) -> di
     return kwargs
 
 
+class ScoringHandlerMixin:
+    """What the scoring ModelHandlers (CLIP, NudeNet) share. Subclasses set
+    `metrics_namespace` and `_hints` (from `resource_hints`)."""
+
+    metrics_namespace: str
+    _hints: dict[str, str]
+
+    def get_num_bytes(self, batch: Sequence[ScoringExample]) -> int:
+        # Beam's default pickles the whole batch just to measure it.
+        return sum(example.nbytes() for example in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self.metrics_namespace
+
+    def get_resource_hints(self) -> dict:
+        return dict(self._hints)
+
+
 def resource_hints(scoring: ScoringConfig) -> dict[str, str]:
     """Beam resource hints for the model steps (empty when none are set)."""
     hints = {}

@@ -41,7 +41,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from schemas import SampleRecord
 from schemas.scoring import EmbeddingHeadConfig, NudeNetConfig, SafetyConfig, ScoringConfig
-from stages.inference import ScoringExample, model_handler_kwargs, onnx_providers, resource_hints
+from stages.inference import ScoringExample, ScoringHandlerMixin, model_handler_kwargs, onnx_providers, resource_hints
 
 LOG = logging.getLogger(__name__)
 
@@ -165,9 +165,11 @@ class NudeNetDetector:
         return unsafe_scores(self.raw(pixels), self.class_indices)
 
 
-class NudeNetModelHandler(ModelHandler[ScoringExample, PredictionResult, NudeNetDetector]):
+class NudeNetModelHandler(ScoringHandlerMixin, ModelHandler[ScoringExample, PredictionResult, NudeNetDetector]):
     """RunInference handler: ScoringExample (with `nudenet_pixels`) ->
     PredictionResult(example, nsfw_score)."""
+
+    metrics_namespace = NAMESPACE
 
     def __init__(self, config: NudeNetConfig, scoring: ScoringConfig):
         super().__init__(**model_handler_kwargs(config.batching, scoring))
@@ -199,15 +201,6 @@ class NudeNetModelHandler(ModelHandler[ScoringExample, PredictionResult, NudeNet
     ) -> Iterable[PredictionResult]:
         scores = model.score(np.stack([example.inputs[PIXELS] for example in batch]))
         return [PredictionResult(example, float(score)) for example, score in zip(batch, scores)]
-
-    def get_num_bytes(self, batch: Sequence[ScoringExample]) -> int:
-        return sum(example.nbytes() for example in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return NAMESPACE
-
-    def get_resource_hints(self) -> dict:
-        return dict(self._hints)
 
 
 class AttachNsfwScoreDoFn(beam.DoFn):
