@@ -119,12 +119,9 @@ class AestheticConfig(_ScoringModel):
     head: EmbeddingHeadConfig
 
 
-class ScoringConfig(_ScoringModel):
-    """The model stages and where they run. All off by default."""
-
-    clip: ClipConfig | None = Field(None, description="None: no `clip_similarity`, and no CLIP heads can run.")
-    safety: SafetyConfig | None = Field(None, description="None: no `nsfw_score`, `punsafe`, `pwatermark`.")
-    aesthetic: AestheticConfig | None = Field(None, description="None: no `aesthetic_score`.")
+class ModelWorkerConfig(_ScoringModel):
+    """Where and how a model stage runs; shared by the scoring and recaption
+    configs (and what `stages.inference` reads from either)."""
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` uses CUDA when the worker has it; `cuda` fails on workers without it."
@@ -134,7 +131,7 @@ class ScoringConfig(_ScoringModel):
     )
     accelerator: str | None = Field(
         None,
-        description="Beam resource hint for the model steps, e.g. `type:nvidia-l4;count:1;install-nvidia-driver` "
+        description="Beam resource hint for the stage's model steps, e.g. `type:nvidia-l4;count:1;install-nvidia-driver` "
         "(Dataflow syntax). None: no hint.",
     )
     min_ram: str | None = Field(None, description="Beam resource hint, e.g. `16GB`. None: no hint.")
@@ -153,6 +150,15 @@ class ScoringConfig(_ScoringModel):
         "None: the libraries' default, all cores; on CPU workers running several SDK processes per machine, "
         "set cores / processes to avoid oversubscription.",
     )
+
+
+class ScoringConfig(ModelWorkerConfig):
+    """The model stages and where they run. All off by default."""
+
+    clip: ClipConfig | None = Field(None, description="None: no `clip_similarity`, and no CLIP heads can run.")
+    safety: SafetyConfig | None = Field(None, description="None: no `nsfw_score`, `punsafe`, `pwatermark`.")
+    aesthetic: AestheticConfig | None = Field(None, description="None: no `aesthetic_score`.")
+
 
     @model_validator(mode="after")
     def _heads_need_clip(self):
@@ -231,7 +237,7 @@ class SelectConfig(_ScoringModel):
         return self.model_copy(update=updates) if updates else self
 
 
-class RecaptionConfig(_ScoringModel):
+class RecaptionConfig(ModelWorkerConfig):
     """Recaptioning of the selected samples with a LLaVA-style vision-language
     model (`stages/recaption.py`), loaded with `AutoProcessor` and
     `AutoModelForImageTextToText`; greedy decoding.
@@ -258,33 +264,7 @@ class RecaptionConfig(_ScoringModel):
     )
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Generation budget per caption, in tokens.")
     batching: BatchingConfig = BatchingConfig(max_batch_size=8)
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="`auto` uses CUDA when the worker has it; `cuda` fails on workers without it."
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Dtype the model is loaded in; `auto`: bf16 on CUDA, fp32 on CPU."
-    )
-    accelerator: str | None = Field(
-        None,
-        description="Beam resource hint for the recaption steps, e.g. `type:nvidia-l4;count:1;install-nvidia-driver` "
-        "(Dataflow syntax). None: no hint.",
-    )
     min_ram: str | None = Field("16GB", description="Beam resource hint for the recaption steps. None: no hint.")
-    share_model_across_processes: bool = Field(
-        False,
-        description="Load one copy of the model per machine and share it between SDK worker processes (Beam's "
-        "multi_process_shared): set it for multi-GB models on GPU workers that run several processes.",
-    )
-    model_copies: int | None = Field(
-        None, ge=1, description="With share_model_across_processes: copies per machine (default 1)."
-    )
-    cpu_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch threads when the model runs on CPU (torch.set_num_threads). None: torch's default, all "
-        "cores; with several SDK processes per machine set cores / processes (oversubscribed threads ran the "
-        "tiny model 10x slower in benchmarks/recaption_bench.py).",
-    )
     min_words: int = Field(3, ge=0, description="Captions with fewer words fall back as `too_short`; 0 disables.")
     max_repeats: int = Field(
         3,

@@ -27,7 +27,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from schemas import RejectReason, SampleRecord, Stage
-from schemas.scoring import BatchingConfig, EmbeddingHeadConfig, ScoringConfig
+from schemas.scoring import BatchingConfig, EmbeddingHeadConfig, ModelWorkerConfig
 from stages.base import REJECTS, Drop, rejection
 
 LOG = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def onnx_providers(preference: str) -> list[str]:
 # ---------------------------------------------------------------- RunInference wiring
 
 
-def model_handler_kwargs(batching: BatchingConfig, scoring: ScoringConfig) -> dict[str, Any]:
+def model_handler_kwargs(batching: BatchingConfig, scoring: ModelWorkerConfig) -> dict[str, Any]:
     """Keyword arguments for `ModelHandler.__init__`: batch bounds and sharing."""
     kwargs: dict[str, Any] = {
         "min_batch_size": batching.min_batch_size,
@@ -116,7 +116,7 @@ class ScoringHandlerMixin:
         return dict(self._hints)
 
 
-def resource_hints(scoring: ScoringConfig) -> dict[str, str]:
+def resource_hints(scoring: ModelWorkerConfig) -> dict[str, str]:
     """Beam resource hints for the model steps (empty when none are set)."""
     hints = {}
     if scoring.accelerator:

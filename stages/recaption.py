@@ -377,7 +377,6 @@ class CaptionModelHandler(ModelHandler[PreparedExample, tuple[SampleRecord, Gene
     and captions each batch with one greedy `generate()`."""
 
     def __init__(self, config: RecaptionConfig):
-        # RecaptionConfig has the sharing and hint fields of ScoringConfig, by the same names.
         super().__init__(**model_handler_kwargs(config.batching, config))
         self.config = config
 
