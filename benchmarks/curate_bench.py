@@ -31,8 +31,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 
-from pipelines import webcorpus  # noqa: E402
-from pipelines.localweb import LocalWeb  # noqa: E402
+from pipelines.testing import webcorpus  # noqa: E402
+from pipelines.testing.localweb import LocalWeb  # noqa: E402
 
 
 def serve_corpus(web: LocalWeb, n: int, seed: int = 0) -> list[dict]:

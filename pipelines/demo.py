@@ -1,7 +1,7 @@
 """`make demo`: the whole product on an embedded default, offline.
 
 1. Starts a local web on 127.0.0.1 with a few hundred generated, captioned
-   images and every kind of bad row (see `pipelines/webcorpus.py`).
+   images and every kind of bad row (see `pipelines/testing/webcorpus.py`).
 2. Runs `beam run curate` on it (DirectRunner) and prints the funnel.
 3. Stops the server and says where the shards are.
 4. Trains a tiny latent-diffusion model on the shards with the trainer's own
@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines import webcorpus
+from pipelines.testing import webcorpus
 from pipelines.cli import main as beam_main
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 
 LOG = logging.getLogger("demo")
 

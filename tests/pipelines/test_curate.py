@@ -16,9 +16,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines import webcorpus
+from pipelines.testing import webcorpus
 from pipelines.cli import SCHEMAS_DIR, main
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 from tests.portable import portable_services  # noqa: F401  (fixture)
 
 SAMPLES_PER_SHARD = 5

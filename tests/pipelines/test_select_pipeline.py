@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines import webcorpus
+from pipelines.testing import webcorpus
 from pipelines.cli import main
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 from tests.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
 
 N_IMAGES = 12

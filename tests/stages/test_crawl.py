@@ -25,7 +25,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 from schemas import CrawlConfig, Provenance, RejectReason, SampleRecord, Stage
 from stages import crawl
 from stages.base import REJECTS

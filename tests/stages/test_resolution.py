@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import webcorpus
+from pipelines.testing import webcorpus
 from schemas import DecodeConfig, RejectReason
 from stages.base import Drop
 from stages.resolution import _resizer, decode_image

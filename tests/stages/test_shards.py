@@ -7,7 +7,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines import webcorpus
+from pipelines.testing import webcorpus
 from schemas import ImageRef, Provenance, SampleRecord, ShardsConfig
 from stages.base import WithImage
 from stages.shards import WriteShards, WriteShardDoFn, choose_caption

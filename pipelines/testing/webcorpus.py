@@ -16,7 +16,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 
 COLOURS = {
     "red": (220, 40, 40),

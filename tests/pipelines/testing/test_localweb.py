@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from pipelines.localweb import LocalWeb
+from pipelines.testing.localweb import LocalWeb
 
 
 def get(web: LocalWeb, path: str, timeout: float = 5.0) -> tuple[int, http.client.HTTPMessage, bytes]:
