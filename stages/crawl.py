@@ -6,10 +6,12 @@ no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
 `fetched_at`). Dropped, one `Rejection` each (stage `crawl`):
 
 - `private_address`: the host (or a redirect's host) resolves to an address
-  that is not globally routable: loopback, RFC 1918 private, carrier-grade NAT,
+  that is not public unicast: loopback, RFC 1918 private, carrier-grade NAT,
   link-local (incl. the 169.254.169.254 cloud metadata service), multicast,
-  reserved, unspecified, and IPv6 forms that embed one of those (IPv4-mapped,
-  6to4, NAT64). No request is sent. `allow_private_network=True` disables it.
+  every other block of the IANA special-purpose registries, IPv6 site-local,
+  and IPv6 forms that embed a non-public IPv4 address (IPv4-mapped, 6to4,
+  NAT64); see `stages/core/addresses.py`. No request is sent.
+  `allow_private_network=True` disables it.
 - `dns_failure`: the host does not resolve.
 - `http_error`: a status outside 2xx that is not a followed redirect
   (the detail says which).
@@ -67,6 +69,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import CrawlConfig, RejectReason, Stage
 from stages.base import REJECTS, Drop, StageMetrics, WithImage, rejection
+from stages.core.addresses import IPAddress, non_public_reason
 
 # img2dataset's package import pulls in albumentations, which otherwise checks
 # PyPI for a newer version on import.
@@ -74,8 +77,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import is_disallowed  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # img2dataset's User-Agent, so that sites which address its token in
 # robots.txt or X-Robots-Tag see the crawler they expect.
@@ -86,9 +87,6 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 SCHEMES = {"http": 80, "https": 443}
 _READ_CHUNK_BYTES = 64 * 1024
 
-# NAT64 well-known prefix (RFC 6052): the last 32 bits are an IPv4 address.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
 
 def user_agent(token: str | None) -> str:
     """img2dataset's User-Agent string, with `(compatible; TOKEN; +URL)` when a token is set."""
@@ -97,37 +95,7 @@ def user_agent(token: str | None) -> str:
     return f"{BROWSER_USER_AGENT} (compatible; {token}; +{USER_AGENT_URL})"
 
 
-# -- address policy -------------------------------------------------------------
-
-
-def non_public_reason(ip: IPAddress) -> str | None:
-    """Why `ip` must not be fetched from, or None if it is a public unicast address.
-
-    Follows the IANA special-purpose registries as Python's `ipaddress` encodes
-    them (`is_global`), and additionally refuses multicast (which `is_global`
-    allows) and IPv6 addresses that embed a non-public IPv4 address
-    (IPv4-mapped `::ffff:a.b.c.d`, 6to4 `2002::/16`, NAT64 `64:ff9b::/96`).
-    """
-    if isinstance(ip, ipaddress.IPv6Address):
-        # These reach the IPv4 address in their low bits: judge that one.
-        if ip.ipv4_mapped is not None:
-            return _embedded_reason(ip, ip.ipv4_mapped)
-        if ip in _NAT64:
-            return _embedded_reason(ip, ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        # 6to4 is itself global unicast, but must not tunnel to a private IPv4 address.
-        if ip.sixtofour is not None and (why := _embedded_reason(ip, ip.sixtofour)):
-            return why
-    for name in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
-        if getattr(ip, f"is_{name}"):
-            return name.replace("_", "-")
-    if not ip.is_global:
-        return "not globally routable"
-    return None
-
-
-def _embedded_reason(ip: ipaddress.IPv6Address, ipv4: ipaddress.IPv4Address) -> str | None:
-    why = non_public_reason(ipv4)
-    return None if why is None else f"{why} ({ipv4} embedded in {ip})"
+# -- name resolution -----------------------------------------------------------
 
 
 def resolve(host: str, port: int) -> list[str]:

@@ -35,9 +35,9 @@ from stages.crawl import (
     CrawlDoFn,
     Fetcher,
     _HostSlots,
-    non_public_reason,
     user_agent,
 )
+from stages.core.addresses import non_public_reason
 
 LOCAL = CrawlConfig(allow_private_network=True, timeout_s=2.0)
 
@@ -393,38 +393,6 @@ def test_https_private_address_is_refused_too(web, loopback_only):
         RejectReason.PRIVATE_ADDRESS
     )
     assert loopback_only == []
-
-
-@pytest.mark.parametrize(
-    ("address", "public"),
-    [
-        ("8.8.8.8", True),
-        ("2606:4700:4700::1111", True),
-        ("::ffff:8.8.8.8", True),
-        ("64:ff9b::808:808", True),
-        ("127.0.0.1", False),
-        ("10.1.2.3", False),
-        ("172.31.255.255", False),
-        ("192.168.0.1", False),
-        ("100.64.0.1", False),
-        ("169.254.169.254", False),
-        ("0.0.0.0", False),
-        ("255.255.255.255", False),
-        ("224.0.1.1", False),
-        ("240.0.0.1", False),
-        ("198.18.0.1", False),
-        ("::", False),
-        ("::1", False),
-        ("fe80::1", False),
-        ("fd00::1", False),
-        ("ff02::1", False),
-        ("::ffff:10.0.0.1", False),
-        ("2002:a00:1::", False),
-        ("64:ff9b::a9fe:a9fe", False),
-    ],
-)
-def test_non_public_reason(address, public):
-    assert (non_public_reason(ipaddress.ip_address(address)) is None) == public
 
 
 def test_a_name_with_any_private_address_is_refused(web, loopback_only):
