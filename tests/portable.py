@@ -226,7 +226,12 @@ def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S)
         )
         processes.append(
             _start(
-                [str(python), "-m", "apache_beam.runners.worker.worker_pool_main",
+                # The pool announces its port with logging.info; whether the root logger
+                # has a handler then depends on what the installed packages configure on
+                # import, so give it one.
+                [str(python), "-c",
+                 "import logging, sys; logging.basicConfig(level=logging.INFO); "
+                 "from apache_beam.runners.worker import worker_pool_main; worker_pool_main.main(sys.argv)",
                  "--service_port=0", f"--container_executable={BOOT}"],
                 env, run_dir, pool_log,
             )
