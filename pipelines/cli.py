@@ -56,7 +56,18 @@ def _curate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Let the crawler fetch from loopback, private, link-local and reserved addresses (tests, demos, your own intranet). Off by default.",
     )
+    add_run_arguments(parser)
     return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every `beam run` pipeline shares."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="The output folder holds an earlier run's output: delete what that run wrote (and only that) first.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Show tracebacks and debug logs.")
 
 
 def config_reference(model=None, indent: int = 0) -> str:
@@ -124,21 +135,35 @@ def print_funnel(report, out=None) -> None:
     print(f"{'rejected':<{width}} {report.rejected:>10}", file=out)
     status = "ok" if report.accounting_ok else "MISMATCH"
     print(f"{'accounting':<{width}} {status:>10}  ({report.input_rows} = {report.kept} + {report.rejected})", file=out)
+    if report.input_errors:
+        print(line, file=out)
+        print(f"input files that failed part-way: {len(report.input_errors)} (their later rows are not counted above)", file=out)
+        for error in report.input_errors:
+            print(f"  {error.path}: {error.rows_read} rows read, then {error.error}", file=out)
 
 
 def run_curate(argv: list[str], test_pipeline=None) -> int:
+    """`beam run curate ...`; returns the exit status (see `pipelines/runs.py`)."""
     if "--print-config" in argv:
         return _print_config()
     if "--help-beam" in argv:
         return _print_beam_help()
     args, beam_argv = _curate_parser().parse_known_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    from pipelines import runs
 
+    return runs.guarded("beam run curate", args.verbose, lambda: _run_curate(args, beam_argv, test_pipeline))
+
+
+def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:
     import apache_beam as beam
 
-    from pipelines import outputs
+    from pipelines import outputs, runs
     from pipelines.curate import build_curate, load_config
     from pipelines.runner import create_runner, make_pipeline_options
 
+    runs.check_options("beam run curate", beam_argv)
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
         config = load_config(args.config, overrides)
@@ -146,19 +171,20 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
         run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_curate(p, args.input, args.output, config, run_config)
-        outputs.write_config(args.output, run_config)
     except ValueError as err:
         # Config, input and model-path problems are all ValueErrors raised while
         # the graph is built: report them before any work starts.
         logging.getLogger(__name__).debug("pipeline construction failed", exc_info=True)
-        print(f"beam run curate: error: {err}", file=sys.stderr)
-        return 2
+        raise runs.RunRefused(str(err)) from err
+    runs.claim_output(args.output, overwrite=args.overwrite, command="curate", details={"input": args.input})
+    outputs.write_config(args.output, run_config)
     result = p.run()
     result.wait_until_finish()
     report = outputs.read_report(args.output)
+    runs.finish_run(args.output, "finished")
     print_funnel(report)
     print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
-    return 0 if report.accounting_ok else 1
+    return runs.exit_status(report, config.max_error_rate)
 
 
 def run_schemas(argv: list[str]) -> int:

@@ -75,18 +75,20 @@ def _model_stages(config: CurateConfig) -> ModelStages | None:
 
 def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: CurateConfig, run_config: dict):
     """Add the curate graph to `p`; returns the PCollection holding the Report."""
-    records, read_rejects = p | "Read" >> ReadUrlLists(input_pattern, config.read)
+    records, read_rejects, input_errors = p | "Read" >> ReadUrlLists(input_pattern, config.read)
     input_rows = (
         (records, read_rejects)
         | "InputRows" >> beam.Flatten()
         | "CountInputRows" >> beam.combiners.Count.Globally()
     )
     records, url_rejects = records | "UrlHygiene" >> UrlHygiene(config.url, config.decode)
-    records, caption_rejects = apply_filter(records, "CaptionHygiene", CaptionHygieneDoFn(config.caption))
+    records, caption_rejects = apply_filter(
+        records, "CaptionHygiene", CaptionHygieneDoFn(config.caption), config.max_error_rate
+    )
     # Input files are read one per worker; spread rows before the expensive part.
     records = records | "SpreadCrawl" >> beam.Reshuffle()
     fetched, crawl_rejects = records | "Crawl" >> Crawl(config.crawl)
-    decoded, decode_rejects = apply_filter(fetched, "Decode", DecodeDoFn(config.decode))
+    decoded, decode_rejects = apply_filter(fetched, "Decode", DecodeDoFn(config.decode), config.max_error_rate)
     staged = decoded | "Stage" >> beam.ParDo(StageImagesDoFn(output_dir))
     kept, dedup_rejects = staged | "Dedup" >> Deduplicate(config.dedup)
     rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
@@ -109,7 +111,7 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     rejects.append(shard_rejects)
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
-    report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
+    report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects, input_errors)
     done = [report | "ReportDone" >> beam.Map(lambda _: None)]
     temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if unselected_written is not None:

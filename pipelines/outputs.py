@@ -18,7 +18,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from pydantic import BaseModel
 
-from schemas import CurateConfig, FunnelRow, RejectReason, Rejection, Report, SampleRecord, Stage
+from schemas import CurateConfig, FunnelRow, InputFileError, RejectReason, Rejection, Report, SampleRecord, Stage
 
 INDEX = "index.parquet"
 REJECTS_TABLE = "rejects.parquet"
@@ -104,7 +104,13 @@ def write_table(pcoll: beam.PCollection, output_dir: str, name: str, model: type
     )
 
 
-def build_report(input_rows: int, kept: int, shards: int, reject_counts: list[tuple[tuple[str, str], int]]) -> Report:
+def build_report(
+    input_rows: int,
+    kept: int,
+    shards: int,
+    reject_counts: list[tuple[tuple[str, str], int]],
+    input_errors: list[InputFileError] = (),
+) -> Report:
     stage_order = {stage.value: i for i, stage in enumerate(Stage)}
     funnel = sorted(
         (FunnelRow(stage=Stage(s), reason=RejectReason(r), count=n) for (s, r), n in reject_counts),
@@ -118,6 +124,7 @@ def build_report(input_rows: int, kept: int, shards: int, reject_counts: list[tu
         shards=shards,
         funnel=funnel,
         accounting_ok=input_rows == kept + rejected,
+        input_errors=sorted(input_errors, key=lambda e: e.path),
     )
 
 
@@ -125,8 +132,8 @@ class _WriteReport(beam.DoFn):
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 
-    def process(self, _, input_rows, kept, shards, reject_counts):
-        report = build_report(input_rows, kept, shards, reject_counts)
+    def process(self, _, input_rows, kept, shards, reject_counts, input_errors):
+        report = build_report(input_rows, kept, shards, reject_counts, input_errors)
         with FileSystems.create(FileSystems.join(self.output_dir, REPORT), compression_type="uncompressed") as f:
             f.write(report.model_dump_json(indent=2).encode())
         if not report.accounting_ok:
@@ -143,12 +150,16 @@ def write_outputs(
     kept: beam.PCollection,
     manifests: beam.PCollection,
     rejects: beam.PCollection,
+    input_errors: beam.PCollection | None = None,
 ) -> beam.PCollection:
     """Write index.parquet, rejects.parquet and report.json.
 
-    `input_rows` is a singleton PCollection with the number of input rows.
+    `input_rows` is a singleton PCollection with the number of input rows;
+    `input_errors` holds an `InputFileError` per file that failed part-way.
     Returns a PCollection that holds the `Report` once everything is written.
     """
+    if input_errors is None:
+        input_errors = rejects.pipeline | "NoInputErrors" >> beam.Create([])
     index_done = write_table(kept, output_dir, INDEX, SampleRecord, "Index")
     rejects_done = write_table(rejects, output_dir, REJECTS_TABLE, Rejection, "Rejects")
     kept_count = kept | "CountKept" >> beam.combiners.Count.Globally()
@@ -168,6 +179,7 @@ def write_outputs(
         beam.pvalue.AsSingleton(kept_count),
         beam.pvalue.AsSingleton(shard_count),
         beam.pvalue.AsList(reject_counts),
+        beam.pvalue.AsList(input_errors),
     )
 
 

@@ -112,12 +112,13 @@ def build_select(
     output_dir: str,
     select_config: SelectConfig,
     run_info: dict | None = None,
-) -> beam.PCollection:
-    """Add the select graph to `pipeline`; returns the PCollection holding the Report.
+) -> tuple[beam.PCollection, dict]:
+    """Add the select graph to `pipeline`; returns the PCollection holding the
+    Report, and the resolved config for `output_dir/config.json`.
 
-    Checks the input and the thresholds and writes `output_dir/config.json`
-    before returning (so errors come before the pipeline runs). `run_info` is
-    added to config.json (e.g. the Beam arguments).
+    Checks the input and the thresholds before returning (so errors come
+    before the pipeline runs). `run_info` is added to the config (e.g. the
+    Beam arguments).
     """
     if FileSystems.join(input_dir.rstrip("/"), "") == FileSystems.join(output_dir.rstrip("/"), ""):
         raise SelectError(f"--output {output_dir} must differ from --input: the new shards copy bytes from the old ones")
@@ -134,7 +135,6 @@ def build_select(
     extra = {k: v for k, v in source.items() if k != "curate"}
     extra["selected_from"] = {"input_dir": input_dir, "select": curate.select.model_dump(mode="json"), **(run_info or {})}
     run_config = outputs.resolved_config(config, extra)
-    outputs.write_config(output_dir, run_config)
 
     records = pipeline | "ReadShards" >> ReadShardRecords(_shards_glob(input_dir))
     old_rejects = (
@@ -170,13 +170,15 @@ def build_select(
         done.append(unselected_written | "CountUnselected" >> beam.combiners.Count.Globally())
     all_rejects = (carried, select_rejects, shard_rejects) | "AllRejects" >> beam.Flatten()
     input_rows = pipeline | "InputRows" >> beam.Create([report_in.input_rows])
-    report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
+    # The source's unreadable input files are still missing from this dataset.
+    input_errors = pipeline | "InputErrors" >> beam.Create(report_in.input_errors)
+    report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects, input_errors)
     tmp_dirs = [FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if dropped is not None:
         tmp_dirs.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))
     finished = (report, *done) | "Finished" >> beam.Flatten() if done else report
     cleanup_after(finished, tmp_dirs)
-    return report
+    return report, run_config
 
 
 # ---------------------------------------------------------------- CLI
@@ -213,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="Also write the samples this run drops to OUTPUT/unselected/ (so a later select can loosen again).",
     )
+    from pipelines.cli import add_run_arguments
+
+    add_run_arguments(parser)
     return parser
 
 
@@ -239,19 +244,31 @@ def resolve_select_config(input_dir: str, args: argparse.Namespace) -> SelectCon
 
 
 def run_select(argv: list[str], test_pipeline=None) -> int:
-    """`beam run select ...`; returns the exit code (2 for bad arguments)."""
+    """`beam run select ...`; returns the exit status (see `pipelines/runs.py`)."""
+    from pipelines import runs
+
+    args, beam_argv = _parser().parse_known_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return runs.guarded("beam run select", args.verbose, lambda: _run_select(args, beam_argv, test_pipeline))
+
+
+def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
+    from pipelines import runs
     from pipelines.cli import print_funnel
     from pipelines.runner import create_runner, make_pipeline_options
 
-    args, beam_argv = _parser().parse_known_args(argv)
+    runs.check_options("beam run select", beam_argv)
     try:
         select_config = resolve_select_config(args.input, args)
+        _, source_config = load_source(args.input)
         options = make_pipeline_options(beam_argv)
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
-        build_select(p, args.input, args.output, select_config, {"beam_args": beam_argv})
+        _, run_config = build_select(p, args.input, args.output, select_config, {"beam_args": beam_argv})
     except (SelectError, ValueError) as err:
-        print(f"beam run select: error: {err}", file=sys.stderr)
-        return 2
+        raise runs.RunRefused(str(err)) from err
+    runs.claim_output(args.output, overwrite=args.overwrite, command="select", details={"input": args.input})
+    outputs.write_config(args.output, run_config)
     result = p.run()
     result.wait_until_finish()
     not_readmittable = _counter(result, "not_readmittable")
@@ -263,9 +280,10 @@ def run_select(argv: list[str], test_pipeline=None) -> int:
             args.input,
         )
     report = outputs.read_report(args.output)
+    runs.finish_run(args.output, "finished")
     print_funnel(report)
     print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
-    return 0 if report.accounting_ok else 1
+    return runs.exit_status(report, source_config.max_error_rate)
 
 
 def _counter(result, name: str) -> int:

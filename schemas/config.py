@@ -27,6 +27,13 @@ class ReadConfig(_StageConfig):
     caption_col: str = "caption"
     width_col: str | None = Field(None, description="Declared width column (LAION: WIDTH); None to ignore.")
     height_col: str | None = Field(None, description="Declared height column (LAION: HEIGHT); None to ignore.")
+    max_url_chars: int = Field(4096, gt=0, description="Longer URLs are rejected as `url_too_long`.")
+    max_caption_chars: int = Field(
+        4096, gt=0, description="Longer captions are rejected as `caption_too_long` (alt text that long is page text, not a caption)."
+    )
+    max_declared_side: int = Field(
+        1_000_000, gt=0, description="A declared width/height above this (or infinite/NaN) is rejected as `invalid_declared_size`."
+    )
 
 
 class UrlConfig(_StageConfig):
@@ -152,6 +159,13 @@ class CurateConfig(_StageConfig):
     )
     select: SelectConfig = Field(
         default_factory=SelectConfig, description="Score thresholds; the only step that drops on scores."
+    )
+    max_error_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Rows that raise an unexpected error become `internal_error` rejects; above this fraction of a "
+        "stage's rows the run stops (systematic errors are a bug, not bad input) and exits with status 4.",
     )
     recaption: RecaptionConfig | None = Field(
         None,

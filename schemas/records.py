@@ -37,6 +37,10 @@ class RejectReason(str, enum.Enum):
     # read
     MISSING_URL = "missing_url"
     UNPARSEABLE_ROW = "unparseable_row"
+    URL_TOO_LONG = "url_too_long"
+    CAPTION_TOO_LONG = "caption_too_long"
+    CONTROL_CHARACTERS = "control_characters"
+    INVALID_DECLARED_SIZE = "invalid_declared_size"
     # url hygiene
     MALFORMED_URL = "malformed_url"
     UNSUPPORTED_SCHEME = "unsupported_scheme"
@@ -77,6 +81,9 @@ class RejectReason(str, enum.Enum):
     LOW_AESTHETIC = "low_aesthetic"
     # shards
     STAGING_LOST = "staging_lost"
+    # any stage: an unexpected exception while processing the row (a bug, or an
+    # input no check anticipated); the detail holds the exception type and message
+    INTERNAL_ERROR = "internal_error"
 
 
 class RecaptionStatus(str, enum.Enum):
@@ -188,6 +195,15 @@ class ShardManifest(BaseModel):
     config: dict = Field(description="The resolved pipeline config that produced the shard.")
 
 
+class InputFileError(BaseModel):
+    """An input file that failed part-way: its first `rows_read` rows were read
+    and are accounted for; the rest of the file is not in the run."""
+
+    path: str
+    rows_read: int = Field(ge=0)
+    error: str
+
+
 class FunnelRow(BaseModel):
     stage: Stage
     reason: RejectReason
@@ -205,3 +221,7 @@ class Report(BaseModel):
     shards: int
     funnel: list[FunnelRow]
     accounting_ok: bool
+    input_errors: list[InputFileError] = Field(
+        default_factory=list,
+        description="Input files that failed part-way; their rows after the failure are not in `input_rows`.",
+    )

@@ -9,6 +9,7 @@ as datatrove's filters do.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,11 @@ from apache_beam.metrics import Metrics
 
 from schemas import RejectReason, Rejection, SampleRecord, Stage
 
+logger = logging.getLogger(__name__)
+
 REJECTS = "rejects"
+# Tag of the read stage's per-file failures (`InputFileError`), reported apart from row rejects.
+INPUT_ERRORS = "input_errors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +72,39 @@ class StageMetrics:
         return self._dropped[reason]
 
 
+class SystematicErrors(RuntimeError):
+    """More than `max_error_rate` of a stage's rows raised unexpected errors:
+    a bug or a broken environment, not bad rows. Stops the run."""
+
+
+# Below this many rows a worker does not judge its error rate: one bad row in
+# the first ten is not a trend.
+MIN_ROWS_FOR_ERROR_RATE = 100
+
+
+def internal_error(err: BaseException) -> Drop:
+    return Drop(RejectReason.INTERNAL_ERROR, f"{type(err).__name__}: {str(err)[:500]}")
+
+
 class FilterDoFn(beam.DoFn):
     """Base for one-record-at-a-time stages.
 
     Subclasses implement `apply(element) -> element | Drop`, where the element is
     a `SampleRecord` or a `WithImage`. Dropped rows go to the `rejects` output.
+    An exception that `apply` raises becomes an `internal_error` reject naming
+    the exception, so one row no check anticipated cannot kill a run; when more
+    than `max_error_rate` of the rows a worker has seen (after the first
+    `MIN_ROWS_FOR_ERROR_RATE`) raised, the stage fails with `SystematicErrors`
+    instead, since that is a bug rather than bad input.
     """
 
     stage: Stage
+    max_error_rate: float = 0.01
 
     def __init__(self) -> None:
         self._metrics: StageMetrics | None = None
+        self._seen = 0
+        self._errors = 0
 
     @property
     def metrics(self) -> StageMetrics:
@@ -89,8 +116,27 @@ class FilterDoFn(beam.DoFn):
         raise NotImplementedError
 
     def process(self, element) -> Iterator[Any]:
-        result = self.apply(element)
+        try:
+            result = self.apply(element)
+        except Exception as err:  # noqa: BLE001 - every row must end somewhere; see the class docstring
+            result = self.unexpected(element, err)
+        else:
+            self._seen += 1
         yield from self.emit(element, result)
+
+    def unexpected(self, element, err: Exception) -> Drop:
+        """Count an unexpected exception on one row; raise if they are systematic."""
+        # DoFns restored from a pickle made by an older base skip __init__'s counters.
+        self._seen = getattr(self, "_seen", 0) + 1
+        self._errors = getattr(self, "_errors", 0) + 1
+        record = element.record if isinstance(element, WithImage) else element
+        logger.warning("%s: row %s raised %s: %s", self.stage.value, getattr(record, "key", "?"), type(err).__name__, err)
+        if self._seen >= MIN_ROWS_FOR_ERROR_RATE and self._errors > self.max_error_rate * self._seen:
+            raise SystematicErrors(
+                f"stage {self.stage.value}: {self._errors} of {self._seen} rows raised unexpected errors, over "
+                f"max_error_rate={self.max_error_rate}; last: {type(err).__name__}: {err}"
+            ) from err
+        return internal_error(err)
 
     def emit(self, element, result) -> Iterator[Any]:
         if isinstance(result, Drop):
@@ -102,7 +148,11 @@ class FilterDoFn(beam.DoFn):
             yield result
 
 
-def apply_filter(pcoll: beam.PCollection, label: str, dofn: FilterDoFn) -> tuple[beam.PCollection, beam.PCollection]:
+def apply_filter(
+    pcoll: beam.PCollection, label: str, dofn: FilterDoFn, max_error_rate: float | None = None
+) -> tuple[beam.PCollection, beam.PCollection]:
     """Run a FilterDoFn; return (kept, rejects)."""
+    if max_error_rate is not None:
+        dofn.max_error_rate = max_error_rate
     outputs = pcoll | label >> beam.ParDo(dofn).with_outputs(REJECTS, main="kept")
     return outputs.kept, outputs[REJECTS]

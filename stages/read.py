@@ -2,8 +2,23 @@
 path Beam's FileSystems accept (local, gs://, s3://, ...).
 
 Every input row becomes a `SampleRecord` or, if it is unusable, a rejection
-(`missing_url`, `unparseable_row`): nothing is dropped silently. Files are
-checked (readable, required columns present) before any work starts.
+(`missing_url`, `unparseable_row`, and the row bounds below): nothing is
+dropped silently. Files are checked (readable, required columns present)
+before any work starts.
+
+Row bounds (rejected at this stage, before any fetch): `url_too_long` (over
+`read.max_url_chars`), `caption_too_long` (over `read.max_caption_chars`),
+`control_characters` (NUL or another C0/C1 control character in the caption;
+tab and newlines are allowed), `invalid_declared_size` (a declared width or
+height that is infinite, NaN or over `read.max_declared_side`). Missing,
+empty, zero, negative or non-numeric declared sizes stay "not declared", as
+before. A csv field over the csv module's limit (131,072 characters) or a
+jsonl line nested too deeply to parse is an `unparseable_row`.
+
+A file that cannot be read to its end (corrupt parquet pages, truncated
+gzip/bz2/xz data, an I/O error mid-file) keeps the rows read before the
+failure and becomes one `InputFileError` on the `input_errors` output, naming
+the file and the number of rows read: the run goes on and reports it.
 
 Keys are `FFFFFRRRRRRRRR`: the input file's ordinal in the sorted match list
 (5 digits) and the row number in that file (9 digits), so they are stable
@@ -12,9 +27,14 @@ across runs and sort in input order.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
 import io
 import json
+import lzma
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +43,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from schemas import Provenance, ReadConfig, RejectReason, SampleRecord, Stage
-from stages.base import REJECTS, Drop, StageMetrics, rejection
+from pydantic import ValidationError
+
+from schemas import InputFileError, Provenance, ReadConfig, RejectReason, SampleRecord, Stage
+from stages.base import INPUT_ERRORS, REJECTS, Drop, StageMetrics, rejection
 
 MAX_FILES = 10**5
 MAX_ROWS_PER_FILE = 10**9
@@ -32,6 +54,14 @@ MAX_ROWS_PER_FILE = 10**9
 
 class InputError(ValueError):
     """An input file that cannot be used; raised before the pipeline starts."""
+
+
+class UnreadableFile(Exception):
+    """A file failed part-way through; `rows_read` rows before it were emitted."""
+
+    def __init__(self, rows_read: int, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.rows_read = rows_read
 
 
 def make_key(file_ordinal: int, row: int) -> str:
@@ -66,8 +96,26 @@ def match_inputs(pattern: str) -> list[str]:
     return paths
 
 
+# Python's own decompressors raise EOFError on a truncated stream, where Beam's
+# CompressedFile stops quietly at the cut and the rest of the file would vanish.
+_DECOMPRESSORS = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    ".bz2": lambda raw: bz2.BZ2File(raw, mode="rb"),
+    ".xz": lambda raw: lzma.LZMAFile(raw, mode="rb"),
+    ".lzma": lambda raw: lzma.LZMAFile(raw, mode="rb"),
+}
+
+
+@contextlib.contextmanager
 def _open_binary(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
+    opener = next((o for ext, o in _DECOMPRESSORS.items() if path.lower().endswith(ext)), None)
+    if opener is None:
+        # Uncompressed, or a compression only Beam knows (.deflate, .zst).
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+            yield f
+        return
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw, opener(raw) as f:
+        yield f
 
 
 class _RawReader(io.RawIOBase):
@@ -90,9 +138,11 @@ class _RawReader(io.RawIOBase):
         super().close()
 
 
+@contextlib.contextmanager
 def _text_stream(path: str):
-    raw = io.BufferedReader(_RawReader(_open_binary(path)), buffer_size=1 << 20)
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+    with _open_binary(path) as f:
+        raw = io.BufferedReader(_RawReader(f), buffer_size=1 << 20)
+        yield io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def required_columns(config: ReadConfig) -> list[str]:
@@ -125,8 +175,8 @@ def check_input(path: str, config: ReadConfig) -> None:
             else:
                 try:
                     columns = list(json.loads(first))
-                except (json.JSONDecodeError, TypeError) as err:
-                    raise InputError(f"{path}: first line is not a JSON object: {err}") from err
+                except (json.JSONDecodeError, TypeError, RecursionError) as err:
+                    raise InputError(f"{path}: first line is not a JSON object: {type(err).__name__}: {str(err)[:200]}") from err
     except InputError:
         raise
     except Exception as err:
@@ -140,25 +190,51 @@ def check_input(path: str, config: ReadConfig) -> None:
 
 
 def iter_rows(path: str, config: ReadConfig) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """Yield (row number, row or None, error) for every row of `path`, streaming."""
+    """Yield (row number, row or None, error) for every row of `path`, streaming.
+
+    Raises `UnreadableFile` when the file fails part-way; the rows yielded
+    before that stand."""
+    rows_read = 0
+    try:
+        for item in _iter_rows(path, config):
+            yield item
+            rows_read += 1
+    except Exception as err:  # noqa: BLE001 - any failure of the file is reported, not raised
+        raise UnreadableFile(rows_read, err) from err
+
+
+def _iter_rows(path: str, config: ReadConfig) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     fmt = detect_format(path, config.format)
     if fmt == "parquet":
         with _open_binary(path) as f:
             pf = pq.ParquetFile(f)
             row = 0
-            for batch in pf.iter_batches(batch_size=8192, columns=required_columns(config)):
-                for item in batch.to_pylist():
-                    yield row, item, ""
-                    row += 1
+            # Row group by row group, so a corrupt group loses only itself and
+            # what follows it, never the groups read before it.
+            for group in range(pf.num_row_groups):
+                for batch in pf.iter_batches(batch_size=8192, row_groups=[group], columns=required_columns(config)):
+                    for item in batch.to_pylist():
+                        yield row, item, ""
+                        row += 1
     elif fmt in ("csv", "tsv"):
         with _text_stream(path) as f:
             reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
             header = next(reader, [])
-            for row, values in enumerate(reader):
-                if len(values) != len(header):
-                    yield row, None, f"{len(values)} fields where the header has {len(header)}"
+            row = 0
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as err:
+                    # The reader has consumed the offending record and goes on after it.
+                    yield row, None, f"csv: {err}"
                 else:
-                    yield row, dict(zip(header, values)), ""
+                    if len(values) != len(header):
+                        yield row, None, f"{len(values)} fields where the header has {len(header)}"
+                    else:
+                        yield row, dict(zip(header, values)), ""
+                row += 1
     else:
         with _text_stream(path) as f:
             row = 0
@@ -172,36 +248,68 @@ def iter_rows(path: str, config: ReadConfig) -> Iterator[tuple[int, dict[str, An
                     yield row, item, ""
                 except (json.JSONDecodeError, TypeError) as err:
                     yield row, None, f"invalid JSON: {err}"
+                except RecursionError:
+                    yield row, None, "invalid JSON: nested too deeply to parse"
                 row += 1
 
 
-def _as_int(value: Any) -> int | None:
-    if value is None or value == "":
+class _BadNumber(ValueError):
+    pass
+
+
+def _declared_side(value: Any, limit: int) -> int | None:
+    """A declared width/height: None when absent or not a positive number;
+    `_BadNumber` when it is infinite, NaN or over `limit`."""
+    if value is None or value == "" or isinstance(value, bool):
         return None
     try:
-        number = int(float(value))
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    if not math.isfinite(number):
+        raise _BadNumber(f"{value!r} is not finite")
+    if number > limit:
+        raise _BadNumber(f"{value!r} is over {limit}")
+    number = int(number)
     return number if number > 0 else None
+
+
+def _has_control_characters(text: str) -> bool:
+    return any((ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160 for c in text)
 
 
 def row_to_record(path: str, ordinal: int, row: int, item: dict[str, Any] | None, error: str, config: ReadConfig):
     """Build the record for one input row, or the Drop that explains why not."""
     provenance = Provenance(source_file=path, source_row=row)
     key = make_key(ordinal, row)
+    placeholder = SampleRecord(key=key, url="", caption_original="", provenance=provenance)
     if item is None:
-        placeholder = SampleRecord(key=key, url="", caption_original="", provenance=provenance)
         return placeholder, Drop(RejectReason.UNPARSEABLE_ROW, error)
     url = item.get(config.url_col)
     caption = item.get(config.caption_col)
-    record = SampleRecord(
-        key=key,
-        url="" if url is None else str(url),
-        caption_original="" if caption is None else str(caption),
-        declared_width=_as_int(item.get(config.width_col)) if config.width_col else None,
-        declared_height=_as_int(item.get(config.height_col)) if config.height_col else None,
-        provenance=provenance,
-    )
+    url = "" if url is None else str(url)
+    caption = "" if caption is None else str(caption)
+    if len(url) > config.max_url_chars:
+        # Keep the reject row bounded too: the URL is cut in the rejects table.
+        placeholder.url = url[: config.max_url_chars]
+        return placeholder, Drop(RejectReason.URL_TOO_LONG, f"{len(url)} characters, over {config.max_url_chars}")
+    sizes = {}
+    for field, column in (("declared_width", config.width_col), ("declared_height", config.height_col)):
+        try:
+            sizes[field] = _declared_side(item.get(column), config.max_declared_side) if column else None
+        except _BadNumber as err:
+            placeholder.url = url
+            return placeholder, Drop(RejectReason.INVALID_DECLARED_SIZE, f"{column}: {err}")
+    try:
+        record = SampleRecord(key=key, url=url, caption_original=caption, provenance=provenance, **sizes)
+    except ValidationError as err:
+        placeholder.url = url
+        return placeholder, Drop(RejectReason.UNPARSEABLE_ROW, f"invalid value: {err.errors()[0]['msg']}")
+    if len(caption) > config.max_caption_chars:
+        record.caption_original = caption[: config.max_caption_chars]
+        return record, Drop(RejectReason.CAPTION_TOO_LONG, f"{len(caption)} characters, over {config.max_caption_chars}")
+    if _has_control_characters(caption):
+        return record, Drop(RejectReason.CONTROL_CHARACTERS, f"caption holds control characters: {caption[:80]!r}")
     if not record.url.strip():
         return record, Drop(RejectReason.MISSING_URL, f"empty {config.url_col!r}")
     return record, None
@@ -213,21 +321,26 @@ class ReadRowsDoFn(beam.DoFn):
     def __init__(self, config: ReadConfig):
         self.config = config
         self.metrics = StageMetrics(Stage.READ)
+        self.input_errors = beam.metrics.Metrics.counter(Stage.READ.value, "input_errors")
 
     def process(self, element: tuple[int, str]):
         ordinal, path = element
-        for row, item, error in iter_rows(path, self.config):
-            record, drop = row_to_record(path, ordinal, row, item, error, self.config)
-            if drop is None:
-                self.metrics.kept.inc()
-                yield record
-            else:
-                self.metrics.dropped(drop.reason).inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.READ, drop))
+        try:
+            for row, item, error in iter_rows(path, self.config):
+                record, drop = row_to_record(path, ordinal, row, item, error, self.config)
+                if drop is None:
+                    self.metrics.kept.inc()
+                    yield record
+                else:
+                    self.metrics.dropped(drop.reason).inc()
+                    yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.READ, drop))
+        except UnreadableFile as err:
+            self.input_errors.inc()
+            yield beam.pvalue.TaggedOutput(INPUT_ERRORS, InputFileError(path=path, rows_read=err.rows_read, error=str(err)[:1000]))
 
 
 class ReadUrlLists(beam.PTransform):
-    """Reads every file matching `pattern`; returns (records, rejects).
+    """Reads every file matching `pattern`; returns (records, rejects, input_errors).
 
     Files are matched and checked when the pipeline is built, so a typo or a
     missing column fails before any work starts.
@@ -244,7 +357,7 @@ class ReadUrlLists(beam.PTransform):
         outputs = (
             pbegin
             | "Files" >> beam.Create(list(enumerate(self.paths)))
-            | "Rows" >> beam.ParDo(ReadRowsDoFn(self.config)).with_outputs(REJECTS, main="records")
+            | "Rows" >> beam.ParDo(ReadRowsDoFn(self.config)).with_outputs(REJECTS, INPUT_ERRORS, main="records")
         )
-        return outputs.records, outputs[REJECTS]
+        return outputs.records, outputs[REJECTS], outputs[INPUT_ERRORS]
 
