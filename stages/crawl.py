@@ -68,7 +68,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas import CrawlConfig, RejectReason, Stage
-from stages.base import REJECTS, Drop, StageMetrics, WithImage, rejection
+from stages.base import REJECTS, Drop, StageMetrics, WithImage, internal_error, rejection
 from stages.core.addresses import IPAddress, non_public_reason
 
 # img2dataset's package import pulls in albumentations, which otherwise checks
@@ -474,7 +474,14 @@ class CrawlDoFn(beam.DoFn):
         # works on finished downloads while the rest of the batch is in flight.
         pending = {self._pool.submit(self._fetcher.fetch, record.url): record for record in batch}
         for future in concurrent.futures.as_completed(pending):
-            record, result = pending.pop(future), future.result()
+            record = pending.pop(future)
+            try:
+                result = future.result()
+            except Exception as err:  # noqa: BLE001 - a fetch bug loses its row to rejects, not the run
+                logger.warning("crawl: %s raised %s: %s", record.url, type(err).__name__, err)
+                self._metrics.dropped(RejectReason.INTERNAL_ERROR).inc()
+                yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.CRAWL, internal_error(err)))
+                continue
             self._fetch_ms.update(int(result.elapsed_s * 1000))
             if result.drop is not None:
                 self._metrics.dropped(result.drop.reason).inc()

@@ -630,3 +630,25 @@ def test_crawl_transform_on_the_fn_api_runner(web):
     }
     assert distributions["fetch_bytes"].count == 2 and distributions["fetch_bytes"].sum == 6
     assert distributions["fetch_ms"].count == 6
+
+
+def test_a_fetch_that_raises_unexpectedly_is_an_internal_error_reject(web, monkeypatch):
+    web.add("/a.jpg", b"a", content_type="image/png")
+    dofn = CrawlDoFn(LOCAL)
+    dofn.setup()
+
+    def broken(self, url):
+        if url.endswith("/bug"):
+            raise ZeroDivisionError("a bug in the fetcher")
+        return original(self, url)
+
+    original = Fetcher.fetch
+    monkeypatch.setattr(Fetcher, "fetch", broken)
+    try:
+        out = list(dofn.process([record("k0", web.url("/a.jpg")), record("k1", web.url("/bug"))]))
+    finally:
+        dofn.teardown()
+    rejects = [o.value for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert [r.key for r in rejects] == ["k1"]
+    assert rejects[0].reason == RejectReason.INTERNAL_ERROR and "ZeroDivisionError" in rejects[0].detail
+    assert [o.record.key for o in out if not isinstance(o, beam.pvalue.TaggedOutput)] == ["k0"]
