@@ -47,7 +47,9 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from PIL import Image, ImageDraw, ImageFilter
 
 from schemas import DedupConfig, Provenance, SampleRecord
-from stages.dedup import DedupItem, Deduplicate, _resize_weights, compute_phash, plan_dedup, rank
+from stages.core.dedup_plan import DedupItem, plan_dedup, rank
+from stages.core.phash import _resize_weights, compute_phash
+from stages.dedup import Deduplicate
 
 # ------------------------------------------------------------------ photo-like images
 

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import DecodeConfig, RejectReason, Stage
 from stages.base import Drop, FilterDoFn, WithImage
-from stages.dedup import compute_phash, digest_image
+from stages.core.phash import compute_phash, digest_image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -9,7 +9,7 @@ caption files (`cat.jpg` + `cat.txt`). `prepare_dataset` reads it once and retur
   rotation, minimum side, aspect ratio, decompression bombs). Files that fail are set
   aside with the stage's `RejectReason` (`not_an_image`, `truncated_image`, `too_small`, ...).
 - Exact (SHA-256 of the file bytes) and near (64-bit pHash, the same Hamming threshold)
-  duplicates are resolved with the dedup stage's own planner (`stages.dedup.plan_dedup`):
+  duplicates are resolved with the dedup stage's own planner (`stages.core.dedup_plan.plan_dedup`):
   the copy with more pixels (then the smaller file name) is kept, the others are set aside
   as `exact_duplicate` / `near_duplicate` naming the kept file.
 - Captions: the `.txt` file when it holds a usable caption (`stages.caption.check_caption`
@@ -45,7 +45,8 @@ from schemas.lora import CaptionSource, LoraBucket, LoraDataReport, LoraImage, L
 from schemas.scoring import RecaptionConfig
 from stages.base import Drop
 from stages.caption import check_caption, normalize_caption
-from stages.dedup import DedupItem, plan_dedup, sha256_hex
+from stages.core.dedup_plan import DedupItem, plan_dedup
+from stages.core.phash import sha256_hex
 from stages.resolution import decode_image
 
 logger = logging.getLogger(__name__)
