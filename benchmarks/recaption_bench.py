@@ -108,14 +108,14 @@ def bench_baseline(config, images: list[bytes], repeats: int) -> float:
 
 def bench_model(config, images: list[bytes], batch_size: int, repeats: int) -> tuple[float, float]:
     """(preprocess seconds, generate seconds) for every image in batches."""
-    from stages.inference import decode_image
+    from stages.core.decode import decode_rgb
     from stages.recaption import Captioner, format_prompt, load_processor
 
     captioner = Captioner.load(config)
     processor = load_processor(config.model)
     prompt = format_prompt(processor, config)
     started = time.perf_counter()
-    examples = [dict(processor(images=decode_image(data), text=prompt, return_tensors="np")) for data in images]
+    examples = [dict(processor(images=decode_rgb(data), text=prompt, return_tensors="np")) for data in images]
     preprocess_s = time.perf_counter() - started
     captioner.generate(examples[:batch_size])  # warm-up (CUDA kernels, allocator)
 

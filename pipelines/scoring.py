@@ -30,7 +30,8 @@ from schemas.scoring import ScoringConfig, SelectConfig
 from stages import aesthetic, clip_score, safety
 from stages.base import REJECTS
 from stages.inference import PrepareImagesDoFn, ScoringExample, resource_hints
-from stages.select import SCORE_FIELDS, apply_select
+from stages.core.select import SCORE_FIELDS
+from stages.select import apply_select
 
 LOG = logging.getLogger(__name__)
 

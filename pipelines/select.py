@@ -52,7 +52,8 @@ from pipelines import outputs
 from pipelines.scoring import UNSELECTED_DIR, ScoringConfigError, check_thresholds, computed_scores
 from schemas import CurateConfig, Rejection, Stage
 from schemas.scoring import SelectConfig
-from stages.select import ReadShardRecords, apply_select, drop_would_pass
+from stages.core.select import drop_would_pass
+from stages.select import ReadShardRecords, apply_select
 from stages.shards import SHARDS_DIR, TMP_DIR, WriteShards
 from stages.staging import cleanup_after
 

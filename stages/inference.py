@@ -16,7 +16,6 @@ All of it is fused in one Beam stage: the arrays never cross a shuffle.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,7 @@ from apache_beam.metrics import Metrics
 from schemas import RejectReason, SampleRecord, Stage
 from schemas.scoring import BatchingConfig, EmbeddingHeadConfig, ModelWorkerConfig
 from stages.base import REJECTS, Drop, rejection
+from stages.core.decode import decode_rgb
 
 LOG = logging.getLogger(__name__)
 
@@ -152,15 +152,6 @@ class Preparer(Protocol):
     def __call__(self, image, record: SampleRecord) -> dict[str, np.ndarray]: ...
 
 
-def decode_image(data: bytes):
-    """Bytes -> EXIF-transposed RGB PIL image (fully loaded)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as image:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")  # convert() loads the pixels and returns a new image
-
-
 def _read_staged(ref):
     from stages.staging import read_image_bytes
 
@@ -197,7 +188,7 @@ class PrepareImagesDoFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.SELECT, drop))
             return
         try:
-            image = decode_image(data)
+            image = decode_rgb(data)
         except Exception as err:
             self.undecodable.inc()
             drop = Drop(RejectReason.NOT_AN_IMAGE, f"staged bytes no longer decode: {err}"[:300])

@@ -58,7 +58,8 @@ from PIL import Image
 
 from schemas import RecaptionStatus, SampleRecord
 from schemas.scoring import RecaptionConfig
-from stages.inference import decode_image, model_handler_kwargs, resolve_device, resolve_dtype, resource_hints
+from stages.core.decode import decode_rgb
+from stages.inference import model_handler_kwargs, resolve_device, resolve_dtype, resource_hints
 from stages.staging import ImageReader
 
 LOG = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ class PrepareDoFn(beam.DoFn):
         try:
             if record.image_ref is None:
                 raise ValueError("the record has no image_ref")
-            image = decode_image(self._reader.read(record.image_ref))
+            image = decode_rgb(self._reader.read(record.image_ref))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             LOG.warning("recaption: %s: cannot read its image: %s", record.key, err)
             self.unreadable.inc()

@@ -4,7 +4,6 @@ runner sees them (read back from the pipeline proto)."""
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import apache_beam as beam
@@ -23,7 +22,6 @@ from stages.inference import (
     EmbeddingHead,
     PrepareImagesDoFn,
     check_embedding_head,
-    decode_image,
     model_handler_kwargs,
     onnx_providers,
     resolve_device,
@@ -87,29 +85,6 @@ def test_handler_kwargs_and_hints():
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def _jpeg(image: Image.Image, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", **kwargs)
-    return buffer.getvalue()
-
-
-def test_decode_image_applies_exif_rotation_and_converts_to_rgb():
-    wide = Image.new("RGB", (40, 20), (200, 10, 10))
-    exif = wide.getexif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    decoded = decode_image(_jpeg(wide, exif=exif))
-    assert decoded.size == (20, 40) and decoded.mode == "RGB"
-
-    rgba = Image.new("RGBA", (8, 8), (0, 255, 0, 128))
-    buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue()).mode == "RGB"
-    palette = Image.new("P", (8, 8))
-    buffer = io.BytesIO()
-    palette.save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue()).mode == "RGB"
 
 
 class _SizePreparer:
