@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tests.trainer.conftest import shard_spec, tiny_config, write_shards
-from trainer.demo_data import PALETTE, SHAPES
+from trainer.testing.shapes import PALETTE, SHAPES
 
 TRIGGER = "zxq"
 CONCEPT_RGB = (230, 40, 200)  # magenta, absent from the base model's palette

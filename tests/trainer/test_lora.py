@@ -39,7 +39,7 @@ from tests.trainer.lora_helpers import (
     write_concept_folder,
     write_odd_folder,
 )
-from trainer.demo_data import PALETTE, SHAPES
+from trainer.testing.shapes import PALETTE, SHAPES
 from trainer.lora_data import BatchPlan, make_buckets, nearest_bucket, prepare_dataset, without_word
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -555,6 +555,9 @@ def test_resume_after_a_kill_is_exact(tmp_path, base_run):
         quiet(train_lora, images, base_run, killed, config, resume=True)
     with pytest.raises(ValueError, match="different config"):
         quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}), resume=True)
+    # The one resume policy (trainer.resume), as `trainer fit --resume`: refuse, naming the fields.
+    with pytest.raises(ValueError, match=r"different config \(optim\.steps differ\)"):
+        quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}), resume=True)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -625,14 +628,14 @@ class _FlagsAtStep4:
 
 @pytest.mark.parametrize("action", ["stop", "warn"])
 def test_overfitting_stops_or_keeps_the_best_adapter(tmp_path, base_run, monkeypatch, action):
-    import trainer.lora
+    import trainer.lora.loop
     from trainer.lora import LORA_FILE, train_lora
 
     images = write_concept_folder(tmp_path / "images", count=12)
     # A constant LR after warmup: the weights after step 2 do not depend on the planned length.
     at_two = quiet(train_lora, images, base_run, tmp_path / "two", short_config(optim={"steps": 2}))
     assert at_two.steps_done == 2
-    monkeypatch.setattr(trainer.lora, "OverfitMonitor", _FlagsAtStep4)
+    monkeypatch.setattr(trainer.lora.loop, "OverfitMonitor", _FlagsAtStep4)
     summary = quiet(train_lora, images, base_run, tmp_path / "run", short_config(optim={"steps": 8}, holdout={"on_overfit": action}))
     assert summary.overfit_step == 4 and summary.best_heldout_step == 2
     best_file = tmp_path / "run" / (LORA_FILE if action == "stop" else f"best/{LORA_FILE}")
