@@ -49,6 +49,7 @@ from apache_beam.metrics import Metrics
 from pydantic import ValidationError
 
 from pipelines import outputs
+from pipelines.funnel import print_summary
 from pipelines.scoring import UNSELECTED_DIR, ScoringConfigError, check_thresholds, computed_scores
 from schemas import CurateConfig, Rejection, Stage
 from schemas.scoring import SelectConfig
@@ -241,7 +242,6 @@ def resolve_select_config(input_dir: str, args: argparse.Namespace) -> SelectCon
 
 def run_select(argv: list[str], test_pipeline=None) -> int:
     """`beam run select ...`; returns the exit code (2 for bad arguments)."""
-    from pipelines.cli import print_funnel
     from pipelines.runner import create_runner, make_pipeline_options
 
     args, beam_argv = _parser().parse_known_args(argv)
@@ -263,10 +263,7 @@ def run_select(argv: list[str], test_pipeline=None) -> int:
             not_readmittable,
             args.input,
         )
-    report = outputs.read_report(args.output)
-    print_funnel(report)
-    print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
-    return 0 if report.accounting_ok else 1
+    return print_summary(args.output, outputs.read_report(args.output), outputs.INDEX)
 
 
 def _counter(result, name: str) -> int:

@@ -10,10 +10,23 @@ across runs and sort in input order.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from typing import Any
 
 from schemas import Provenance, ReadConfig, RejectReason, SampleRecord
 from stages.core.verdict import Drop
+
+@functools.cache
+def pipeline_version() -> str | None:
+    """The installed imagemill's version (package metadata), which every record's
+    `provenance.pipeline_version` carries; None when the code runs from a source tree
+    that was never installed (`pip install -e .` fixes that)."""
+    try:
+        return importlib.metadata.version("imagemill")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
 
 MAX_FILES = 10**5
 MAX_ROWS_PER_FILE = 10**9
@@ -59,7 +72,7 @@ def _as_int(value: Any) -> int | None:
 
 def row_to_record(path: str, ordinal: int, row: int, item: dict[str, Any] | None, error: str, config: ReadConfig):
     """Build the record for one input row, or the Drop that explains why not."""
-    provenance = Provenance(source_file=path, source_row=row)
+    provenance = Provenance(source_file=path, source_row=row, pipeline_version=pipeline_version())
     key = make_key(ordinal, row)
     if item is None:
         placeholder = SampleRecord(key=key, url="", caption_original="", provenance=provenance)
