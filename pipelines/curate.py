@@ -24,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs
 from pipelines.funnel import print_summary
-from pipelines.scoring import UNSELECTED_DIR, ModelStages
+from pipelines.scoring import UNSELECTED_DIR, ModelStages, check_models
 from schemas import CurateConfig
 from schemas.overrides import set_dotted
 from stages.base import apply_filter
@@ -167,6 +167,7 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
         config = load_config(args.config, overrides)
+        check_models(config)
         options = make_pipeline_options(beam_argv)
         run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)

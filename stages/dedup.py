@@ -8,6 +8,10 @@ Beam wiring: nine DoFns with their tuple protocols and the `Deduplicate`
 transform, which computes the same decisions as `plan_dedup` without any worker
 holding all hashes, pairs or pointers.
 
+(Over 500 lines on purpose: the DoFns exchange plain tuples across shuffles, and each
+tuple protocol is read where it is produced and consumed; splitting the DoFns over
+modules would separate them.)
+
 Scale
 -----
 Only keys, ranks and hashes go through shuffles (records carry metadata only;
@@ -122,6 +126,17 @@ def _tagged(chunks: Iterable[tuple[str, list]], tag: str) -> Iterator[tuple]:
     for chunk_tag, elements in chunks:
         if chunk_tag == tag:
             yield from elements
+
+
+def _unique_by_key(chunks: Iterable[tuple[str, list]], tag: str, make, clash: str) -> dict:
+    """key -> make(value) for the `tag` elements of `chunks`; a key seen twice is an
+    error (`clash` says how), since sample keys must be unique."""
+    out = {}
+    for key, value in _tagged(chunks, tag):
+        if key in out:
+            raise ValueError(f"dedup: key {key!r} {clash}; sample keys must be unique")
+        out[key] = make(value)
+    return out
 
 
 def _row(record: SampleRecord) -> tuple[str, bytes, str | None, int, str | None]:
@@ -330,11 +345,7 @@ class _Jump(beam.DoFn):
 
     def process(self, element):
         _, chunks = element
-        table: dict[str, TableEntry] = {}
-        for key, entry in _tagged(chunks, "table"):
-            if key in table:
-                raise ValueError(f"dedup: key {key!r} is dropped twice; sample keys must be unique")
-            table[key] = TableEntry._make(entry)
+        table = _unique_by_key(chunks, "table", TableEntry._make, "is dropped twice")
         for key, entry in table.items():
             if entry.resolved:
                 yield beam.pvalue.TaggedOutput("table", (key, tuple(entry)))
@@ -383,11 +394,7 @@ class _Join(beam.DoFn):
 
     def process(self, element):
         _, chunks = element
-        decisions: dict[str, Decision] = {}
-        for key, decision in _tagged(chunks, "decision"):
-            if key in decisions:
-                raise ValueError(f"dedup: key {key!r} has two decisions; sample keys must be unique")
-            decisions[key] = Decision._make(decision)
+        decisions = _unique_by_key(chunks, "decision", Decision._make, "has two decisions")
         seen: set[str] = set()
         for key, record_json in _tagged(chunks, "record"):
             if key in seen:

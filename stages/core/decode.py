@@ -29,6 +29,7 @@ picture (64-bit pHash, for near dedup) while they are in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -48,19 +49,18 @@ _EXIF_ORIENTATION = 0x0112
 _RESIZER_LOCK = threading.Lock()
 
 
+@dataclasses.dataclass(slots=True)
 class Decoded:
-    """What the decode step learnt about an image."""
+    """What the decode step learnt about an image: the bytes to store, their format
+    and size, the size before any resize (after EXIF rotation), and the pHash."""
 
-    __slots__ = ("data", "fmt", "width", "height", "original_width", "original_height", "phash")
-
-    def __init__(self, data, fmt, width, height, original_width, original_height, phash):
-        self.data = data
-        self.phash = phash
-        self.fmt = fmt
-        self.width = width
-        self.height = height
-        self.original_width = original_width
-        self.original_height = original_height
+    data: bytes
+    fmt: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    phash: str
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -10,25 +10,19 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
 
 from schemas import CurateConfig, ImageRef, RejectReason, Stage
 from schemas.scoring import BatchingConfig, EmbeddingHeadConfig, ScoringConfig
 from stages.base import REJECTS
-from stages.inference import (
-    EmbeddingHead,
-    PrepareImagesDoFn,
-    check_embedding_head,
-    model_handler_kwargs,
-    onnx_providers,
-    resolve_device,
-    resolve_dtype,
-    resource_hints,
-)
-from tests.models import TINY_CLIP_NAME, make_images, save_embedding_head, save_tiny_clip, staged_records
+from stages.inference import PrepareImagesDoFn, model_handler_kwargs, resource_hints
+from stages.models.device import onnx_providers, resolve_device, resolve_dtype
+from stages.models.heads import EmbeddingHead, check_embedding_head
+from pipelines.testing.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
+from pipelines.testing.images import make_images, staged_records
 
 
 def runner():

@@ -15,31 +15,22 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from apache_beam.internal import pickler
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.portability import common_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
-from PIL import Image
 
 from schemas import ImageRef, Provenance, RecaptionStatus, SampleRecord
 from schemas.scoring import BatchingConfig, RecaptionConfig
-from stages import recaption
-from stages.recaption import (
-    CaptionModelHandler,
-    Captioner,
-    GateDoFn,
-    Generation,
-    PrepareDoFn,
-    Recaption,
-    apply_generation,
-    collate,
-    gate_caption,
-    validate_model,
-)
-from tests.models import save_tiny_llava
-from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
+from stages.models import captioner
+from stages.core.caption_gate import Generation, apply_generation, gate_caption
+from stages.models.captioner import Captioner, collate, validate_model
+from stages.recaption import CaptionModelHandler, GateDoFn, PrepareDoFn, Recaption
+from pipelines.testing.models import save_tiny_llava
+from tests.portable import portable_services, service_logs
 
 S = RecaptionStatus
 PROMPT = "Describe this image in one sentence."
@@ -206,7 +197,7 @@ def reference(checkpoints, staged):
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoints["random"])
     processor = AutoProcessor.from_pretrained(checkpoints["random"])
-    prompt_text = recaption.format_prompt(processor, _config(checkpoints["random"]))
+    prompt_text = captioner.format_prompt(processor, _config(checkpoints["random"]))
     _, images = staged
     return [_reference_caption(model, processor, image, prompt_text, 8) for image in images]
 
@@ -214,8 +205,8 @@ def reference(checkpoints, staged):
 def test_batched_generation_matches_single_image_transformers(checkpoints, staged, reference):
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = recaption.load_processor(config.model)
-    prompt_text = recaption.format_prompt(processor, config)
+    processor = captioner.load_processor(config.model)
+    prompt_text = captioner.format_prompt(processor, config)
     _, images = staged
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in images]
     generations = captioner.generate(examples)
@@ -230,8 +221,8 @@ def test_decoding_is_greedy_whatever_the_checkpoint_defaults(tmp_path, checkpoin
     path = sampling / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True, "temperature": 5.0, "top_k": 0}))
     config = _config(str(sampling))
-    processor = recaption.load_processor(config.model)
-    prompt_text = recaption.format_prompt(processor, config)
+    processor = captioner.load_processor(config.model)
+    prompt_text = captioner.format_prompt(processor, config)
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in staged[1]]
     generations = Captioner.load(config).generate(examples)
     assert [(g.text, g.finished) for g in generations] == reference
@@ -241,7 +232,7 @@ def test_left_padding_does_not_change_captions(checkpoints, staged):
     """Prompts of different lengths in one batch (left-padded) caption as they do alone."""
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = recaption.load_processor(config.model)
+    processor = captioner.load_processor(config.model)
     _, images = staged
     prompts = ["USER: <image>\na photo ASSISTANT:", "USER: <image>\nwhat is in this picture of a city ASSISTANT:"]
     examples = [dict(processor(images=images[i], text=p, return_tensors="np")) for i, p in enumerate(prompts)]
@@ -254,15 +245,15 @@ def test_generation_flags_end_of_sequence_and_token_budget(checkpoints, staged):
     _, images = staged
     for name, expected in [("eos", Generation("", 1, True)), ("cat", Generation(" ".join(["cat"] * 5), 5, False))]:
         config = _config(checkpoints[name], max_new_tokens=5)
-        processor = recaption.load_processor(config.model)
-        example = dict(processor(images=images[0], text=recaption.format_prompt(processor, config), return_tensors="np"))
+        processor = captioner.load_processor(config.model)
+        example = dict(processor(images=images[0], text=captioner.format_prompt(processor, config), return_tensors="np"))
         assert Captioner.load(config).generate([example, example]) == [expected, expected]
 
 
 def test_precision_and_device_choice(checkpoints, staged):
     captioner = Captioner.load(_config(checkpoints["cat"], precision="bf16", device="cpu", max_new_tokens=3))
     assert captioner.model.dtype == torch.bfloat16 and captioner.device.type == "cpu"
-    processor = recaption.load_processor(checkpoints["cat"])
+    processor = captioner.load_processor(checkpoints["cat"])
     example = dict(processor(images=staged[1][0], text="USER: <image>\nhi ASSISTANT:", return_tensors="np"))
     assert captioner.generate([example]) == [Generation("cat cat cat", 3, False)]
     assert Captioner.load(_config(checkpoints["cat"])).model.dtype == (
@@ -294,12 +285,12 @@ def test_auto_device_uses_cuda_in_bf16(checkpoints, staged):
 
 
 def test_prompt_formatting_uses_the_chat_template_or_the_configured_template(checkpoints):
-    with_template = recaption.load_processor(checkpoints["random"])
-    assert recaption.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
+    with_template = captioner.load_processor(checkpoints["random"])
+    assert captioner.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
     custom = _config("m", prompt="a caption please", prompt_template="<image> Q: {prompt} A:", use_chat_template=False)
-    assert recaption.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
-    without = recaption.load_processor(checkpoints["no_template"])
-    assert recaption.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
+    assert captioner.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
+    without = captioner.load_processor(checkpoints["no_template"])
+    assert captioner.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
 
 
 # --------------------------------------------------------------------------- validation

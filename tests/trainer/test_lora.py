@@ -398,7 +398,7 @@ def test_captions_from_files_trigger_fallback_and_hygiene(tmp_path):
 
 def test_recaption_model_captions_images_without_a_caption_file(tmp_path):
     from schemas.scoring import RecaptionConfig
-    from tests.models import save_tiny_llava
+    from pipelines.testing.models import save_tiny_llava
     from trainer.lora_data import load_recaptioner
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from benchmarks.dedup_bench import crop_fraction, jpeg_bytes, resized, synthetic_photo
+from pipelines.testing.images import crop_fraction, jpeg_bytes, resized, synthetic_photo
 from schemas import DedupConfig
 from stages.core.phash import _phash_of_pixels, compute_phash, digest_image, hamming, phash_to_int, sha256_hex
 
