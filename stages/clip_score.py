@@ -19,6 +19,9 @@ The model is loaded exactly as users load it:
 (`ClipModelHandler.load_model`). Resize and crop run on CPU in the decode step
 (`ClipPreparer`, uint8 output); scaling and normalisation run on the model's
 device.
+
+The model code (config checks, preprocessing, the scorer) is `stages/models/clip.py`, with
+no Beam; this module holds the RunInference handler and the heads DoFn.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""What the model stages share: device and dtype choice, batching and resource
-hints for `RunInference`, decoding a staged image once for every model, and the
-small heads that score CLIP embeddings.
+"""What the model stages' Beam adapters share: batching and resource hints for
+`RunInference`, the handler mixin, and decoding a staged image once for every
+model (`PrepareImagesDoFn`). Device choice and the CLIP-embedding heads are in
+`stages/models/` (no Beam).
 
 How a record reaches the models (see `pipelines/scoring.py`):
 1. `PrepareImagesDoFn` reads the record's staged bytes (`ImageRef`), decodes

@@ -17,6 +17,9 @@ and `recaption_status` set:
   without an end-of-sequence token). `unreadable_image` means the staged bytes
   could not be read or decoded, so nothing was generated.
 
+The gate is `stages/core/caption_gate.py`; the model, its processor and batched
+generation are `stages/models/captioner.py`; this module is the Beam wiring.
+
 This is the recaptioning recipe of DALL-E 3 ("Improving Image Generation with
 Better Captions", Betker et al. 2023) and PixArt-alpha (LLaVA captions for
 SA-1B), with the alt text kept as the fallback and for caption mixing.
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -65,9 +67,6 @@ LOG = logging.getLogger(__name__)
 
 NAMESPACE = "recaption"
 FALLBACK = "fallback"
-_MAX_LOOP_NGRAM = 8
-_WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --------------------------------------------------------------------------- #

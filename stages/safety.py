@@ -24,6 +24,9 @@ BGR (notAI-tech/NudeNet#203); YOLOv8 models are trained on RGB.
 (LAION's CLIP-based NSFW detector and watermark scores play these roles);
 their checkpoints are configured in `SafetyConfig` and run by
 `stages.clip_score.ApplyClipHeadsDoFn`.
+
+The detector code (config check, letterbox, scoring, loading) is `stages/models/nudenet.py`,
+with no Beam; this module holds the RunInference handler and the DoFn that attaches the score.
 """
 
 from __future__ import annotations
