@@ -44,67 +44,13 @@ import numpy as np
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from schemas import DedupConfig, Provenance, SampleRecord
-from stages.dedup import DedupItem, Deduplicate, _resize_weights, compute_phash, plan_dedup, rank
-
-# ------------------------------------------------------------------ photo-like images
-
-
-def background_field(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Smooth colour field with detail at three scales (float32, HxWx3, 0..255)."""
-
-    def field(cells: int) -> np.ndarray:
-        base = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.uint8)
-        return np.asarray(Image.fromarray(base, "RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-
-    return 0.65 * field(4) + 0.25 * field(12) + 0.10 * field(40)
-
-
-def synthetic_photo(
-    rng: np.random.Generator, width: int, height: int, background: np.ndarray | None = None
-) -> Image.Image:
-    """A photo-like RGB image: multi-scale colour background, 3-9 solid shapes,
-    slight blur and sensor-like noise (sigma 4). Pass `background` to make a
-    "sibling": same scene, different objects."""
-    if background is None:
-        background = background_field(rng, width, height)
-    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 10))):
-        x0, y0 = rng.uniform(-0.1, 0.9) * width, rng.uniform(-0.1, 0.9) * height
-        w, h = rng.uniform(0.05, 0.45) * width, rng.uniform(0.05, 0.45) * height
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        kind = int(rng.integers(0, 3))
-        if kind == 0:
-            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
-        elif kind == 1:
-            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
-        else:
-            draw.polygon([(x0 + rng.uniform(0, w), y0 + rng.uniform(0, h)) for _ in range(int(rng.integers(3, 7)))], fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(radius=max(0.8, width / 600)))
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 4, size=(height, width, 1)).astype(np.float32)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
-
-
-def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def crop_fraction(rng: np.random.Generator, img: Image.Image, low: float = 0.02, high: float = 0.05) -> Image.Image:
-    """Cut `low`..`high` of each dimension, split randomly between the two sides."""
-    width, height = img.size
-    fx, fy = rng.uniform(low, high, size=2)
-    left, top = int(width * fx * rng.uniform()), int(height * fy * rng.uniform())
-    return img.crop((left, top, left + width - int(width * fx), top + height - int(height * fy)))
-
-
-def resized(img: Image.Image, factor: float) -> Image.Image:
-    return img.resize((max(1, int(img.size[0] * factor)), max(1, int(img.size[1] * factor))), Image.Resampling.BICUBIC)
-
+from stages.core.dedup_plan import DedupItem, plan_dedup, rank
+from stages.core.phash import _resize_weights, compute_phash
+from stages.dedup import Deduplicate
+from pipelines.testing.images import background_field, crop_fraction, jpeg_bytes, resized, synthetic_photo
 
 VARIANTS = ("reencode", "resize", "crop", "all_three")
 

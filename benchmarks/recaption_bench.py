@@ -35,41 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-
-def make_images(n: int, side: int, seed: int = 0) -> list[bytes]:
-    """JPEGs of smooth random colour fields (cheap to make, realistic to decode)."""
-    rng = np.random.RandomState(seed)
-    images = []
-    for _ in range(n):
-        small = rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((side, side), Image.BILINEAR)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
-    return images
-
-
-def stage(images: list[bytes], folder: Path):
-    """Write the images to one staging file; return SampleRecords pointing into it."""
-    from schemas import ImageRef, Provenance, SampleRecord
-
-    path = folder / "staged.bin"
-    records, offset = [], 0
-    with open(path, "wb") as f:
-        for i, data in enumerate(images):
-            f.write(data)
-            records.append(
-                SampleRecord(
-                    key=f"{i:014d}", url=f"http://bench/{i}.jpg", caption_original=f"image {i}",
-                    provenance=Provenance(source_file="bench", source_row=i),
-                    image_ref=ImageRef(path=str(path), offset=offset, length=len(data)),
-                )
-            )
-            offset += len(data)
-    return records
+from pipelines.testing.images import colour_field_jpegs, staged_records
 
 
 def bench_baseline(config, images: list[bytes], repeats: int) -> float:
@@ -77,8 +45,8 @@ def bench_baseline(config, images: list[bytes], repeats: int) -> float:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from stages.inference import resolve_device, resolve_dtype
-    from stages.recaption import format_prompt
+    from stages.models.device import resolve_device, resolve_dtype
+    from stages.models.captioner import format_prompt
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(device, config.precision) or torch.float32
@@ -108,14 +76,14 @@ def bench_baseline(config, images: list[bytes], repeats: int) -> float:
 
 def bench_model(config, images: list[bytes], batch_size: int, repeats: int) -> tuple[float, float]:
     """(preprocess seconds, generate seconds) for every image in batches."""
-    from stages.inference import decode_image
-    from stages.recaption import Captioner, format_prompt, load_processor
+    from stages.core.decode import decode_rgb
+    from stages.models.captioner import Captioner, format_prompt, load_processor
 
     captioner = Captioner.load(config)
     processor = load_processor(config.model)
     prompt = format_prompt(processor, config)
     started = time.perf_counter()
-    examples = [dict(processor(images=decode_image(data), text=prompt, return_tensors="np")) for data in images]
+    examples = [dict(processor(images=decode_rgb(data), text=prompt, return_tensors="np")) for data in images]
     preprocess_s = time.perf_counter() - started
     captioner.generate(examples[:batch_size])  # warm-up (CUDA kernels, allocator)
 
@@ -169,19 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recaption-bench-") as tmp:
         model = args.model
         if model is None:
-            from tests.models import save_tiny_llava
+            from pipelines.testing.models import save_tiny_llava
 
             model = str(save_tiny_llava(Path(tmp) / "tiny-llava"))
         base = RecaptionConfig(
             model=model, device=args.device, precision=args.precision, max_new_tokens=args.max_new_tokens,
             min_ram=None, cpu_threads=args.threads,
         )
-        images = make_images(args.images, args.image_side)
-        records = stage(images, Path(tmp))
+        images = colour_field_jpegs(args.images, args.image_side)
+        records = staged_records(Path(tmp), images, [f"image {i}" for i in range(len(images))])
 
         baseline_s = bench_baseline(base, images, args.repeats)
         baseline_ips = len(images) / baseline_s
-        from stages.inference import resolve_device
+        from stages.models.device import resolve_device
 
         import torch
 

@@ -40,43 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-
-def make_jpegs(n: int, side: int, seed: int = 0) -> list[bytes]:
-    """Photo-sized JPEGs of smooth random colour fields (realistic to decode)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(n):
-        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((side, side * 3 // 4), Image.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
-def stage(images: list[bytes], folder: Path):
-    """One staging file with every image; SampleRecords pointing into it."""
-    from schemas import ImageRef, Provenance, SampleRecord
-
-    path = folder / "staged.bin"
-    records, offset = [], 0
-    with open(path, "wb") as f:
-        for i, data in enumerate(images):
-            f.write(data)
-            records.append(
-                SampleRecord(
-                    key=f"{i:014d}",
-                    url=f"http://bench/{i}.jpg",
-                    caption_original=f"a photograph of a colourful abstract pattern number {i}",
-                    provenance=Provenance(source_file="bench", source_row=i),
-                    image_ref=ImageRef(path=str(path), offset=offset, length=len(data)),
-                )
-            )
-            offset += len(data)
-    return records
+from pipelines.testing.images import colour_field_jpegs, staged_records
 
 
 def clip_config(model: str, folder: Path):
@@ -88,7 +54,7 @@ def clip_config(model: str, folder: Path):
     from schemas.scoring import ClipConfig
 
     if model == "tiny":
-        from tests.models import TINY_CLIP_NAME, save_tiny_clip
+        from pipelines.testing.models import TINY_CLIP_NAME, save_tiny_clip
 
         config_path, weights = save_tiny_clip(folder)
         return ClipConfig(model=TINY_CLIP_NAME, pretrained=str(weights), model_config_path=str(config_path))
@@ -132,7 +98,7 @@ def bench_nudenet_baseline(images: list[bytes], repeats: int, threads: int | Non
     import onnxruntime
     from nudenet import NudeDetector
 
-    from stages.safety import packaged_nudenet_model
+    from stages.models.nudenet import packaged_nudenet_model
 
     detector = NudeDetector()
     if threads:  # NudeDetector has no threads option: rebuild its session with ours
@@ -148,9 +114,9 @@ def bench_nudenet_baseline(images: list[bytes], repeats: int, threads: int | Non
 def prepare_all(clip, preprocess, records):
     """Our CPU step for every record: ScoringExamples ready for both models."""
     from schemas.scoring import NudeNetConfig
-    from stages.clip_score import ClipPreparer
+    from stages.models.clip import ClipPreparer
     from stages.inference import PrepareImagesDoFn
-    from stages.safety import NudeNetPreparer
+    from stages.models.nudenet import NudeNetPreparer
 
     dofn = PrepareImagesDoFn([ClipPreparer(clip, preprocess), NudeNetPreparer(NudeNetConfig())])
     dofn.setup()
@@ -200,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from schemas.scoring import BatchingConfig, NudeNetConfig, SafetyConfig, ScoringConfig
-    from stages.clip_score import ClipModelHandler, preprocess_config
-    from stages.inference import resolve_device, resolve_dtype
+    from stages.clip_score import ClipModelHandler
+    from stages.models.clip import preprocess_config
+    from stages.models.device import resolve_device, resolve_dtype
     from stages.safety import NudeNetModelHandler
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -209,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="scoring-bench-") as tmp:
         clip = clip_config(args.model, Path(tmp))
         preprocess = preprocess_config(clip)
-        images = make_jpegs(args.images, args.image_side)
-        records = stage(images, Path(tmp))
+        images = colour_field_jpegs(args.images, args.image_side, args.image_side * 3 // 4)
+        records = staged_records(Path(tmp), images, [f"a photograph of a colourful abstract pattern number {i}" for i in range(len(images))])
         captions = [r.caption_original for r in records]
         scoring = ScoringConfig(device=args.device, precision=args.precision, cpu_threads=args.threads)
         if args.threads:

@@ -25,49 +25,7 @@ PIPELINES = {
     "select": "Re-apply selection thresholds to a scored curate output without running any model.",
 }
 
-_BEAM_OPTIONS_HELP = """\
-Beam pipeline options (passed through to Beam; the common ones):
-  --runner NAME               DirectRunner (default, offline), PortableRunner, DataflowRunner, FlinkRunner
-  --direct_num_workers N      local parallelism (0 = one per core)
-  --direct_running_mode M     in_memory | multi_threading | multi_processing
-  --job_endpoint HOST:PORT    PortableRunner job service
-  --environment_type T        DOCKER | PROCESS | EXTERNAL | LOOPBACK
-  --environment_config C      image, boot command or worker pool address
-  --setup_file PATH           the project's pyproject.toml, staged to remote workers
-  --project, --region, --temp_location, --staging_location, --max_num_workers, --sdk_container_image  (Dataflow)
-Run `beam run curate --help-beam` for every Beam option.
-"""
-
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "json"
-
-
-def _curate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="beam run curate",
-        description=PIPELINES["curate"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every config key and its default: `beam run curate --print-config`.\n\n" + _BEAM_OPTIONS_HELP,
-    )
-    parser.add_argument("--input", required=True, help="URL list: one file or a glob (parquet, csv, tsv, jsonl, optionally .gz); any Beam FileSystems path.")
-    parser.add_argument("--output", required=True, help="Output folder (local, gs://, s3://): shards/, index.parquet, rejects.parquet, report.json, config.json.")
-    parser.add_argument("--config", help="YAML config; every key optional (see --print-config for all keys and defaults).")
-    parser.add_argument(
-        "--allow-private-network",
-        action="store_true",
-        help="Let the crawler fetch from loopback, private, link-local and reserved addresses (tests, demos, your own intranet). Off by default.",
-    )
-    add_run_arguments(parser)
-    return parser
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every `beam run` pipeline shares."""
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="The output folder holds an earlier run's output: delete what that run wrote (and only that) first.",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Show tracebacks and debug logs.")
 
 
 def config_reference(model=None, indent: int = 0) -> str:
@@ -118,75 +76,6 @@ def _print_beam_help() -> int:
     return 0
 
 
-def print_funnel(report, out=None) -> None:
-    out = out or sys.stdout
-    width = max([len(f"{row.stage.value}/{row.reason.value}") for row in report.funnel] + [24])
-    line = "-" * (width + 12)
-    print(line, file=out)
-    print(f"{'input rows':<{width}} {report.input_rows:>10}", file=out)
-    stage = None
-    for row in report.funnel:
-        if row.stage != stage:
-            stage = row.stage
-            print(f"{stage.value}:", file=out)
-        print(f"  {row.reason.value:<{width - 2}} {-row.count:>10}", file=out)
-    print(line, file=out)
-    print(f"{'kept':<{width}} {report.kept:>10}  in {report.shards} shard(s)", file=out)
-    print(f"{'rejected':<{width}} {report.rejected:>10}", file=out)
-    status = "ok" if report.accounting_ok else "MISMATCH"
-    print(f"{'accounting':<{width}} {status:>10}  ({report.input_rows} = {report.kept} + {report.rejected})", file=out)
-    if report.input_errors:
-        print(line, file=out)
-        print(f"input files that failed part-way: {len(report.input_errors)} (their later rows are not counted above)", file=out)
-        for error in report.input_errors:
-            print(f"  {error.path}: {error.rows_read} rows read, then {error.error}", file=out)
-
-
-def run_curate(argv: list[str], test_pipeline=None) -> int:
-    """`beam run curate ...`; returns the exit status (see `pipelines/runs.py`)."""
-    if "--print-config" in argv:
-        return _print_config()
-    if "--help-beam" in argv:
-        return _print_beam_help()
-    args, beam_argv = _curate_parser().parse_known_args(argv)
-    if args.verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
-    from pipelines import runs
-
-    return runs.guarded("beam run curate", args.verbose, lambda: _run_curate(args, beam_argv, test_pipeline))
-
-
-def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:
-    import apache_beam as beam
-
-    from pipelines import outputs, runs
-    from pipelines.curate import build_curate, load_config
-    from pipelines.runner import create_runner, make_pipeline_options
-
-    runs.check_options("beam run curate", beam_argv)
-    overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
-    try:
-        config = load_config(args.config, overrides)
-        options = make_pipeline_options(beam_argv)
-        run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
-        p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
-        build_curate(p, args.input, args.output, config, run_config)
-    except ValueError as err:
-        # Config, input and model-path problems are all ValueErrors raised while
-        # the graph is built: report them before any work starts.
-        logging.getLogger(__name__).debug("pipeline construction failed", exc_info=True)
-        raise runs.RunRefused(str(err)) from err
-    runs.claim_output(args.output, overwrite=args.overwrite, command="curate", details={"input": args.input})
-    outputs.write_config(args.output, run_config)
-    result = p.run()
-    result.wait_until_finish()
-    report = outputs.read_report(args.output)
-    runs.finish_run(args.output, "finished")
-    print_funnel(report)
-    print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
-    return runs.exit_status(report, config.max_error_rate)
-
-
 def run_schemas(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="beam schemas", description="JSON Schemas of the records, checked in under schemas/json/.")
     mode = parser.add_mutually_exclusive_group()
@@ -232,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{usage}pipelines: {', '.join(PIPELINES)}", file=sys.stderr)
             return 2
         if rest[0] == "curate":
+            if "--print-config" in rest:
+                return _print_config()
+            if "--help-beam" in rest:
+                return _print_beam_help()
+            from pipelines.curate import run_curate  # noqa: PLC0415 - imports Beam
+
             return run_curate(rest[1:])
         from pipelines.select import run_select  # noqa: PLC0415 - built with the scoring stages
 

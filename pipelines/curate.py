@@ -14,16 +14,18 @@ see `stages/staging.py` for how the bytes reach the shard writers.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import apache_beam as beam
 import yaml
 from apache_beam.io.filesystems import FileSystems
-from pydantic import ValidationError
 
-from pipelines import outputs
-from pipelines.scoring import UNSELECTED_DIR, ModelStages
+from pipelines import outputs, runs
+from pipelines.funnel import print_summary
+from pipelines.scoring import UNSELECTED_DIR, ModelStages, check_models
 from schemas import CurateConfig
+from schemas.overrides import set_dotted
 from stages.base import apply_filter
 from stages.caption import CaptionHygieneDoFn
 from stages.crawl import Crawl
@@ -55,15 +57,11 @@ def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig
             raise ConfigError(f"{path}: invalid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
     try:
+        for dotted, value in (overrides or {}).items():
+            set_dotted(data, dotted, value)
         return CurateConfig.model_validate(data)
-    except ValidationError as err:
+    except ValueError as err:  # pydantic's ValidationError, or an override into a value
         raise ConfigError(f"{path or 'config'}: {err}") from err
 
 
@@ -119,3 +117,79 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
         temporary.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))
     cleanup_after(tuple(done) | "AllDone" >> beam.Flatten(), temporary)
     return report
+
+
+# ---- the runner: `beam run curate` ----------------------------------------------------------
+
+DESCRIPTION = (
+    "URL lists (url + alt text) -> crawled, filtered, deduplicated (and, when configured, scored and "
+    "recaptioned) WebDataset shards, index.parquet, rejects.parquet, report.json."
+)
+
+_BEAM_OPTIONS_HELP = """\
+Beam pipeline options (passed through to Beam; the common ones):
+  --runner NAME               DirectRunner (default, offline), PortableRunner, DataflowRunner, FlinkRunner
+  --direct_num_workers N      local parallelism (0 = one per core)
+  --direct_running_mode M     in_memory | multi_threading | multi_processing
+  --job_endpoint HOST:PORT    PortableRunner job service
+  --environment_type T        DOCKER | PROCESS | EXTERNAL | LOOPBACK
+  --environment_config C      image, boot command or worker pool address
+  --setup_file PATH           the project's pyproject.toml, staged to remote workers
+  --project, --region, --temp_location, --staging_location, --max_num_workers, --sdk_container_image  (Dataflow)
+Run `beam run curate --help-beam` for every Beam option.
+"""
+
+
+def _curate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beam run curate",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key and its default: `beam run curate --print-config`.\n\n" + _BEAM_OPTIONS_HELP,
+    )
+    parser.add_argument("--input", required=True, help="URL list: one file or a glob (parquet, csv, tsv, jsonl, optionally .gz); any Beam FileSystems path.")
+    parser.add_argument("--output", required=True, help="Output folder (local, gs://, s3://): shards/, index.parquet, rejects.parquet, report.json, config.json.")
+    parser.add_argument("--config", help="YAML config; every key optional (see --print-config for all keys and defaults).")
+    parser.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="Let the crawler fetch from loopback, private, link-local and reserved addresses (tests, demos, your own intranet). Off by default.",
+    )
+    runs.add_run_arguments(parser)
+    return parser
+
+
+def run_curate(argv: list[str], test_pipeline=None) -> int:
+    """`beam run curate ...` (after `--print-config`/`--help-beam`, which the CLI
+    answers itself); returns the exit status (see `pipelines/runs.py`)."""
+    args, beam_argv = _curate_parser().parse_known_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return runs.guarded("beam run curate", args.verbose, lambda: _run_curate(args, beam_argv, test_pipeline))
+
+
+def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:
+    from pipelines.runner import create_runner, make_pipeline_options
+
+    runs.check_options("beam run curate", beam_argv)
+    overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
+    try:
+        config = load_config(args.config, overrides)
+        check_models(config)
+        options = make_pipeline_options(beam_argv)
+        run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
+        p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
+        build_curate(p, args.input, args.output, config, run_config)
+    except ValueError as err:
+        # Config, input and model-path problems are all ValueErrors raised while
+        # the graph is built: report them before any work starts.
+        logging.getLogger(__name__).debug("pipeline construction failed", exc_info=True)
+        raise runs.RunRefused(str(err)) from err
+    runs.claim_output(args.output, overwrite=args.overwrite, command="curate", details={"input": args.input})
+    outputs.write_config(args.output, run_config)
+    result = p.run()
+    result.wait_until_finish()
+    report = outputs.read_report(args.output)
+    runs.finish_run(args.output, "finished")
+    print_summary(args.output, report, outputs.INDEX)
+    return runs.exit_status(report, config.max_error_rate)

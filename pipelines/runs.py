@@ -61,6 +61,16 @@ class RunRefused(ValueError):
 # -- options ----------------------------------------------------------------------
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every `beam run` pipeline shares."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="The output folder holds an earlier run's output: delete what that run wrote (and only that) first.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Show tracebacks and debug logs.")
+
+
 def _option_classes() -> Iterable[type]:
     from apache_beam.options.pipeline_options import PipelineOptions
 

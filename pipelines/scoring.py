@@ -28,9 +28,11 @@ from apache_beam.ml.inference.base import RunInference
 from schemas import CurateConfig
 from schemas.scoring import ScoringConfig, SelectConfig
 from stages import aesthetic, clip_score, safety
+from stages.models import clip, nudenet
 from stages.base import REJECTS
 from stages.inference import PrepareImagesDoFn, ScoringExample, resource_hints
-from stages.select import SCORE_FIELDS, apply_select
+from stages.core.select import SCORE_FIELDS
+from stages.select import apply_select
 
 LOG = logging.getLogger(__name__)
 
@@ -61,6 +63,27 @@ def check_thresholds(select: SelectConfig, available: set[str], where: str = "sc
         raise ScoringConfigError(f"{listing}, which {where} does not compute; configure its scorer or unset it")
 
 
+def check_models(config: CurateConfig) -> None:
+    """The config-checking step `beam run curate` runs before it builds the graph:
+    thresholds against the configured scorers, then every model file the run will
+    load (the CLIP checkpoint against its architecture, each head against the
+    embedding size, the NudeNet ONNX file and classes, the recaptioning model), so a
+    bad path fails at once with the path and what to do, before any work starts.
+    Raises ValueError (ClipConfigError, SafetyConfigError, ScoringConfigError)."""
+    scoring: ScoringConfig = config.scoring
+    check_thresholds(config.select, computed_scores(scoring))
+    if scoring.clip is not None:
+        embed_dim = clip.check_clip_config(scoring.clip)
+        heads = {**safety.clip_heads(scoring.safety), **aesthetic.clip_heads(scoring.aesthetic)}
+        clip.check_heads(heads, embed_dim)
+    if scoring.safety is not None and scoring.safety.nudenet is not None:
+        nudenet.check_nudenet_config(scoring.safety.nudenet)
+    if getattr(config, "recaption", None) is not None:
+        from stages.models.captioner import validate_model
+
+        validate_model(config.recaption)
+
+
 def _strip(example: ScoringExample):
     """The record alone: model inputs never leave the scoring stage."""
     return example.record
@@ -79,11 +102,10 @@ class ScoreImages(beam.PTransform):
         self.embed_dim = None
         self.preprocess = None
         if scoring.clip is not None:
-            self.embed_dim = clip_score.check_clip_config(scoring.clip)
-            self.preprocess = clip_score.preprocess_config(scoring.clip)
-            clip_score.check_heads(self.heads(), self.embed_dim)
-        if scoring.safety is not None and scoring.safety.nudenet is not None:
-            safety.check_nudenet_config(scoring.safety.nudenet)
+            # From the architecture's config and open_clip's registry: no model file is read
+            # here (`check_models` validates the files before the graph is built).
+            self.embed_dim = clip.clip_embed_dim(scoring.clip)
+            self.preprocess = clip.preprocess_config(scoring.clip)
         hints = resource_hints(scoring)
         if hints:
             self.with_resource_hints(**hints)
@@ -96,9 +118,9 @@ class ScoreImages(beam.PTransform):
         nudenet = scoring.safety.nudenet if scoring.safety is not None else None
         preparers = []
         if scoring.clip is not None:
-            preparers.append(clip_score.ClipPreparer(scoring.clip, self.preprocess))
+            preparers.append(clip.ClipPreparer(scoring.clip, self.preprocess))
         if nudenet is not None:
-            preparers.append(safety.NudeNetPreparer(nudenet))
+            preparers.append(nudenet.NudeNetPreparer(nudenet))
         prepared = records | "Prepare" >> beam.ParDo(PrepareImagesDoFn(preparers)).with_outputs(
             REJECTS, main="examples"
         )
@@ -146,8 +168,6 @@ class ModelStages(beam.PTransform):
         check_thresholds(config.select, computed_scores(scoring))
         self.score = ScoreImages(scoring) if scoring.enabled else None
         self.recaption = _recaption_transform(config)
-        if self.recaption is not None:
-            self.recaption.validate()
         self.unselected: beam.PCollection | None = None
         if not self.enabled:
             LOG.info("model stages off: configure scoring.clip / scoring.safety / recaption to enable them")

@@ -41,18 +41,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from pydantic import ValidationError
 
-from pipelines import outputs
+from pipelines import outputs, runs
+from pipelines.funnel import print_summary
 from pipelines.scoring import UNSELECTED_DIR, ScoringConfigError, check_thresholds, computed_scores
 from schemas import CurateConfig, Rejection, Stage
 from schemas.scoring import SelectConfig
-from stages.select import ReadShardRecords, apply_select, drop_would_pass
+from stages.core.select import drop_would_pass
+from stages.select import ReadShardRecords, apply_select
 from stages.shards import SHARDS_DIR, TMP_DIR, WriteShards
 from stages.staging import cleanup_after
 
@@ -215,9 +216,7 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="Also write the samples this run drops to OUTPUT/unselected/ (so a later select can loosen again).",
     )
-    from pipelines.cli import add_run_arguments
-
-    add_run_arguments(parser)
+    runs.add_run_arguments(parser)
     return parser
 
 
@@ -245,8 +244,6 @@ def resolve_select_config(input_dir: str, args: argparse.Namespace) -> SelectCon
 
 def run_select(argv: list[str], test_pipeline=None) -> int:
     """`beam run select ...`; returns the exit status (see `pipelines/runs.py`)."""
-    from pipelines import runs
-
     args, beam_argv = _parser().parse_known_args(argv)
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -254,8 +251,6 @@ def run_select(argv: list[str], test_pipeline=None) -> int:
 
 
 def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
-    from pipelines import runs
-    from pipelines.cli import print_funnel
     from pipelines.runner import create_runner, make_pipeline_options
 
     runs.check_options("beam run select", beam_argv)
@@ -281,8 +276,7 @@ def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
         )
     report = outputs.read_report(args.output)
     runs.finish_run(args.output, "finished")
-    print_funnel(report)
-    print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
+    print_summary(args.output, report, outputs.INDEX)
     return runs.exit_status(report, source_config.max_error_rate)
 
 

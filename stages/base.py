@@ -1,14 +1,13 @@
-"""What every curation stage shares: the rejects side output and its metrics.
+"""What every curation stage's Beam adapter shares: the rejects side output and its metrics.
 
 A stage's core logic is plain Python returning either the (updated) record or a
-`Drop`; `FilterDoFn` turns that into Beam's main output plus a tagged `rejects`
+`Drop` (`stages/core/verdict.py`); `FilterDoFn` turns that into Beam's main output plus a tagged `rejects`
 output, and counts both under the stage's namespace (`kept`, `dropped_<reason>`),
 as datatrove's filters do.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import RejectReason, Rejection, SampleRecord, Stage
+from schemas import RejectReason, Stage
+from stages.core.verdict import Drop, WithImage, rejection
 
 logger = logging.getLogger(__name__)
 
@@ -24,38 +24,7 @@ REJECTS = "rejects"
 # Tag of the read stage's per-file failures (`InputFileError`), reported apart from row rejects.
 INPUT_ERRORS = "input_errors"
 
-
-@dataclasses.dataclass(frozen=True)
-class Drop:
-    """A stage's verdict that a record leaves the pipeline, and why."""
-
-    reason: RejectReason
-    detail: str = ""
-    duplicate_of: str | None = None
-    score: float | None = None
-
-
-@dataclasses.dataclass
-class WithImage:
-    """A record travelling with its image bytes. Only used inside fused stages
-    (crawl -> decode -> staging); never crosses a shuffle."""
-
-    record: SampleRecord
-    data: bytes
-
-
-def rejection(record: SampleRecord, stage: Stage, drop: Drop) -> Rejection:
-    return Rejection(
-        key=record.key,
-        url=record.url,
-        stage=stage,
-        reason=drop.reason,
-        detail=drop.detail,
-        duplicate_of=drop.duplicate_of,
-        score=drop.score,
-        source_file=record.provenance.source_file,
-        source_row=record.provenance.source_row,
-    )
+__all__ = ["REJECTS", "Drop", "FilterDoFn", "StageMetrics", "WithImage", "apply_filter", "rejection"]
 
 
 class StageMetrics:

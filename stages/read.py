@@ -6,13 +6,7 @@ Every input row becomes a `SampleRecord` or, if it is unusable, a rejection
 dropped silently. Files are checked (readable, required columns present)
 before any work starts.
 
-Row bounds (rejected at this stage, before any fetch): `url_too_long` (over
-`read.max_url_chars`), `caption_too_long` (over `read.max_caption_chars`),
-`control_characters` (NUL or another C0/C1 control character in the caption;
-tab and newlines are allowed), `invalid_declared_size` (a declared width or
-height that is infinite, NaN or over `read.max_declared_side`). Missing,
-empty, zero, negative or non-numeric declared sizes stay "not declared", as
-before. A csv field over the csv module's limit (131,072 characters) or a
+Row bounds are in `stages/core/read.py`. A csv field over the csv module's limit (131,072 characters) or a
 jsonl line nested too deeply to parse is an `unparseable_row`.
 
 A file that cannot be read to its end (corrupt parquet pages, truncated
@@ -34,7 +28,6 @@ import gzip
 import io
 import json
 import lzma
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,17 +36,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pydantic import ValidationError
-
-from schemas import InputFileError, Provenance, ReadConfig, RejectReason, SampleRecord, Stage
-from stages.base import INPUT_ERRORS, REJECTS, Drop, StageMetrics, rejection
-
-MAX_FILES = 10**5
-MAX_ROWS_PER_FILE = 10**9
-
-
-class InputError(ValueError):
-    """An input file that cannot be used; raised before the pipeline starts."""
+from schemas import InputFileError, ReadConfig, Stage
+from stages.base import INPUT_ERRORS, REJECTS, StageMetrics, rejection
+from stages.core.read import MAX_FILES, InputError, detect_format, required_columns, row_to_record
 
 
 class UnreadableFile(Exception):
@@ -62,24 +47,6 @@ class UnreadableFile(Exception):
     def __init__(self, rows_read: int, error: BaseException):
         super().__init__(f"{type(error).__name__}: {error}")
         self.rows_read = rows_read
-
-
-def make_key(file_ordinal: int, row: int) -> str:
-    if file_ordinal >= MAX_FILES or row >= MAX_ROWS_PER_FILE:
-        raise InputError(f"key space exhausted: file #{file_ordinal}, row {row} (max {MAX_FILES} files of {MAX_ROWS_PER_FILE} rows)")
-    return f"{file_ordinal:05d}{row:09d}"
-
-
-def detect_format(path: str, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    name = path.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    for ext, fmt in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl")):
-        if name.endswith(ext):
-            return fmt
-    raise InputError(f"{path}: cannot tell the format from the extension; set read.format to parquet, csv, tsv or jsonl")
 
 
 def match_inputs(pattern: str) -> list[str]:
@@ -143,12 +110,6 @@ def _text_stream(path: str):
     with _open_binary(path) as f:
         raw = io.BufferedReader(_RawReader(f), buffer_size=1 << 20)
         yield io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
-
-
-def required_columns(config: ReadConfig) -> list[str]:
-    cols = [config.url_col, config.caption_col]
-    cols += [c for c in (config.width_col, config.height_col) if c]
-    return cols
 
 
 def check_input(path: str, config: ReadConfig) -> None:
@@ -251,68 +212,6 @@ def _iter_rows(path: str, config: ReadConfig) -> Iterator[tuple[int, dict[str, A
                 except RecursionError:
                     yield row, None, "invalid JSON: nested too deeply to parse"
                 row += 1
-
-
-class _BadNumber(ValueError):
-    pass
-
-
-def _declared_side(value: Any, limit: int) -> int | None:
-    """A declared width/height: None when absent or not a positive number;
-    `_BadNumber` when it is infinite, NaN or over `limit`."""
-    if value is None or value == "" or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(number):
-        raise _BadNumber(f"{value!r} is not finite")
-    if number > limit:
-        raise _BadNumber(f"{value!r} is over {limit}")
-    number = int(number)
-    return number if number > 0 else None
-
-
-def _has_control_characters(text: str) -> bool:
-    return any((ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160 for c in text)
-
-
-def row_to_record(path: str, ordinal: int, row: int, item: dict[str, Any] | None, error: str, config: ReadConfig):
-    """Build the record for one input row, or the Drop that explains why not."""
-    provenance = Provenance(source_file=path, source_row=row)
-    key = make_key(ordinal, row)
-    placeholder = SampleRecord(key=key, url="", caption_original="", provenance=provenance)
-    if item is None:
-        return placeholder, Drop(RejectReason.UNPARSEABLE_ROW, error)
-    url = item.get(config.url_col)
-    caption = item.get(config.caption_col)
-    url = "" if url is None else str(url)
-    caption = "" if caption is None else str(caption)
-    if len(url) > config.max_url_chars:
-        # Keep the reject row bounded too: the URL is cut in the rejects table.
-        placeholder.url = url[: config.max_url_chars]
-        return placeholder, Drop(RejectReason.URL_TOO_LONG, f"{len(url)} characters, over {config.max_url_chars}")
-    sizes = {}
-    for field, column in (("declared_width", config.width_col), ("declared_height", config.height_col)):
-        try:
-            sizes[field] = _declared_side(item.get(column), config.max_declared_side) if column else None
-        except _BadNumber as err:
-            placeholder.url = url
-            return placeholder, Drop(RejectReason.INVALID_DECLARED_SIZE, f"{column}: {err}")
-    try:
-        record = SampleRecord(key=key, url=url, caption_original=caption, provenance=provenance, **sizes)
-    except ValidationError as err:
-        placeholder.url = url
-        return placeholder, Drop(RejectReason.UNPARSEABLE_ROW, f"invalid value: {err.errors()[0]['msg']}")
-    if len(caption) > config.max_caption_chars:
-        record.caption_original = caption[: config.max_caption_chars]
-        return record, Drop(RejectReason.CAPTION_TOO_LONG, f"{len(caption)} characters, over {config.max_caption_chars}")
-    if _has_control_characters(caption):
-        return record, Drop(RejectReason.CONTROL_CHARACTERS, f"caption holds control characters: {caption[:80]!r}")
-    if not record.url.strip():
-        return record, Drop(RejectReason.MISSING_URL, f"empty {config.url_col!r}")
-    return record, None
 
 
 class ReadRowsDoFn(beam.DoFn):

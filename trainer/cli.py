@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from schemas.overrides import apply_set_overrides
 from schemas.trainer import TrainConfig
 from trainer.lora import add_lora_arguments, add_sample_lora_arguments
 
@@ -32,16 +33,6 @@ logger = logging.getLogger("trainer")
 
 def named_configs() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("trainer.configs").iterdir() if p.name.endswith(".yaml"))
-
-
-def _set_dotted(tree: dict, dotted: str, value) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {key} is not a section")
-    node[keys[-1]] = value
 
 
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> TrainConfig:
@@ -57,11 +48,7 @@ def load_config(name_or_path: str | None, overrides: list[str] = ()) -> TrainCon
         else:
             text = path.read_text()
         tree = yaml.safe_load(text) or {}
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key.path=value, got {override!r}")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    apply_set_overrides(tree, overrides)
     return TrainConfig.model_validate(tree)
 
 
@@ -90,7 +77,7 @@ def _add_config_args(parser: argparse.ArgumentParser, components: bool = True) -
 
 
 def cmd_init_components(args) -> int:
-    from trainer.components import build_demo_components
+    from trainer.testing.components import build_demo_components
 
     build_demo_components(Path(args.output), resolution=args.resolution, max_text_length=args.max_text_length, vae_steps=args.vae_steps, seed=args.seed)
     print(f"demo components (tiny, for demos and tests only) written to {args.output}; use them with --components {args.output}")

@@ -71,12 +71,24 @@ class RectifiedFlow:
         (possibly dropped-out) caption embeddings. Noise and t come from `generator`, whose
         state the checkpoint saves, so a resumed run draws exactly what the original would.
         """
+        t, noise, x_t = self.noisy(x0, generator)
+        prediction = model(x_t, t, text, pooled)  # (B, C, H, W)
+        per_sample = self.per_sample_loss(prediction, x0, noise)  # (B,)
+        return FlowLoss(loss=per_sample.mean(), per_sample=per_sample.detach(), t=t)
+
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training draw for clean latents x0 (B, C, H, W): t (B,) from the timestep
+        distribution, then noise (B, C, H, W), both from `generator` in that order, and
+        x_t (B, C, H, W) between them."""
         t = self.sample_timesteps(x0.shape[0], generator, x0.device)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, H, W)
-        x_t = self.interpolate(x0, noise, t)  # (B, C, H, W)
-        prediction = model(x_t, t, text, pooled)  # (B, C, H, W)
-        per_sample = (prediction.float() - self.velocity(x0, noise).float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        return FlowLoss(loss=per_sample.mean(), per_sample=per_sample.detach(), t=t)
+        return t, noise, self.interpolate(x0, noise, t)
+
+    @classmethod
+    def per_sample_loss(cls, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(B,) mean squared error of a predicted velocity (B, C, H, W) against noise - x0,
+        in fp32: the loss, per sample, that training minimises and evaluation reports."""
+        return (prediction.float() - cls.velocity(x0, noise).float()).pow(2).mean(dim=(1, 2, 3))
 
 
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -5,11 +5,11 @@ caption files (`cat.jpg` + `cat.txt`). `prepare_dataset` reads it once and retur
 `LoraDataReport` (schemas/lora.py) that names every file and what became of it:
 
 - Every file that is not a caption or other text file goes through the curation
-  pipeline's decode check (`stages.resolution.decode_image`: decodes completely, EXIF
+  pipeline's decode check (`stages.core.decode.decode_image`: decodes completely, EXIF
   rotation, minimum side, aspect ratio, decompression bombs). Files that fail are set
   aside with the stage's `RejectReason` (`not_an_image`, `truncated_image`, `too_small`, ...).
 - Exact (SHA-256 of the file bytes) and near (64-bit pHash, the same Hamming threshold)
-  duplicates are resolved with the dedup stage's own planner (`stages.dedup.plan_dedup`):
+  duplicates are resolved with the dedup stage's own planner (`stages.core.dedup_plan.plan_dedup`):
   the copy with more pixels (then the smaller file name) is kept, the others are set aside
   as `exact_duplicate` / `near_duplicate` naming the kept file.
 - Captions: the `.txt` file when it holds a usable caption (`stages.caption.check_caption`
@@ -29,7 +29,6 @@ one number (batches consumed), so a resumed run continues exactly where it stopp
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -43,10 +42,11 @@ from PIL import Image
 from schemas import CaptionConfig, DecodeConfig, DedupConfig, RecaptionStatus
 from schemas.lora import CaptionSource, LoraBucket, LoraDataReport, LoraImage, LoraSetAside, LoraTrainConfig
 from schemas.scoring import RecaptionConfig
-from stages.base import Drop
-from stages.caption import check_caption, normalize_caption
-from stages.dedup import DedupItem, plan_dedup, sha256_hex
-from stages.resolution import decode_image
+from stages.core.caption import check_caption, normalize_caption
+from stages.core.dedup_plan import DedupItem, plan_dedup
+from stages.core.phash import sha256_hex
+from stages.core.decode import decode_image, decode_rgb
+from stages.core.verdict import Drop
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def open_rgb(data: bytes, config: DecodeConfig) -> Image.Image:
     decoded = decode_image(data, config)
     if isinstance(decoded, Drop):
         raise ValueError(f"{decoded.reason.value}: {decoded.detail}")
-    with Image.open(io.BytesIO(decoded.data)) as image:
-        return image.convert("RGB")
+    return decode_rgb(decoded.data)
 
 
 def load_pixels(directory: str | Path, image: LoraImage, config: DecodeConfig) -> np.ndarray:

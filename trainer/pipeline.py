@@ -26,6 +26,12 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along each side: 2 ** (number of VAE blocks - 1), as diffusers
+    computes it (the one place this project does)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, padded/truncated to `max_length`: 2 x (B, L) int64."""
     tokens = tokenizer(
@@ -84,7 +90,7 @@ class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self.register_modules(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property

@@ -15,7 +15,6 @@ and `export/` (the final EMA model as a diffusers pipeline).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from trainer.data import CachedLatents, RawShards, expand_shards, make_loader
 from trainer.export import EXPORT, export_pipeline, make_pipeline, sample_grid
 from trainer.flow import FlowLoss, RectifiedFlow, timestep_bucket
 from trainer.model import DiffusionTransformer, build_transformer
+from trainer.resume import append_metrics, check_resume_config, truncate_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -181,25 +181,6 @@ def open_source(config: TrainConfig, components: Components, rank: int, world_si
     return DataSource(dataset, len(paths), null_text, null_pooled, d.resolution // components.vae_scale_factor, previews, components, False)
 
 
-def _config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += _config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" != "validation.prompts":
-            changes.append(f"{prefix}{key}")
-    return changes
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    # A killed run may have logged steps past its last checkpoint; the resumed run redoes them.
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train per `config` into `run_dir`; with `resume`, continue from its latest checkpoint
     (exactly: same losses and weights as an uninterrupted run). Returns the export folder."""
@@ -227,6 +208,8 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already has checkpoints: pass --resume to continue it, or choose a new --output")
     resumed = read_state(checkpoint) if checkpoint else None
+    if resumed:
+        check_resume_config(resumed.config, config.model_dump(mode="json"), checkpoint)
     set_seed(config.seed, device_specific=True)  # overwritten from the checkpoint when resuming
 
     # ---- frozen components, data, model, optimizer ----------------------------------------
@@ -254,12 +237,6 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         resumed = load_checkpoint(checkpoint, accelerator=accelerator, model=model, ema_model=ema.model, optimizer=optimizer, generator=generator)
         scheduler.load_state_dict(resumed.scheduler)
         step = resumed.step
-        changed = _config_changes(resumed.config, config.model_dump(mode="json"))
-        if changed:
-            logger.warning(
-                "resuming with a config that differs from the checkpoint's in %s; the LR schedule and data "
-                "order continue as saved, so the run is no longer the uninterrupted one", ", ".join(changed)
-            )
         logger.info("resumed from %s (step %d, %d micro-batches consumed)", checkpoint, step, start_batches)
     if config.model.compile:
         model.compile()
@@ -275,7 +252,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
         resolved = config.model_copy(update={"validation": config.validation.model_copy(update={"prompts": prompts})})
         (run_dir / "config.json").write_text(resolved.model_dump_json(indent=2))
         (run_dir / "samples").mkdir(exist_ok=True)
-        _truncate_metrics(metrics_path, step)
+        truncate_metrics(metrics_path, step)
     if tracker:
         accelerator.init_trackers("imagemill", config={"preset": config.model.preset, "lr": config.optim.lr, "batch_size": config.data.batch_size, "world_size": world_size, "params": parameters})
     logger.info("training %s (%.1fM parameters) on %s x%d from step %d to %d", config.model.preset, parameters / 1e6, device, world_size, step, config.max_steps)
@@ -343,8 +320,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 if count:
                     record[f"loss_t{i / buckets:.1f}-{(i + 1) / buckets:.1f}"] = total / count
             if accelerator.is_main_process:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                append_metrics(metrics_path, record)
             if tracker:
                 accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"}, step=step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", stall=f"{record['data_stall_pct']:.0f}%")

@@ -1,4 +1,6 @@
 """Demo and test aids, not part of the pipelines: a local web server that serves
-generated images on loopback addresses (`localweb`) and the generated corpus the
-demo and the end-to-end tests crawl (`webcorpus`). Nothing in `pipelines/`,
-`stages/` or `trainer/` imports this package."""
+generated images on loopback addresses (`localweb`), the generated corpus the demo
+and the end-to-end tests crawl (`webcorpus`), the synthetic images of the demo, the
+tests and the benchmarks (`images`), and tiny CLIP, LLaVA and embedding-head models
+built offline (`models`). Only the demo, the tests and the benchmarks import this
+package."""

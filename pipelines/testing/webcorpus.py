@@ -16,19 +16,9 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipelines.testing.images import COLOURS, SHAPES, jpeg, png, render
 from pipelines.testing.localweb import LocalWeb
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (240, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-SHAPES = ["circle", "square", "triangle", "ring"]
 
 
 @dataclasses.dataclass
@@ -49,56 +39,6 @@ class Corpus:
 
     def key_of(self, row_index: int) -> str:
         return f"{0:05d}{row_index:09d}"
-
-
-def render(seed: int, size: tuple[int, int], colour: str | None = None, shape: str | None = None) -> Image.Image:
-    """A photograph-like picture: a smooth background, a few shapes and noise,
-    different enough per seed that unrelated images are far apart in pHash."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack(
-        [
-            127 + 100 * np.sin(x / width * rng.uniform(1, 6) + rng.uniform(0, 6))
-            * np.cos(y / height * rng.uniform(1, 6) + rng.uniform(0, 6))
-            for _ in range(3)
-        ],
-        axis=-1,
-    )
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    pyrng = random.Random(seed)
-    for _ in range(6):
-        x0, y0 = pyrng.uniform(0, width * 0.8), pyrng.uniform(0, height * 0.8)
-        x1, y1 = x0 + pyrng.uniform(0.1, 0.5) * width, y0 + pyrng.uniform(0.1, 0.5) * height
-        fill = tuple(pyrng.randrange(256) for _ in range(3))
-        (draw.ellipse if pyrng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
-    if colour is not None:
-        s = min(width, height)
-        box = [width / 2 - s / 3, height / 2 - s / 3, width / 2 + s / 3, height / 2 + s / 3]
-        fill = COLOURS[colour]
-        if shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) / 2, box[1])], fill=fill)
-        elif shape == "ring":
-            draw.ellipse(box, outline=fill, width=max(4, s // 12))
-        else:
-            draw.ellipse(box, fill=fill)
-    noise = rng.normal(0, 6, (height, width, 3))
-    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
-
-
-def jpeg(img: Image.Image, quality: int = 90, **kwargs) -> bytes:
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=quality, **kwargs)
-    return out.getvalue()
-
-
-def png(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, "PNG")
-    return out.getvalue()
 
 
 def _animated_gif(seed: int) -> bytes:

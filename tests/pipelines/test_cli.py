@@ -3,7 +3,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipelines.cli import config_reference, main, print_funnel
+from pipelines.cli import config_reference, main
+from pipelines.funnel import print_funnel
 from pipelines.outputs import build_report
 from schemas import CurateConfig
 

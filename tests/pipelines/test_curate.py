@@ -158,7 +158,7 @@ MIN_CLIP = 0.3  # the tiny random CLIP scores these images about 0.15 .. 0.55
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tests.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip, save_tiny_llava
+    from pipelines.testing.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip, save_tiny_llava
 
     root = tmp_path_factory.mktemp("models")
     clip_config, clip_weights = save_tiny_clip(root / "clip", seed=0)

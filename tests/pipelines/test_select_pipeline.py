@@ -19,7 +19,7 @@ import yaml
 from pipelines.testing import webcorpus
 from pipelines.cli import main
 from pipelines.testing.localweb import LocalWeb
-from tests.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
+from pipelines.testing.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
 
 N_IMAGES = 12
 MIN_CLIP = 0.3  # the tiny random CLIP scores these images about 0.15 .. 0.55
@@ -74,7 +74,7 @@ def no_models(monkeypatch):
     import onnxruntime
     import open_clip
 
-    from stages.inference import EmbeddingHead
+    from stages.models.heads import EmbeddingHead
 
     def refuse(*args, **kwargs):
         raise AssertionError("beam run select must not construct a model")

@@ -9,8 +9,8 @@ import torch
 
 from schemas.scoring import AestheticConfig, EmbeddingHeadConfig, ScoringConfig
 from stages.aesthetic import FIELD, clip_heads
-from stages.inference import EmbeddingHead
-from tests.models import save_embedding_head
+from stages.models.heads import EmbeddingHead
+from pipelines.testing.models import save_embedding_head
 
 
 def test_laion_v1_linear_head(tmp_path):

@@ -16,18 +16,20 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas import CurateConfig
 from schemas.scoring import ClipConfig, EmbeddingHeadConfig, ScoringConfig
-from stages.clip_score import (
+from stages.clip_score import ClipModelHandler
+from stages.inference import ScoringExample
+from stages.models.clip import (
+    ClipConfigError,
+    ClipPreparer,
     PIXELS,
     TOKENS,
-    ClipConfigError,
-    ClipModelHandler,
-    ClipPreparer,
     check_clip_config,
     preprocess_config,
 )
-from stages.inference import EmbeddingHead, ScoringExample
-from tests.models import TINY_CLIP_NAME, make_images, save_embedding_head, save_tiny_clip, staged_records
-from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
+from stages.models.heads import EmbeddingHead
+from pipelines.testing.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
+from pipelines.testing.images import make_images, staged_records
+from tests.portable import portable_services, service_logs
 
 # Scores only: the default `auto` thresholds would drop samples a tiny random model scores low.
 SCORE_ONLY = {"min_clip_similarity": None, "max_nsfw_score": None, "max_punsafe": None}
@@ -196,36 +198,36 @@ def _curate(clip: ClipConfig, **scoring) -> CurateConfig:
 
 
 def test_bad_model_paths_fail_before_the_pipeline(tiny, tmp_path):
-    from pipelines.scoring import ModelStages
+    from pipelines.scoring import check_models
 
     clip, nsfw, _ = tiny
     missing = clip.model_copy(update={"pretrained": str(tmp_path / "nope.safetensors")})
     with pytest.raises(ClipConfigError, match="nope.safetensors.*neither a pretrained tag"):
-        ModelStages(_curate(missing))
+        check_models(_curate(missing))
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 definitely not safetensors")
     with pytest.raises(ClipConfigError, match="garbage.safetensors.*not a readable checkpoint"):
-        ModelStages(_curate(clip.model_copy(update={"pretrained": str(garbage)})))
+        check_models(_curate(clip.model_copy(update={"pretrained": str(garbage)})))
 
     wrong = tmp_path / "wrong.safetensors"
     save_embedding_head(wrong, [32, 1])  # a readable checkpoint of something else
     with pytest.raises(ClipConfigError, match="does not fit imagemill-tiny-clip: missing"):
-        ModelStages(_curate(clip.model_copy(update={"pretrained": str(wrong)})))
+        check_models(_curate(clip.model_copy(update={"pretrained": str(wrong)})))
 
     with pytest.raises(ClipConfigError, match="not an open_clip architecture"):
-        ModelStages(_curate(ClipConfig(model="ViT-Nonexistent-7", pretrained=clip.pretrained)))
+        check_models(_curate(ClipConfig(model="ViT-Nonexistent-7", pretrained=clip.pretrained)))
 
     with pytest.raises(ClipConfigError, match="model_config_path.*does not exist"):
-        ModelStages(_curate(clip.model_copy(update={"model_config_path": str(tmp_path / "nope.json")})))
+        check_models(_curate(clip.model_copy(update={"model_config_path": str(tmp_path / "nope.json")})))
 
     with pytest.raises(ClipConfigError, match="neither a pretrained tag of ViT-B-32 .*laion2b_s34b_b79k"):
-        ModelStages(_curate(ClipConfig(pretrained="laion2b_not_a_tag")))
+        check_models(_curate(ClipConfig(pretrained="laion2b_not_a_tag")))
 
     big_head = tmp_path / "big.safetensors"
     save_embedding_head(big_head, [512, 1])
     with pytest.raises(ClipConfigError, match="head for punsafe.*512-dim.*gives 32"):
-        ModelStages(
+        check_models(
             _curate(clip, safety={"nudenet": None, "nsfw_head": {"path": str(big_head), "output": "sigmoid"}})
         )
 

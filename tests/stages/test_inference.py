@@ -4,33 +4,25 @@ runner sees them (read back from the pipeline proto)."""
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
 
 from schemas import CurateConfig, ImageRef, RejectReason, Stage
 from schemas.scoring import BatchingConfig, EmbeddingHeadConfig, ScoringConfig
 from stages.base import REJECTS
-from stages.inference import (
-    EmbeddingHead,
-    PrepareImagesDoFn,
-    check_embedding_head,
-    decode_image,
-    model_handler_kwargs,
-    onnx_providers,
-    resolve_device,
-    resolve_dtype,
-    resource_hints,
-)
-from tests.models import TINY_CLIP_NAME, make_images, save_embedding_head, save_tiny_clip, staged_records
+from stages.inference import PrepareImagesDoFn, model_handler_kwargs, resource_hints
+from stages.models.device import onnx_providers, resolve_device, resolve_dtype
+from stages.models.heads import EmbeddingHead, check_embedding_head
+from pipelines.testing.models import TINY_CLIP_NAME, save_embedding_head, save_tiny_clip
+from pipelines.testing.images import make_images, staged_records
 
 
 def runner():
@@ -87,29 +79,6 @@ def test_handler_kwargs_and_hints():
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def _jpeg(image: Image.Image, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", **kwargs)
-    return buffer.getvalue()
-
-
-def test_decode_image_applies_exif_rotation_and_converts_to_rgb():
-    wide = Image.new("RGB", (40, 20), (200, 10, 10))
-    exif = wide.getexif()
-    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
-    decoded = decode_image(_jpeg(wide, exif=exif))
-    assert decoded.size == (20, 40) and decoded.mode == "RGB"
-
-    rgba = Image.new("RGBA", (8, 8), (0, 255, 0, 128))
-    buffer = io.BytesIO()
-    rgba.save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue()).mode == "RGB"
-    palette = Image.new("P", (8, 8))
-    buffer = io.BytesIO()
-    palette.save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue()).mode == "RGB"
 
 
 class _SizePreparer:

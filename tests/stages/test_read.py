@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import ReadConfig, RejectReason
-from stages.read import InputError, ReadUrlLists, check_input, iter_rows, match_inputs, row_to_record
+from stages.core.read import InputError, row_to_record
+from stages.read import ReadUrlLists, check_input, iter_rows, match_inputs
 
 ROWS = [{"url": "http://a/1.jpg", "caption": "one"}, {"url": "http://a/2.jpg", "caption": "two"}]
 

@@ -15,35 +15,23 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from apache_beam.internal import pickler
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.portability import common_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
-from PIL import Image
 
-from schemas import ImageRef, Provenance, RecaptionStatus, SampleRecord
-from schemas.scoring import BatchingConfig, RecaptionConfig
-from stages import recaption
-from stages.recaption import (
-    CaptionModelHandler,
-    Captioner,
-    GateDoFn,
-    Generation,
-    PrepareDoFn,
-    Recaption,
-    apply_generation,
-    collate,
-    gate_caption,
-    validate_model,
-)
-from tests.models import save_tiny_llava
-from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
-
-S = RecaptionStatus
-PROMPT = "Describe this image in one sentence."
-
+from pipelines.testing.models import save_tiny_llava
+from schemas import ImageRef
+from schemas.scoring import BatchingConfig
+from stages.core.caption_gate import Generation, gate_caption
+from stages.models import captioner
+from stages.models.captioner import Captioner, collate, validate_model
+from stages.recaption import CaptionModelHandler, GateDoFn, PrepareDoFn, Recaption
+from tests.portable import portable_services, service_logs
+from tests.stages.core.test_caption_gate import PROMPT, S, _config, _record
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -69,13 +57,6 @@ def _png(seed: int, size=(48, 40), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
-def _record(i: int, ref: ImageRef | None) -> SampleRecord:
-    return SampleRecord(
-        key=f"{i:014d}", url=f"http://example.com/{i}.png", caption_original=f"alt text number {i}",
-        provenance=Provenance(source_file="in.parquet", source_row=i), image_ref=ref, image_format="png",
-    )
-
-
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
     """Five decodable images appended to one staging file (different sizes, one
@@ -95,81 +76,6 @@ def staged(tmp_path_factory):
     records.append(_record(6, ImageRef(path=str(root / "lost.bin"), offset=0, length=10)))
     images = [Image.open(io.BytesIO(blob)).convert("RGB") for blob in blobs]
     return records, images
-
-
-def _config(model: str, **overrides) -> RecaptionConfig:
-    return RecaptionConfig(model=model, max_new_tokens=overrides.pop("max_new_tokens", 8), **overrides)
-
-
-# --------------------------------------------------------------------------- the quality gate
-
-
-@pytest.mark.parametrize(
-    ("text", "truncated", "expected"),
-    [
-        ("A brown dog running on a sunny beach.", False, S.OK),
-        ("An image of a dog in a field", False, S.OK),  # 2 of 8 words are prompt words
-        ("a very very good dog", False, S.OK),  # two in a row is not a loop
-        ("", False, S.EMPTY),
-        ("   \n ", False, S.EMPTY),
-        ("... !?", False, S.EMPTY),
-        ("Describe this image in one sentence.", False, S.PROMPT_ECHO),
-        ("Sure. Describe this image in one sentence: a dog.", False, S.PROMPT_ECHO),  # contains the prompt
-        ("this image, one sentence", False, S.PROMPT_ECHO),  # all words from the prompt
-        ("a dog", False, S.TOO_SHORT),
-        ("a cat on a mat on a mat on a mat", False, S.LOOPING),
-        ("a dog dog dog in the park", False, S.LOOPING),
-        ("hahahahahahaha a laughing child", False, S.LOOPING),  # character-level loop
-        ("a red car parked near a house", True, S.TRUNCATED),
-    ],
-)
-def test_gate_on_crafted_captions(text, truncated, expected):
-    config = RecaptionConfig(model="unused")
-    assert gate_caption(text, prompt=PROMPT, truncated=truncated, config=config) is expected
-
-
-def test_each_gate_check_can_be_disabled():
-    lenient = RecaptionConfig(
-        model="unused", min_words=0, max_repeats=0, max_prompt_overlap=None, reject_truncated=False
-    )
-    for text in ["a dog", "a cat on a mat on a mat on a mat", "Describe this image in one sentence."]:
-        assert gate_caption(text, prompt=PROMPT, truncated=True, config=lenient) is S.OK, text
-    assert gate_caption(" ", prompt=PROMPT, truncated=False, config=lenient) is S.EMPTY  # never disabled
-
-
-def test_gate_thresholds_are_the_configured_ones():
-    five_repeats = "a cat cat cat cat cat here"
-    assert gate_caption(five_repeats, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_repeats=6)) is S.OK
-    assert gate_caption(five_repeats, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_repeats=5)) is S.LOOPING
-    half_prompt = "this image shows a dog"  # 2 of 5 words from the prompt
-    assert gate_caption(half_prompt, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_prompt_overlap=0.5)) is S.OK
-    assert gate_caption(half_prompt, prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", max_prompt_overlap=0.4)) is S.PROMPT_ECHO
-    assert gate_caption("a dog runs", prompt=PROMPT, truncated=False, config=RecaptionConfig(model="m", min_words=4)) is S.TOO_SHORT
-
-
-def test_gate_reports_the_first_failing_check():
-    config = RecaptionConfig(model="unused")
-    # Echo beats looping and truncation; looping beats truncation.
-    assert gate_caption("describe this image " * 3, prompt=PROMPT, truncated=True, config=config) is S.PROMPT_ECHO
-    assert gate_caption("a dog a dog a dog", prompt=PROMPT, truncated=True, config=config) is S.LOOPING
-
-
-def test_config_rejects_unusable_gate_settings():
-    with pytest.raises(ValueError, match="max_repeats"):
-        RecaptionConfig(model="m", max_repeats=1)
-    with pytest.raises(ValueError, match="placeholder"):
-        RecaptionConfig(model="m", prompt_template="USER: <image> ASSISTANT:")
-
-
-def test_apply_generation_keeps_the_alt_text_and_sets_synthetic_only_when_accepted():
-    record = _record(1, None)
-    config = RecaptionConfig(model="unused")
-    good = apply_generation(record, Generation(" A dog on a beach. ", num_tokens=6, finished=True), config)
-    assert (good.caption_synthetic, good.recaption_status, good.caption_original) == (
-        "A dog on a beach.", S.OK, record.caption_original
-    )
-    cut = apply_generation(record, Generation("A dog on a beach", num_tokens=8, finished=False), config)
-    assert (cut.caption_synthetic, cut.recaption_status, cut.caption_original) == (None, S.TRUNCATED, record.caption_original)
 
 
 # --------------------------------------------------------------------------- batching
@@ -206,7 +112,7 @@ def reference(checkpoints, staged):
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoints["random"])
     processor = AutoProcessor.from_pretrained(checkpoints["random"])
-    prompt_text = recaption.format_prompt(processor, _config(checkpoints["random"]))
+    prompt_text = captioner.format_prompt(processor, _config(checkpoints["random"]))
     _, images = staged
     return [_reference_caption(model, processor, image, prompt_text, 8) for image in images]
 
@@ -214,8 +120,8 @@ def reference(checkpoints, staged):
 def test_batched_generation_matches_single_image_transformers(checkpoints, staged, reference):
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = recaption.load_processor(config.model)
-    prompt_text = recaption.format_prompt(processor, config)
+    processor = captioner.load_processor(config.model)
+    prompt_text = captioner.format_prompt(processor, config)
     _, images = staged
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in images]
     generations = captioner.generate(examples)
@@ -230,8 +136,8 @@ def test_decoding_is_greedy_whatever_the_checkpoint_defaults(tmp_path, checkpoin
     path = sampling / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True, "temperature": 5.0, "top_k": 0}))
     config = _config(str(sampling))
-    processor = recaption.load_processor(config.model)
-    prompt_text = recaption.format_prompt(processor, config)
+    processor = captioner.load_processor(config.model)
+    prompt_text = captioner.format_prompt(processor, config)
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in staged[1]]
     generations = Captioner.load(config).generate(examples)
     assert [(g.text, g.finished) for g in generations] == reference
@@ -241,7 +147,7 @@ def test_left_padding_does_not_change_captions(checkpoints, staged):
     """Prompts of different lengths in one batch (left-padded) caption as they do alone."""
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = recaption.load_processor(config.model)
+    processor = captioner.load_processor(config.model)
     _, images = staged
     prompts = ["USER: <image>\na photo ASSISTANT:", "USER: <image>\nwhat is in this picture of a city ASSISTANT:"]
     examples = [dict(processor(images=images[i], text=p, return_tensors="np")) for i, p in enumerate(prompts)]
@@ -254,15 +160,15 @@ def test_generation_flags_end_of_sequence_and_token_budget(checkpoints, staged):
     _, images = staged
     for name, expected in [("eos", Generation("", 1, True)), ("cat", Generation(" ".join(["cat"] * 5), 5, False))]:
         config = _config(checkpoints[name], max_new_tokens=5)
-        processor = recaption.load_processor(config.model)
-        example = dict(processor(images=images[0], text=recaption.format_prompt(processor, config), return_tensors="np"))
+        processor = captioner.load_processor(config.model)
+        example = dict(processor(images=images[0], text=captioner.format_prompt(processor, config), return_tensors="np"))
         assert Captioner.load(config).generate([example, example]) == [expected, expected]
 
 
 def test_precision_and_device_choice(checkpoints, staged):
     captioner = Captioner.load(_config(checkpoints["cat"], precision="bf16", device="cpu", max_new_tokens=3))
     assert captioner.model.dtype == torch.bfloat16 and captioner.device.type == "cpu"
-    processor = recaption.load_processor(checkpoints["cat"])
+    processor = captioner.load_processor(checkpoints["cat"])
     example = dict(processor(images=staged[1][0], text="USER: <image>\nhi ASSISTANT:", return_tensors="np"))
     assert captioner.generate([example]) == [Generation("cat cat cat", 3, False)]
     assert Captioner.load(_config(checkpoints["cat"])).model.dtype == (
@@ -294,12 +200,12 @@ def test_auto_device_uses_cuda_in_bf16(checkpoints, staged):
 
 
 def test_prompt_formatting_uses_the_chat_template_or_the_configured_template(checkpoints):
-    with_template = recaption.load_processor(checkpoints["random"])
-    assert recaption.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
+    with_template = captioner.load_processor(checkpoints["random"])
+    assert captioner.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
     custom = _config("m", prompt="a caption please", prompt_template="<image> Q: {prompt} A:", use_chat_template=False)
-    assert recaption.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
-    without = recaption.load_processor(checkpoints["no_template"])
-    assert recaption.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
+    assert captioner.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
+    without = captioner.load_processor(checkpoints["no_template"])
+    assert captioner.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
 
 
 # --------------------------------------------------------------------------- validation

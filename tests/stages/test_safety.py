@@ -4,31 +4,29 @@ nudenet package, and the reduction of detections to one score per image."""
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import apache_beam as beam
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image, ImageDraw, ImageFilter
 
 from schemas import CurateConfig, RejectReason
 from schemas.scoring import DEFAULT_UNSAFE_CLASSES, NudeNetConfig, SafetyConfig, ScoringConfig
-from stages.safety import (
+from stages.models.nudenet import (
     NUDENET_LABELS,
-    SafetyConfigError,
-    NudeNetModelHandler,
     NudeNetPreparer,
+    SafetyConfigError,
     check_nudenet_config,
-    clip_heads,
     letterbox,
     packaged_nudenet_model,
     unsafe_scores,
 )
-from tests.models import make_images, staged_records
+from stages.safety import NudeNetModelHandler, clip_heads
+from pipelines.testing.images import make_images, staged_records
 
 # Abstract blurred ellipses (no people at all) found by a black-box search that
 # maximised the detector's unsafe output: 320n.onnx scores it ~0.73

@@ -22,7 +22,7 @@ import webdataset as wds
 
 from schemas.records import Provenance, SampleRecord
 from schemas.trainer import TrainConfig
-from trainer.demo_data import PALETTE, SHAPES, original_caption, render, synthetic_caption
+from trainer.testing.shapes import PALETTE, SHAPES, original_caption, render, synthetic_caption
 
 RESOLUTION = 32
 TEXT_LENGTH = 12
@@ -118,7 +118,7 @@ def tiny_config(components_dir: Path, **sections) -> TrainConfig:
 
 @pytest.fixture(scope="session")
 def components_dir(tmp_path_factory) -> Path:
-    from trainer.components import build_demo_components
+    from trainer.testing.components import build_demo_components
 
     directory = tmp_path_factory.mktemp("components")
     # 400 VAE steps (~15 s): enough that decoded colours are right (the learning test reads them).

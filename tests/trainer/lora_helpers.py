@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from schemas.lora import LoraTrainConfig
 from tests.trainer.conftest import shard_spec, tiny_config, write_shards
-from trainer.demo_data import PALETTE, SHAPES
+from trainer.testing.shapes import PALETTE, SHAPES
 
 TRIGGER = "zxq"
 CONCEPT_RGB = (230, 40, 200)  # magenta, absent from the base model's palette
@@ -138,3 +139,23 @@ def comfyui_merged(state_dict: dict[str, torch.Tensor], comfy: dict[str, torch.T
         alpha = float(comfy[f"{name}.alpha"])
         merged[target] = state_dict[target] + strength * (alpha / down.shape[0]) * (up @ down)
     return merged
+
+
+def short_config(**sections) -> LoraTrainConfig:
+    """A LoRA config for quick CPU runs."""
+    tree = {
+        "trigger": TRIGGER,
+        "log_every_steps": 2,
+        "adapter": {"rank": 4},
+        "optim": {"steps": 6, "lr": 3e-3, "batch_size": 4, "warmup_steps": 2},
+        "prior": {"images": 4, "sample_steps": 2},
+        "holdout": {"images": 2, "every_steps": 2},
+        "preview": {"every_steps": 0, "steps": 2, "images_per_prompt": 1},
+        "checkpoint": {"every_steps": 4},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return LoraTrainConfig.model_validate(tree)

@@ -24,7 +24,7 @@ from tests.trainer.conftest import shard_spec, tiny_config, write_shards
 from trainer.cache import build_cache, read_manifest
 from trainer.components import load_components
 from trainer.data import index_tar, read_member
-from trainer.demo_data import PALETTE, SHAPES, nearest_color, synthetic_caption
+from trainer.testing.shapes import PALETTE, SHAPES, nearest_color, synthetic_caption
 from trainer.export import load_exported_pipeline
 from trainer.train import fit
 

@@ -90,6 +90,11 @@ def test_fit_from_raw_shards_and_refusals(tmp_path, components_dir, shard_paths)
     fewer_workers = tiny_config(components_dir, max_steps=4, data={"shards": shard_spec(shard_paths), "num_workers": 1})
     with pytest.raises(ValueError, match="exact resume needs the same"):
         fit(fewer_workers, run, resume=True)
+    # The one resume policy (trainer.resume), as `trainer lora --resume`: a changed config is
+    # refused, naming the fields, not continued with a warning.
+    longer = tiny_config(components_dir, max_steps=4, data={"shards": shard_spec(shard_paths), "num_workers": 2})
+    with pytest.raises(ValueError, match=r"different config \(max_steps differ\)"):
+        fit(longer, run, resume=True)
 
 
 def test_warmup_cosine_schedule():

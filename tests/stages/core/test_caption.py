@@ -1,7 +1,7 @@
 import pytest
 
 from schemas import CaptionConfig, RejectReason
-from stages.caption import check_caption
+from stages.core.caption import check_caption
 
 
 @pytest.mark.parametrize(

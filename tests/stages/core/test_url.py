@@ -1,8 +1,8 @@
 import pytest
 
 from schemas import DecodeConfig, Provenance, RejectReason, SampleRecord
-from stages.base import Drop
-from stages.url import check_declared_size, normalize_url
+from stages.core.url import check_declared_size, normalize_url
+from stages.core.verdict import Drop
 
 SCHEMES = ["http", "https"]
 

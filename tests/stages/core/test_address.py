@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from stages.core.addresses import SPECIAL_BLOCKS, non_public_reason, special_block
+from stages.core.address import SPECIAL_BLOCKS, non_public_reason, special_block
 
 # An address inside each block the policy names, with the block's name in the reason.
 INSIDE = {

@@ -6,8 +6,8 @@ from PIL import Image
 
 from pipelines.testing import webcorpus
 from schemas import DecodeConfig, RejectReason
-from stages.base import Drop
-from stages.resolution import _resizer, decode_image
+from stages.core.decode import _resizer, decode_image, decode_rgb
+from stages.core.verdict import Drop
 
 CONFIG = DecodeConfig()
 
@@ -47,7 +47,7 @@ def test_truncated_images(encode):
 
 
 def test_phash_is_the_dedup_stages_phash():
-    from stages.dedup import compute_phash
+    from stages.core.phash import compute_phash
 
     for data in (webcorpus.jpeg(webcorpus.render(11, (700, 600))), webcorpus._rgba_png(12), webcorpus._exif_rotated(13)):
         assert decode(data).phash == compute_phash(data)
@@ -84,3 +84,26 @@ def test_img2dataset_resize_modes(mode, expected):
     assert (result.width, result.height) == expected
     assert (result.original_width, result.original_height) == (800, 1000)
     assert Image.open(io.BytesIO(result.data)).size == expected
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def test_decode_rgb_applies_exif_rotation_and_converts_to_rgb():
+    wide = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    decoded = decode_rgb(_jpeg(wide, exif=exif))
+    assert decoded.size == (20, 40) and decoded.mode == "RGB"
+
+    rgba = Image.new("RGBA", (8, 8), (0, 255, 0, 128))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    assert decode_rgb(buffer.getvalue()).mode == "RGB"
+    palette = Image.new("P", (8, 8))
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG")
+    assert decode_rgb(buffer.getvalue()).mode == "RGB"

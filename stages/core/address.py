@@ -1,4 +1,6 @@
-"""Which IP addresses the crawler may connect to: public unicast only.
+"""Address policy of the crawler: which IP addresses may be fetched from
+(public unicast only), and name resolution that returns every address so each
+one can be checked. Plain Python, no Beam; used by `stages/core/fetch.py`.
 
 Refused, with the reason the reject row's detail carries:
 
@@ -25,6 +27,7 @@ after the table, so a block it learns about later is refused too.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -113,3 +116,12 @@ def non_public_reason(ip: IPAddress) -> str | None:
 def _embedded_reason(ip: ipaddress.IPv6Address, ipv4: ipaddress.IPv4Address) -> str | None:
     why = non_public_reason(ipv4)
     return None if why is None else f"{why}; {ipv4} embedded in {ip}"
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """All addresses `host` resolves to for TCP, in the resolver's order, without
+    duplicates. Raises `socket.gaierror` when it does not resolve. Literal IPs,
+    and the odd IPv4 forms the C library accepts (`0x7f000001`, `2130706433`,
+    `127.1`), come back as the address they denote."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))

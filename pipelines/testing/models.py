@@ -1,6 +1,7 @@
-"""Tiny models for tests and benchmarks, built offline and saved with the real
-`save_pretrained` code paths so the stages load them exactly as they load real
-checkpoints. Helpers append their builders here."""
+"""Tiny models for tests and benchmarks (a LLaVA captioner, an open_clip CLIP, CLIP
+embedding heads), built offline and saved with the real `save_pretrained` code paths
+so the stages load them exactly as they load real checkpoints. Test and benchmark
+aid, not product code; synthetic images are in `pipelines/testing/images.py`."""
 
 from __future__ import annotations
 
@@ -184,63 +185,3 @@ def save_embedding_head(path, sizes, *, seed: int = 0, layout: str = "layers", b
     else:
         torch.save(state, path)
     return state
-
-
-def staged_records(directory, images, captions=None, *, fmt: str = "JPEG"):
-    """Stage PIL `images` the way the curate pipeline does: their encoded bytes
-    concatenated into one file `DIR/staged.bin`, one SampleRecord per image
-    whose `image_ref` points at its byte range. Keys are `k000`, `k001`, ..."""
-    import io
-    from pathlib import Path
-
-    from schemas import ImageRef, Provenance, SampleRecord
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "staged.bin"
-    records, offset = [], 0
-    extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
-    with open(path, "wb") as f:
-        for i, image in enumerate(images):
-            buffer = io.BytesIO()
-            image.save(buffer, format=fmt)
-            data = buffer.getvalue()
-            f.write(data)
-            caption = captions[i] if captions is not None else f"a picture number {i}"
-            records.append(
-                SampleRecord(
-                    key=f"k{i:03d}",
-                    url=f"http://example.test/{i}.{extension}",
-                    caption_original=caption,
-                    width=image.width,
-                    height=image.height,
-                    original_width=image.width,
-                    original_height=image.height,
-                    image_format=extension,
-                    image_bytes=len(data),
-                    provenance=Provenance(source_file="input.parquet", source_row=i),
-                    image_ref=ImageRef(path=str(path), offset=offset, length=len(data)),
-                )
-            )
-            offset += len(data)
-    return records
-
-
-def make_images(count: int, *, size: int = 64, seed: int = 0):
-    """`count` distinct RGB PIL images (smooth colour gradients plus shapes)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        y, x = np.mgrid[0:size, 0:size] / size
-        base = rng.uniform(0, 255, 3)
-        slope = rng.uniform(-120, 120, (2, 3))
-        pixels = base + x[..., None] * slope[0] + y[..., None] * slope[1]
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        x0, y0 = rng.integers(0, size // 2, 2)
-        draw.ellipse([x0, y0, x0 + size // 3, y0 + size // 4], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        images.append(image)
-    return images
