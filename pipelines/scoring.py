@@ -28,7 +28,8 @@ from apache_beam.ml.inference.base import RunInference
 from schemas import CurateConfig
 from schemas.scoring import ScoringConfig, SelectConfig
 from stages import aesthetic, clip_score, safety
-from stages.models import clip, nudenet
+from stages.models.clip import ClipPreparer, check_clip_config, check_heads, clip_embed_dim, preprocess_config
+from stages.models.nudenet import NudeNetPreparer, check_nudenet_config
 from stages.base import REJECTS
 from stages.inference import PrepareImagesDoFn, ScoringExample, resource_hints
 from stages.core.select import SCORE_FIELDS
@@ -73,11 +74,11 @@ def check_models(config: CurateConfig) -> None:
     scoring: ScoringConfig = config.scoring
     check_thresholds(config.select, computed_scores(scoring))
     if scoring.clip is not None:
-        embed_dim = clip.check_clip_config(scoring.clip)
+        embed_dim = check_clip_config(scoring.clip)
         heads = {**safety.clip_heads(scoring.safety), **aesthetic.clip_heads(scoring.aesthetic)}
-        clip.check_heads(heads, embed_dim)
+        check_heads(heads, embed_dim)
     if scoring.safety is not None and scoring.safety.nudenet is not None:
-        nudenet.check_nudenet_config(scoring.safety.nudenet)
+        check_nudenet_config(scoring.safety.nudenet)
     if getattr(config, "recaption", None) is not None:
         from stages.models.captioner import validate_model
 
@@ -104,8 +105,8 @@ class ScoreImages(beam.PTransform):
         if scoring.clip is not None:
             # From the architecture's config and open_clip's registry: no model file is read
             # here (`check_models` validates the files before the graph is built).
-            self.embed_dim = clip.clip_embed_dim(scoring.clip)
-            self.preprocess = clip.preprocess_config(scoring.clip)
+            self.embed_dim = clip_embed_dim(scoring.clip)
+            self.preprocess = preprocess_config(scoring.clip)
         hints = resource_hints(scoring)
         if hints:
             self.with_resource_hints(**hints)
@@ -118,9 +119,9 @@ class ScoreImages(beam.PTransform):
         nudenet = scoring.safety.nudenet if scoring.safety is not None else None
         preparers = []
         if scoring.clip is not None:
-            preparers.append(clip.ClipPreparer(scoring.clip, self.preprocess))
+            preparers.append(ClipPreparer(scoring.clip, self.preprocess))
         if nudenet is not None:
-            preparers.append(nudenet.NudeNetPreparer(nudenet))
+            preparers.append(NudeNetPreparer(nudenet))
         prepared = records | "Prepare" >> beam.ParDo(PrepareImagesDoFn(preparers)).with_outputs(
             REJECTS, main="examples"
         )

@@ -138,9 +138,10 @@ def read_caption(path: Path) -> tuple[str | None, str | None]:
 
 def load_recaptioner(config: RecaptionConfig) -> Recaptioner:
     """The recaption stage's model as a one-image function: greedy generation, then the
-    stage's quality gate (`stages.recaption.gate_caption`). The model is loaded on the
+    stage's quality gate (`stages.core.caption_gate.gate_caption`). The model is loaded on the
     first call, so a folder whose images all have captions never loads it."""
-    from stages.recaption import Captioner, format_prompt, gate_caption, load_processor
+    from stages.core.caption_gate import gate_caption
+    from stages.models.captioner import Captioner, format_prompt, load_processor
 
     loaded: dict = {}
 

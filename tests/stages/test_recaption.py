@@ -27,8 +27,7 @@ from pipelines.testing.models import save_tiny_llava
 from schemas import ImageRef
 from schemas.scoring import BatchingConfig
 from stages.core.caption_gate import Generation, gate_caption
-from stages.models import captioner
-from stages.models.captioner import Captioner, collate, validate_model
+from stages.models.captioner import Captioner, collate, format_prompt, load_processor, validate_model
 from stages.recaption import CaptionModelHandler, GateDoFn, PrepareDoFn, Recaption
 from tests.portable import portable_services, service_logs
 from tests.stages.core.test_caption_gate import PROMPT, S, _config, _record
@@ -112,7 +111,7 @@ def reference(checkpoints, staged):
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoints["random"])
     processor = AutoProcessor.from_pretrained(checkpoints["random"])
-    prompt_text = captioner.format_prompt(processor, _config(checkpoints["random"]))
+    prompt_text = format_prompt(processor, _config(checkpoints["random"]))
     _, images = staged
     return [_reference_caption(model, processor, image, prompt_text, 8) for image in images]
 
@@ -120,8 +119,8 @@ def reference(checkpoints, staged):
 def test_batched_generation_matches_single_image_transformers(checkpoints, staged, reference):
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = captioner.load_processor(config.model)
-    prompt_text = captioner.format_prompt(processor, config)
+    processor = load_processor(config.model)
+    prompt_text = format_prompt(processor, config)
     _, images = staged
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in images]
     generations = captioner.generate(examples)
@@ -136,8 +135,8 @@ def test_decoding_is_greedy_whatever_the_checkpoint_defaults(tmp_path, checkpoin
     path = sampling / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True, "temperature": 5.0, "top_k": 0}))
     config = _config(str(sampling))
-    processor = captioner.load_processor(config.model)
-    prompt_text = captioner.format_prompt(processor, config)
+    processor = load_processor(config.model)
+    prompt_text = format_prompt(processor, config)
     examples = [dict(processor(images=image, text=prompt_text, return_tensors="np")) for image in staged[1]]
     generations = Captioner.load(config).generate(examples)
     assert [(g.text, g.finished) for g in generations] == reference
@@ -147,7 +146,7 @@ def test_left_padding_does_not_change_captions(checkpoints, staged):
     """Prompts of different lengths in one batch (left-padded) caption as they do alone."""
     config = _config(checkpoints["random"])
     captioner = Captioner.load(config)
-    processor = captioner.load_processor(config.model)
+    processor = load_processor(config.model)
     _, images = staged
     prompts = ["USER: <image>\na photo ASSISTANT:", "USER: <image>\nwhat is in this picture of a city ASSISTANT:"]
     examples = [dict(processor(images=images[i], text=p, return_tensors="np")) for i, p in enumerate(prompts)]
@@ -160,15 +159,15 @@ def test_generation_flags_end_of_sequence_and_token_budget(checkpoints, staged):
     _, images = staged
     for name, expected in [("eos", Generation("", 1, True)), ("cat", Generation(" ".join(["cat"] * 5), 5, False))]:
         config = _config(checkpoints[name], max_new_tokens=5)
-        processor = captioner.load_processor(config.model)
-        example = dict(processor(images=images[0], text=captioner.format_prompt(processor, config), return_tensors="np"))
+        processor = load_processor(config.model)
+        example = dict(processor(images=images[0], text=format_prompt(processor, config), return_tensors="np"))
         assert Captioner.load(config).generate([example, example]) == [expected, expected]
 
 
 def test_precision_and_device_choice(checkpoints, staged):
     captioner = Captioner.load(_config(checkpoints["cat"], precision="bf16", device="cpu", max_new_tokens=3))
     assert captioner.model.dtype == torch.bfloat16 and captioner.device.type == "cpu"
-    processor = captioner.load_processor(checkpoints["cat"])
+    processor = load_processor(checkpoints["cat"])
     example = dict(processor(images=staged[1][0], text="USER: <image>\nhi ASSISTANT:", return_tensors="np"))
     assert captioner.generate([example]) == [Generation("cat cat cat", 3, False)]
     assert Captioner.load(_config(checkpoints["cat"])).model.dtype == (
@@ -200,12 +199,12 @@ def test_auto_device_uses_cuda_in_bf16(checkpoints, staged):
 
 
 def test_prompt_formatting_uses_the_chat_template_or_the_configured_template(checkpoints):
-    with_template = captioner.load_processor(checkpoints["random"])
-    assert captioner.format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
+    with_template = load_processor(checkpoints["random"])
+    assert format_prompt(with_template, _config("m")) == f"USER: <image>\n{PROMPT} ASSISTANT:"
     custom = _config("m", prompt="a caption please", prompt_template="<image> Q: {prompt} A:", use_chat_template=False)
-    assert captioner.format_prompt(with_template, custom) == "<image> Q: a caption please A:"
-    without = captioner.load_processor(checkpoints["no_template"])
-    assert captioner.format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
+    assert format_prompt(with_template, custom) == "<image> Q: a caption please A:"
+    without = load_processor(checkpoints["no_template"])
+    assert format_prompt(without, _config("m", prompt="hello")) == "USER: <image>\nhello ASSISTANT:"
 
 
 # --------------------------------------------------------------------------- validation

@@ -62,7 +62,7 @@ def test_missing_score_is_an_error_not_a_pass():
 
 
 def test_drop_would_pass_judges_the_check_that_dropped_it():
-    from stages.base import rejection
+    from stages.core.verdict import rejection
 
     config = SelectConfig(min_clip_similarity=0.2, max_punsafe=0.5, max_nsfw_score=0.3)
 
