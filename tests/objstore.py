@@ -12,10 +12,10 @@ machine can hold it. Each is stopped (and its process group killed) on exit.
 
 GCS credentials: Beam's GCS file system asks google-auth for application
 default credentials and, when there are none, retries for about 30 s before
-going anonymous (in every worker process). The GCS server process therefore
-also serves a token endpoint, and `env` points GOOGLE_APPLICATION_CREDENTIALS
-at an `authorized_user` file whose `token_uri` is that endpoint: google-auth
-finds credentials at once and refreshes them on loopback, never on the network.
+going anonymous (in every worker process). `env` therefore points
+GOOGLE_APPLICATION_CREDENTIALS at an `authorized_user` file holding an access
+token that expires in 2100, so google-auth finds credentials at once and never
+asks a token endpoint.
 
 Fault injection (S3 only): with `hold=DIR`, the server holds every request
 that completes an upload (`CompleteMultipartUpload`, or a plain PUT) of a key
@@ -33,10 +33,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http import server as http_server
 from pathlib import Path
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs would ask a gRPC control API the emulator lacks
@@ -133,11 +131,11 @@ def object_store(kind: str, workdir: Path, hold: Path | None = None) -> Iterator
             }
             beam_args = [f"--s3_endpoint_url={endpoint}", "--s3_region_name=us-east-1"]
         else:
-            token_port = int((workdir / f"{kind}.port.token").read_text())
             credentials = workdir / "gcs-credentials.json"
             credentials.write_text(json.dumps({
                 "type": "authorized_user", "client_id": "test", "client_secret": "test", "refresh_token": "test",
-                "token_uri": f"http://127.0.0.1:{token_port}/token",
+                # A token valid for a long time: google-auth never needs to refresh it.
+                "token": "test-token", "expiry": "2100-01-01T00:00:00Z",
             }))
             client_env = {
                 "STORAGE_EMULATOR_HOST": endpoint,
@@ -181,20 +179,6 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 # ---------------------------------------------------------------- the server processes
 
 
-class _TokenHandler(http_server.BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps({"access_token": "test-token", "expires_in": 3600, "token_type": "Bearer"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 class _Hold:
     """WSGI middleware: holds upload-completing requests of `/.tmp/` keys (see module doc)."""
 
@@ -228,9 +212,6 @@ def _serve_s3(port_file: Path, hold: Path | None) -> None:
 def _serve_gcs(port_file: Path) -> None:
     from gcp_storage_emulator.server import create_server
 
-    token = http_server.ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
-    threading.Thread(target=token.serve_forever, daemon=True).start()
-    Path(f"{port_file}.token").write_text(str(token.server_port))
     server = create_server("127.0.0.1", 0, in_memory=True)
     server.start()
     port = server._api._httpd.server_port
