@@ -134,6 +134,7 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
     args, beam_argv = _curate_parser().parse_known_args(argv)
 
     import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
 
     from pipelines import outputs
     from pipelines.curate import build_curate, load_config
@@ -141,8 +142,12 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
 
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
-        config = load_config(args.config, overrides)
         options = make_pipeline_options(beam_argv)
+        # Before reading the config: a gs:// or s3:// config file needs the file system
+        # options (--s3_endpoint_url, credentials...) that Beam otherwise sets only when
+        # the pipeline object is made.
+        FileSystems.set_options(options)
+        config = load_config(args.config, overrides)
         run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_curate(p, args.input, args.output, config, run_config)

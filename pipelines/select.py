@@ -246,8 +246,9 @@ def run_select(argv: list[str], test_pipeline=None) -> int:
 
     args, beam_argv = _parser().parse_known_args(argv)
     try:
-        select_config = resolve_select_config(args.input, args)
         options = make_pipeline_options(beam_argv)
+        FileSystems.set_options(options)  # the input is read before the pipeline exists
+        select_config = resolve_select_config(args.input, args)
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_select(p, args.input, args.output, select_config, {"beam_args": beam_argv})
     except (SelectError, ValueError) as err:
