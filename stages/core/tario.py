@@ -249,12 +249,13 @@ def open_url(url: str, *, block_size: int | None = None, cache_type: str = "none
     """Open `url` (a local path or any fsspec URL) for reading. The default reads exactly
     what is asked (one ranged GET per read on object storage); pass `cache_type="readahead"`
     and a `block_size` for sequential reading."""
-    import fsspec
+    from fsspec.core import url_to_fs
 
+    fs, path = url_to_fs(url)
     kwargs = {"cache_type": cache_type}
     if block_size:
         kwargs["block_size"] = block_size
-    return fsspec.open(url, "rb", **kwargs).open()
+    return fs.open(path, "rb", **kwargs)
 
 
 def open_for_index(url: str) -> BinaryIO:
