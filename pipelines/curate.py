@@ -174,9 +174,13 @@ def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:
     runs.check_options("beam run curate", beam_argv)
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
+        options = make_pipeline_options(beam_argv)
+        # Before reading the config: a gs:// or s3:// config file needs the file system
+        # options (--s3_endpoint_url, credentials...) that Beam otherwise sets only when
+        # the pipeline object is made.
+        FileSystems.set_options(options)
         config = load_config(args.config, overrides)
         check_models(config)
-        options = make_pipeline_options(beam_argv)
         run_config = outputs.resolved_config(config, {"input": args.input, "beam_args": beam_argv})
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_curate(p, args.input, args.output, config, run_config)

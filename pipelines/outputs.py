@@ -1,6 +1,11 @@
 """The run's tables and report: `index.parquet`, `rejects.parquet`,
 `report.json` (the funnel) and `config.json`.
 
+Every file here is committed whole on any file system: the parquet tables by
+Beam's file sink (temporary files, closed, then copied to the final name),
+`report.json` and `config.json` by `write_atomically`. `report.json` is
+written last, after both tables: its presence means the run's tables are final.
+
 Parquet schemas are derived from the pydantic models, so a field added to
 `SampleRecord` or `Rejection` becomes a column without touching this file.
 """
@@ -19,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from pydantic import BaseModel
 
 from schemas import CurateConfig, FunnelRow, InputFileError, RejectReason, Rejection, Report, SampleRecord, Stage
+from stages.shards import write_atomically
 
 INDEX = "index.parquet"
 REJECTS_TABLE = "rejects.parquet"
@@ -134,8 +140,7 @@ class _WriteReport(beam.DoFn):
 
     def process(self, _, input_rows, kept, shards, reject_counts, input_errors):
         report = build_report(input_rows, kept, shards, reject_counts, input_errors)
-        with FileSystems.create(FileSystems.join(self.output_dir, REPORT), compression_type="uncompressed") as f:
-            f.write(report.model_dump_json(indent=2).encode())
+        write_atomically(FileSystems.join(self.output_dir, REPORT), report.model_dump_json(indent=2).encode())
         if not report.accounting_ok:
             raise AccountingError(
                 f"{report.input_rows} input rows but {report.kept} kept + {report.rejected} rejected; "
@@ -190,10 +195,9 @@ def resolved_config(config: CurateConfig, extra: dict | None = None) -> dict:
 
 def write_config(output_dir: str, resolved: dict) -> None:
     """Write DIR/config.json (before the pipeline runs)."""
-    if not FileSystems.exists(output_dir):
-        FileSystems.mkdirs(output_dir)
-    with FileSystems.create(FileSystems.join(output_dir, CONFIG), compression_type="uncompressed") as f:
-        f.write(json.dumps(resolved, indent=2, sort_keys=True).encode())
+    if "://" not in output_dir and not FileSystems.exists(output_dir):
+        FileSystems.mkdirs(output_dir)  # object stores have no folders to make
+    write_atomically(FileSystems.join(output_dir, CONFIG), json.dumps(resolved, indent=2, sort_keys=True).encode())
 
 
 def read_report(output_dir: str) -> Report:

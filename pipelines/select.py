@@ -10,7 +10,7 @@ replaces one, `none` disables it. DIR2 gets the same layout as a curate output
 (`shards/`, `index.parquet`, `rejects.parquet`, `report.json`, `config.json`),
 written by the same code (`WriteShards`, `write_outputs`).
 
-What it reads: every sample in `DIR/shards/*.tar` (its `KEY.json` is the full
+What it reads: every sample in the shards `DIR/shards/*.json` manifests name (its `KEY.json` is the full
 record with its scores; the image is copied from the tar by byte range, never
 decoded), plus `DIR/unselected/shards/*.tar` when the curate run kept the
 samples its selection dropped (`select.keep_unselected`). Rejections of every
@@ -81,7 +81,8 @@ def load_source(input_dir: str) -> tuple[dict, CurateConfig]:
 
 
 def _shards_glob(folder: str) -> str:
-    return FileSystems.join(folder, SHARDS_DIR, "*.tar")
+    """The shard manifests: a shard is complete iff its manifest exists (see stages/shards.py)."""
+    return FileSystems.join(folder, SHARDS_DIR, "*.json")
 
 
 class _NotReadmittable(beam.DoFn):
@@ -255,9 +256,10 @@ def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
 
     runs.check_options("beam run select", beam_argv)
     try:
+        options = make_pipeline_options(beam_argv)
+        FileSystems.set_options(options)  # the input is read before the pipeline exists
         select_config = resolve_select_config(args.input, args)
         _, source_config = load_source(args.input)
-        options = make_pipeline_options(beam_argv)
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         _, run_config = build_select(p, args.input, args.output, select_config, {"beam_args": beam_argv})
     except (SelectError, ValueError) as err:

@@ -208,6 +208,8 @@ class SourceShard(_Config):
     size_bytes: int
     sha256: str
     num_samples: int
+    lost: int = Field(0, description="Samples of the shard that could not be read (truncated, unreadable or vanished shard).")
+    problem: str | None = Field(None, description="What was wrong with the shard, when something was.")
 
 
 class CacheFile(_Config):

@@ -7,7 +7,6 @@ shards for `beam run select`.
 from __future__ import annotations
 
 import logging
-import tarfile
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -15,10 +14,11 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from schemas import ImageRef, SampleRecord, Stage
+from schemas import ImageRef, SampleRecord, ShardManifest, Stage
 from schemas.scoring import SelectConfig
 from stages.base import REJECTS, Drop, FilterDoFn, apply_filter
 from stages.core.select import select
+from stages.core.tario import TruncatedTarError, index_tar, read_range
 
 LOG = logging.getLogger(__name__)
 
@@ -69,57 +69,44 @@ def apply_select(records: beam.PCollection, label: str, config: SelectConfig, em
 # ---------------------------------------------------------------- reading a finished output back
 
 
-def shard_members(fileobj) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """(key, {extension: member}) for each sample of a WebDataset tar, in tar
-    order. The key is the member name up to its first dot (WebDataset's rule);
-    a sample's members are contiguous."""
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        key, members = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            prefix = member.name[: len(member.name) - len(base)]
-            stem, _, extension = base.partition(".")
-            sample = prefix + stem
-            if sample != key and members:
-                yield key, members
-                members = {}
-            key = sample
-            members[extension] = member
-        if members:
-            yield key, members
-
-
 class ReadShardRecordsDoFn(beam.DoFn):
-    """Shard path -> the SampleRecords in it (from KEY.json), each with
-    `image_ref` pointing at its image member inside the tar (tar members are
-    contiguous: `offset_data`, `size`). Image bytes are not read."""
-
-    IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+    """Shard manifest (or tar) path -> the SampleRecords in its tar (from KEY.json),
+    each with `image_ref` pointing at its image member inside the tar (`offset`,
+    `size` from the one tar index, `stages/core/tario.py`). Image bytes are not
+    read. Given a manifest, the tar must hold exactly the samples it lists."""
 
     def __init__(self):
         self.records = Metrics.counter(Stage.SELECT.value, "records_read")
 
     def process(self, path: str) -> Iterator[SampleRecord]:
+        expected = None
+        if path.endswith(".json"):
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                manifest = ShardManifest.model_validate_json(f.read())
+            expected = manifest.keys
+            path = path.rsplit("/", 1)[0] + "/" + manifest.shard
         with FileSystems.open(path, mime_type="application/x-tar", compression_type="uncompressed") as f:
-            for key, members in shard_members(f):
-                if "json" not in members:
-                    raise ValueError(f"{path}: sample {key} has no .json member; is this an imagemill shard?")
-                image = next((members[e] for e in self.IMAGE_EXTENSIONS if e in members), None)
-                if image is None:
-                    raise ValueError(f"{path}: sample {key} has no image member ({sorted(members)})")
-                position = f.tell()
-                f.seek(members["json"].offset_data)
-                record = SampleRecord.model_validate_json(f.read(members["json"].size))
-                f.seek(position)
-                ref = ImageRef(path=path, offset=image.offset_data, length=image.size)
+            try:
+                samples = index_tar(f, path)
+            except TruncatedTarError as err:
+                raise ValueError(f"{err}; the shard is damaged, restore it from its source") from err
+            if expected is not None and sorted(s.key for s in samples) != sorted(expected):
+                raise ValueError(f"{path}: holds {len(samples)} samples but its manifest lists {len(expected)}; the shard was changed after it was written")
+            for sample in samples:
+                if "json" not in sample.members:
+                    raise ValueError(f"{path}: sample {sample.key} has no .json member; is this an imagemill shard?")
+                if sample.image_extension is None:
+                    raise ValueError(f"{path}: sample {sample.key} has no image member ({sorted(sample.members)})")
+                record = SampleRecord.model_validate_json(read_range(f, *sample.members["json"], path))
+                offset, size = sample.members[sample.image_extension]
+                ref = ImageRef(path=path, offset=offset, length=size)
                 self.records.inc()
                 yield record.model_copy(update={"image_ref": ref, "status": "pending", "shard": None})
 
 
 class ReadShardRecords(beam.PTransform):
-    """Glob of shard tars -> PCollection[SampleRecord] with image refs into them."""
+    """Glob of shard manifests (`shards/*.json`; a shard is complete iff its manifest
+    exists) or of tars -> PCollection[SampleRecord] with image refs into the tars."""
 
     def __init__(self, pattern: str):
         super().__init__()

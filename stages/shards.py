@@ -12,9 +12,16 @@ How samples get to their shards without moving image bytes through a shuffle:
 2. Each batch is named by its smallest key; the sorted list of those names
    (one string per shard) numbers the shards. It reaches the writers as a side
    input, so every shard knows its final name before it is written.
-3. A writer reads each sample's bytes from the staging files (`ImageRef`),
-   streams the tar to `shards/.tmp/`, and renames it to `NNNNNN.tar` only when
-   it is complete. A reader never sees a partial shard under a final name.
+3. A writer reads each sample's bytes from the staging files (`ImageRef`, by
+   byte range), streams the tar to `shards/.tmp/`, closes it (on GCS and S3 that
+   finalises the upload: only then does the object exist) and renames it to
+   `NNNNNN.tar` (locally an atomic rename; on object storage a server-side copy,
+   which makes the final object appear whole or not at all, then a delete).
+   Then it writes the manifest `NNNNNN.json`. A reader never sees a partial
+   shard under a final name, and a shard is complete iff its manifest exists
+   (a writer that dies between the two leaves a tar without a manifest, which
+   the retried bundle or the next run overwrites). A failed writer removes its
+   temporary object; `shards/.tmp/` is deleted at the end of the run.
 """
 
 from __future__ import annotations
@@ -100,8 +107,10 @@ class WriteShardDoFn(beam.DoFn):
         tmp_path = FileSystems.join(shards_dir, TMP_DIR, f"{name}.{uuid.uuid4().hex}.tar")
         final_path = FileSystems.join(shards_dir, f"{name}.tar")
         written: list[SampleRecord] = []
-        sink = _HashingWriter(FileSystems.create(tmp_path, mime_type="application/x-tar", compression_type="uncompressed"))
-        with webdataset.TarWriter(sink) as tar:
+        raw = FileSystems.create(tmp_path, mime_type="application/x-tar", compression_type="uncompressed")
+        sink = _HashingWriter(raw)
+        try:
+            tar = webdataset.TarWriter(sink)
             for record in sorted(records, key=lambda r: r.key):
                 try:
                     data = self._reader.read(record.image_ref)
@@ -127,6 +136,15 @@ class WriteShardDoFn(beam.DoFn):
                     }
                 )
                 written.append(kept)
+            tar.close()  # the end-of-archive blocks; TarWriter never closes a stream it was handed
+            # Finalise the upload: on GCS and S3 the object exists only once its
+            # stream is closed, so this must come before the copy that "renames" it.
+            raw.close()
+        except BaseException:
+            _discard(raw, tmp_path)
+            raise
+        # Local: an atomic rename. GCS/S3: a server-side copy to the final name
+        # (the object appears whole or not at all) and a delete of the temporary one.
         FileSystems.rename([tmp_path], [final_path])
         manifest = ShardManifest(
             shard=f"{name}.tar",
@@ -138,15 +156,43 @@ class WriteShardDoFn(beam.DoFn):
             config_sha256=self.config_sha256,
             config=self.run_config,
         )
-        _write_atomically(FileSystems.join(shards_dir, f"{name}.json"), manifest.model_dump_json(indent=2).encode())
+        # Written only after its tar is final: a shard is complete iff its manifest exists.
+        write_atomically(FileSystems.join(shards_dir, f"{name}.json"), manifest.model_dump_json(indent=2).encode(), FileSystems.join(shards_dir, TMP_DIR))
         self.shards.inc()
         self.samples.inc(len(written))
         yield beam.pvalue.TaggedOutput(self.MANIFESTS, manifest)
         yield from written
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+def _discard(handle, path: str) -> None:
+    """Best-effort removal of a temporary file whose writing failed (closing it first
+    publishes whatever was written, under the temporary name only, so it can be deleted
+    and no multipart upload is left open)."""
+    try:
+        handle.close()
+        FileSystems.delete([path])
+    except Exception as err:  # the final cleanup deletes the temporary folder anyway
+        LOG.warning("could not remove %s: %s", path, err)
+
+
+def write_atomically(path: str, data: bytes, tmp_dir: str | None = None) -> None:
+    """Write `data` so that `path` never holds a partial file.
+
+    Object storage (`gs://`, `s3://`...): written straight to `path`. An upload
+    becomes an object only when it is finalised (the stream closed), so a
+    failure before that leaves nothing; on error the stream is not closed.
+    Elsewhere: a temporary file in `tmp_dir` (default: beside `path`), closed,
+    then renamed.
+    """
+    if "://" in path:
+        f = FileSystems.create(path, compression_type="uncompressed")
+        f.write(data)
+        f.close()
+        return
+    base = path.rsplit("/", 1)[-1]
+    tmp = FileSystems.join(tmp_dir, f"{base}.{uuid.uuid4().hex}.partial") if tmp_dir else f"{path}.{uuid.uuid4().hex}.partial"
+    if tmp_dir and not FileSystems.exists(tmp_dir):
+        FileSystems.mkdirs(tmp_dir)
     with FileSystems.create(tmp, compression_type="uncompressed") as f:
         f.write(data)
     FileSystems.rename([tmp], [path])

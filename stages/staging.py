@@ -11,9 +11,9 @@ The staging folder is deleted once the shards are final.
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -24,6 +24,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import ImageRef, SampleRecord
 from stages.base import WithImage
+from stages.core.tario import RangeReader, read_range
 
 LOG = logging.getLogger(__name__)
 
@@ -34,42 +35,71 @@ def staging_dir(output_dir: str) -> str:
     return FileSystems.join(output_dir, STAGING_DIR)
 
 
+def open_staged(path: str):
+    """Open a file through Beam's FileSystems for reads by byte range.
+
+    Beam's S3 reader is a `BufferedReader` over a ranged downloader: reading
+    through the buffer would fetch a whole buffer (16 MiB) per sample, so the
+    unbuffered stream under it is used and each read is one ranged GET. (GCS's
+    reader fetches `max(range, its chunk)` per read; local files are plain files.)
+    """
+    handle = FileSystems.open(path, mime_type="application/octet-stream", compression_type="uncompressed")
+    if isinstance(handle, io.BufferedReader) and not isinstance(handle.raw, io.FileIO):
+        return _RawRanges(handle)
+    return handle
+
+
+class _RawRanges:
+    """seek/read on the raw stream of a BufferedReader (keeps the wrapper for close)."""
+
+    def __init__(self, buffered: io.BufferedReader):
+        self.buffered = buffered
+        self.raw = buffered.raw
+        self.name = getattr(buffered, "name", "")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.raw.readall()
+        chunks, left = [], size
+        while left > 0:
+            chunk = self.raw.read(left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.buffered.close()
+
+
 def read_image_bytes(ref: ImageRef) -> bytes:
     """Read one staged image back. For many reads, use `ImageReader`."""
-    with FileSystems.open(ref.path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
-        f.seek(ref.offset)
-        data = f.read(ref.length)
-    if len(data) != ref.length:
-        raise OSError(f"{ref.path}: expected {ref.length} bytes at offset {ref.offset}, got {len(data)}")
-    return data
+    handle = open_staged(ref.path)
+    try:
+        return read_range(handle, ref.offset, ref.length, ref.path)
+    finally:
+        handle.close()
 
 
 class ImageReader:
-    """Reads staged byte ranges, keeping a few files open (shard writers read
-    many samples that were staged together)."""
+    """Reads staged byte ranges (`ImageRef`s) with retries, keeping a few files open
+    (shard writers read many samples that were staged together)."""
 
     def __init__(self, max_open: int = 8):
-        self.max_open = max_open
-        self._files: OrderedDict[str, object] = OrderedDict()
+        self._ranges = RangeReader(open_staged, limit=max_open)
 
     def read(self, ref: ImageRef) -> bytes:
-        f = self._files.pop(ref.path, None)
-        if f is None:
-            f = FileSystems.open(ref.path, mime_type="application/octet-stream", compression_type="uncompressed")
-        self._files[ref.path] = f
-        while len(self._files) > self.max_open:
-            _, old = self._files.popitem(last=False)
-            old.close()
-        f.seek(ref.offset)
-        data = f.read(ref.length)
-        if len(data) != ref.length:
-            raise OSError(f"{ref.path}: expected {ref.length} bytes at offset {ref.offset}, got {len(data)}")
-        return data
+        return self._ranges.read(ref.path, ref.offset, ref.length)
 
     def close(self) -> None:
-        while self._files:
-            _, f = self._files.popitem()
-            f.close()
+        self._ranges.close()
 
 
 class StageImagesDoFn(beam.DoFn):
@@ -122,10 +152,19 @@ class StageImagesDoFn(beam.DoFn):
 
 
 class _DeleteTree(beam.DoFn):
+    """Deletes folders (every object under the prefix) and files; best effort.
+
+    On GCS and S3 a folder is only a key prefix: `exists(prefix)` is false and
+    deleting it needs the trailing slash, which Beam's file systems read as
+    "everything under it". Locally the folder itself is removed."""
+
     def process(self, _, paths):
         for path in paths:
+            target = path if path.endswith("/") else path + "/"
             try:
-                if FileSystems.exists(path):
+                if "://" in path:
+                    FileSystems.delete([target])
+                elif FileSystems.exists(path):
                     FileSystems.delete([path])
             except Exception as err:  # cleanup is best effort: the outputs are already final
                 LOG.warning("could not delete %s: %s", path, err)

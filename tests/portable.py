@@ -94,7 +94,10 @@ def make_worker_env(env_dir: Path) -> Path:
     (site_dir / "000-imagemill-worker-deps.pth").write_text("".join(f"{d}\n" for d in source_dirs), encoding="utf-8")
     for directory in source_dirs:
         for pth in sorted(directory.glob("*.pth")):
-            if not _is_editable_hook(pth):
+            # `*-nspkg.pth` (google-cloud-*'s namespace hooks) look up their package relative
+            # to the site dir they sit in and fail from here; Python 3 finds namespace
+            # packages without them.
+            if not _is_editable_hook(pth) and not pth.name.endswith("-nspkg.pth"):
                 (site_dir / pth.name).write_text(pth.read_text(encoding="utf-8"), encoding="utf-8")
     return python
 

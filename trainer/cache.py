@@ -11,6 +11,12 @@ every file and records the `CacheSpec` (VAE and text encoder fingerprints, resol
 dtype, captions). `fit` recomputes that spec from its own config and components and
 refuses a cache that differs, naming each field.
 
+Shards and the cache may be on any fsspec URL (local, `gs://`, `s3://`; shards also
+`https://`). Every cache file is written whole: locally to a temporary name then renamed,
+on object storage in one upload (an object exists only once its upload completes).
+A shard that is truncated, unreadable or vanishes while being read is reported by name
+with the samples lost (`SourceShard.lost`, `problem`) and the cache goes on without them.
+
 Multi-GPU: under `accelerate launch`, shard i is encoded by rank i % world_size.
 Memory: one file's worth of samples per shard in flight (at most num_workers shards).
 """
@@ -20,16 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from schemas.trainer import CacheFile, CachePart, CacheSpec, LatentCacheManifest, SourceShard, TrainConfig
 from trainer.components import DTYPES, Components, cpu_threads_beside_workers, load_components
-from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, pooled_key, text_key
+from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, join_url, pooled_key, text_key, url_fs
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +92,46 @@ def spec_differences(found: CacheSpec, expected: CacheSpec) -> list[str]:
     return differences
 
 
+class Store:
+    """A cache directory on any fsspec file system: whole-file reads and atomic writes."""
+
+    def __init__(self, url: str | Path):
+        self.url = str(url)
+        self.fs, self.root = url_fs(self.url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def path(self, *names: str) -> str:
+        return "/".join([self.root.rstrip("/"), *names])
+
+    def url_of(self, *names: str) -> str:
+        return "/".join([self.url.rstrip("/"), *names])
+
+    def exists(self, *names: str) -> bool:
+        return self.fs.isfile(self.path(*names))
+
+    def read(self, *names: str) -> bytes:
+        return self.fs.cat_file(self.path(*names))
+
+    def write(self, data: bytes, *names: str) -> None:
+        """Write `data` whole: never a partial file under the name."""
+        target = self.path(*names)
+        if self.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)  # one upload: the object appears when it completes
+
+
 def read_manifest(cache_dir: str | Path) -> LatentCacheManifest:
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    store = Store(cache_dir)
+    if not store.exists(MANIFEST):
         raise FileNotFoundError(
-            f"{path} does not exist: {cache_dir} is not a finished latent cache (run `trainer cache`, or finish it)"
+            f"{store.url_of(MANIFEST)} does not exist: {cache_dir} is not a finished latent cache (run `trainer cache`, or finish it)"
         )
-    return LatentCacheManifest.model_validate_json(path.read_text())
+    return LatentCacheManifest.model_validate_json(store.read(MANIFEST))
 
 
 def check_cache(manifest: LatentCacheManifest, expected: CacheSpec, config: TrainConfig, cache_dir: str | Path) -> None:
@@ -105,8 +145,8 @@ def check_cache(manifest: LatentCacheManifest, expected: CacheSpec, config: Trai
     if prob < 1 and "original" not in kinds:
         problems.append(f"data.synthetic_caption_prob is {prob} but the cache holds only synthetic captions")
     if config.data.shards:
-        sources = [(Path(p).name, os.path.getsize(p)) for p in expand_shards(config.data.shards)]
-        cached = [(Path(s.path).name, s.size_bytes) for s in manifest.sources]
+        sources = [(p.rsplit("/", 1)[-1], url_fs(p)[0].size(url_fs(p)[1])) for p in expand_shards(config.data.shards)]
+        cached = [(s.path.rsplit("/", 1)[-1], s.size_bytes) for s in manifest.sources]
         if sources != cached:
             changed = sorted(set(sources) ^ set(cached))
             problems.append(
@@ -122,7 +162,7 @@ def check_cache(manifest: LatentCacheManifest, expected: CacheSpec, config: Trai
 
 
 def _unique_stems(paths: list[str]) -> list[str]:
-    stems = [Path(p).stem for p in paths]
+    stems = [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in paths]
     if len(set(stems)) != len(stems):
         duplicates = sorted({s for s in stems if stems.count(s) > 1})
         raise ValueError(f"shards must have distinct file names; repeated: {duplicates[:5]}")
@@ -148,7 +188,7 @@ class _ShardBuffer:
         for name, value in tensors.items():
             self.tensors.setdefault(name, []).append(value)
 
-    def flush(self, output: Path, source: str, limit: int) -> None:
+    def flush(self, output: Store, source: str, limit: int) -> None:
         """Write the first `limit` buffered samples to the next cache file."""
         if not self.keys:
             return
@@ -156,9 +196,7 @@ class _ShardBuffer:
         take = min(limit, len(self.keys))
         name = f"{self.stem}-{len(self.files):03d}.safetensors"
         chunk = {k: v[:take].contiguous() for k, v in joined.items()}
-        tmp = output / (name + ".tmp")
-        save_file(chunk, str(tmp), metadata={"keys": json.dumps(self.keys[:take]), "source": source})
-        os.replace(tmp, output / name)
+        output.write(save(chunk, metadata={"keys": json.dumps(self.keys[:take]), "source": source}), name)
         self.files.append(CacheFile(file=name, source=source, num_samples=take))
         self.keys = self.keys[take:]
         self.tensors = {k: [v[take:]] for k, v in joined.items()} if self.keys else {}
@@ -185,7 +223,7 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
 
     state = PartialState()
     cpu_threads_beside_workers(state.device, config.cache.num_workers)
-    output = Path(output)
+    output = Store(output)
     paths = expand_shards(shards)
     stems = _unique_stems(paths)
     components = load_components(config.components, state.device, torch.float32)  # fingerprints in fp32
@@ -194,28 +232,25 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
     store_dtype = DTYPES[config.cache.dtype]
     kinds = caption_kinds(config.cache.captions)
 
-    parts_dir = output / "parts"
-    spec_path = output / SPEC
-    if spec_path.is_file():  # every rank checks, so all of them stop
-        found = CacheSpec.model_validate_json(spec_path.read_text())
+    if output.exists(SPEC):  # every rank checks, so all of them stop
+        found = CacheSpec.model_validate_json(output.read(SPEC))
         differences = spec_differences(found, spec)
         if differences:
             raise CacheMismatch(
-                f"{output} holds a cache made with a different config:\n  - " + "\n  - ".join(differences)
+                f"{output.url} holds a cache made with a different config:\n  - " + "\n  - ".join(differences)
                 + "\nUse a new output directory."
             )
     state.wait_for_everyone()
     if state.is_main_process:
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        spec_path.write_text(spec.model_dump_json(indent=2))
+        output.write(spec.model_dump_json(indent=2).encode(), SPEC)
     state.wait_for_everyone()
 
     def done(i: int) -> bool:
-        part = parts_dir / f"{stems[i]}.json"
-        if not part.is_file():
+        if not output.exists("parts", f"{stems[i]}.json"):
             return False
-        source = CachePart.model_validate_json(part.read_text()).source
-        return source.size_bytes == os.path.getsize(paths[i])
+        source = CachePart.model_validate_json(output.read("parts", f"{stems[i]}.json")).source
+        fs, path = url_fs(paths[i])
+        return source.problem is None and fs.exists(path) and source.size_bytes == fs.size(path)
 
     mine = [i for i in range(len(paths)) if i % state.num_processes == state.process_index]
     todo = [i for i in mine if not done(i)]
@@ -239,23 +274,24 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
             if batch["last"]:
                 buffer.flush(output, paths[i], config.cache.samples_per_file)
                 part = CachePart(
-                    source=SourceShard(path=paths[i], size_bytes=batch["size_bytes"], sha256=batch["sha256"], num_samples=batch["num_samples"]),
+                    source=SourceShard(
+                        path=paths[i], size_bytes=batch["size_bytes"], sha256=batch["sha256"], num_samples=batch["num_samples"],
+                        lost=batch["lost"], problem=batch["problem"],
+                    ),
                     files=buffer.files,
                     skipped=batch["skipped"],
                     preview_captions=buffer.captions[:PREVIEW_CAPTIONS],
                 )
-                tmp = parts_dir / f"{stems[i]}.json.tmp"
-                tmp.write_text(part.model_dump_json(indent=2))
-                os.replace(tmp, parts_dir / f"{stems[i]}.json")
+                output.write(part.model_dump_json(indent=2).encode(), "parts", f"{stems[i]}.json")
                 del buffers[i]
                 progress.update(1)
         progress.close()
     state.wait_for_everyone()
 
     if state.is_main_process:
-        parts = [CachePart.model_validate_json((parts_dir / f"{stem}.json").read_text()) for stem in stems]
+        parts = [CachePart.model_validate_json(output.read("parts", f"{stem}.json")) for stem in stems]
         null_hidden, null_pooled = components.encode_text([""])
-        save_file({"text": null_hidden.to("cpu", store_dtype).contiguous(), "pooled": null_pooled.to("cpu", store_dtype).contiguous()}, str(output / NULL_TEXT))
+        output.write(save({"text": null_hidden.to("cpu", store_dtype).contiguous(), "pooled": null_pooled.to("cpu", store_dtype).contiguous()}), NULL_TEXT)
         previews = [c for part in parts for c in part.preview_captions]
         manifest = LatentCacheManifest(
             created_at=datetime.now(timezone.utc),
@@ -267,9 +303,12 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
             preview_captions=list(dict.fromkeys(previews))[:PREVIEW_CAPTIONS],
             null_text_file=NULL_TEXT,
         )
-        tmp = output / (MANIFEST + ".tmp")
-        tmp.write_text(manifest.model_dump_json(indent=2))
-        os.replace(tmp, output / MANIFEST)
-        logger.info("latent cache %s: %d samples in %d files from %d shards (%d skipped)", output, manifest.num_samples, len(manifest.files), len(paths), manifest.skipped)
+        output.write(manifest.model_dump_json(indent=2).encode(), MANIFEST)
+        logger.info("latent cache %s: %d samples in %d files from %d shards (%d skipped)", output.url, manifest.num_samples, len(manifest.files), len(paths), manifest.skipped)
+        damaged = [s for s in manifest.sources if s.problem]
+        for source in damaged:
+            logger.error("shard %s: %s; %d sample(s) lost", source.path, source.problem, source.lost)
+        if damaged:
+            logger.error("%d damaged shard(s), %d sample(s) lost in all; the cache holds the rest", len(damaged), sum(s.lost for s in damaged))
     state.wait_for_everyone()
-    return read_manifest(output)
+    return read_manifest(output.url)

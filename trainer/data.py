@@ -17,10 +17,25 @@ worker works out how many of those it produced and skips that many samples by in
 arithmetic, without reading them. Caption choices are drawn from a generator seeded by
 (seed, worker, batch index), never from a worker's global RNG.
 
-Samples are read by random access: cache files with `safetensors.safe_open` slices, tar
-shards through an index of member offsets built from the tar headers (webdataset's
-sequential readers cannot seek, which is why they are not used here). Shards must be
-local (or mounted) uncompressed tars. Memory per worker: one batch plus the indices.
+Samples are read by random access, from any fsspec URL (local paths, `gs://`, `s3://`,
+`https://`): cache files by byte range through their safetensors header (one ranged read
+per tensor row), tar shards through the one tar index (`stages/core/tario.py`: member
+offsets from the headers; webdataset's sequential readers cannot seek, which is why they
+are not used here). Transient read errors are retried. Memory per worker: one batch plus
+the indices.
+
+What "position" means for a remote file: nothing about a stream is saved. A sample is
+(file index in the list, row in the file), located by the file's own header (safetensors)
+or tar index, so a resumed run reads the same rows from the same objects by range,
+whatever the storage.
+
+Files that cannot be read: a truncated shard contributes the samples before the cut (the
+rest are reported as lost, by name; the shard manifest `NNNNNN.json` beside it says how
+many it had). A cache file that is missing at start or fails during the run (vanished,
+unreadable after retries) is reported by name with its sample count, and its rows are
+replaced by the same rows of the next readable file in the manifest's order: the stream
+itself never changes, so resume stays exact (as long as the files are in the same state
+over the remaining steps). `fit` refuses to start only when no file is readable.
 """
 
 from __future__ import annotations
@@ -28,13 +43,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
-import os
-import posixpath
-import tarfile
-from collections import OrderedDict
+import struct
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,12 +54,23 @@ from PIL import Image
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from schemas.records import SampleRecord
+from schemas.records import SampleRecord, ShardManifest
 from schemas.trainer import LatentCacheManifest
+from stages.core.tario import (
+    IMAGE_EXTENSIONS,
+    PERMANENT_ERRORS,
+    OpenFiles,
+    RangeReader,
+    TarSample,
+    TruncatedTarError,
+    open_for_index,
+    open_url,
+    read_range,
+    scan_tar,
+    with_retries,
+)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # Tensor names inside a cache file.
 LATENTS = "latents"
@@ -62,14 +85,28 @@ def pooled_key(kind: str) -> str:
     return f"pooled.{kind}"
 
 
+def join_url(base: str, name: str) -> str:
+    """`base/name` for a local path or a URL (pathlib would collapse `s3://` to `s3:/`)."""
+    return base.rstrip("/") + "/" + name
+
+
+def url_fs(url: str):
+    """(fsspec file system, path in it) for a local path or URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)
+
+
 def expand_shards(spec: str) -> list[str]:
-    """Brace-expand a shard spec ('DIR/shards/{000000..000099}.tar'); every file must exist."""
+    """Brace-expand a shard spec ('DIR/shards/{000000..000099}.tar', or 's3://bucket/...');
+    every file must exist."""
     from braceexpand import braceexpand
 
     paths = [p for p in braceexpand(spec) if p]
     if not paths:
         raise ValueError(f"shard spec {spec!r} names no files")
-    missing = [p for p in paths if not os.path.isfile(p)]
+    fs, _ = url_fs(paths[0])
+    missing = [p for p in paths if not fs.isfile(url_fs(p)[1])]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} of the {len(paths)} shards named by {spec!r} do not exist (first: {missing[0]}); "
@@ -81,64 +118,42 @@ def expand_shards(spec: str) -> list[str]:
 # ---- tar shards ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class TarSample:
-    key: str
-    members: dict[str, tuple[int, int]]  # extension -> (byte offset of the data, size)
-
-    @property
-    def image_extension(self) -> str | None:
-        return next((ext for ext in IMAGE_EXTENSIONS if ext in self.members), None)
-
-
 def index_tar(path: str) -> list[TarSample]:
-    """The samples of a WebDataset tar in file order, with each member's data offset.
+    """The samples of a complete WebDataset tar (any fsspec URL) that have an image, in file
+    order, with each member's data offset (the one tar index, `stages.core.tario`).
+    Samples without an image are left out and logged; a truncated tar raises."""
+    with open_for_index(path) as handle:
+        found = scan_tar(handle, path)
+    if found.truncated:
+        raise TruncatedTarError(f"{path}: truncated tar ({found.detail})")
+    return _with_images(found.samples, path)
 
-    Keys follow WebDataset: a member `dir/KEY.ext` belongs to key `dir/KEY` (up to the first
-    dot of the file name). Samples without an image are left out and logged.
-    """
-    groups: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, name = posixpath.split(member.name)
-            stem, dot, extension = name.partition(".")
-            if not dot:
-                continue
-            key = posixpath.join(directory, stem) if directory else stem
-            groups.setdefault(key, {})[extension.lower()] = (member.offset_data, member.size)
-    samples = [TarSample(key, members) for key, members in groups.items()]
+
+def _with_images(samples: list[TarSample], path: str) -> list[TarSample]:
     kept = [s for s in samples if s.image_extension is not None]
     if len(kept) < len(samples):
         logger.warning("%s: %d sample(s) without an image member skipped", path, len(samples) - len(kept))
     return kept
 
 
-class _OpenFiles:
-    """A few open file handles per worker, least recently used closed first."""
+def manifest_samples(shard: str) -> int | None:
+    """How many samples the shard's manifest (`NNNNNN.json` beside `NNNNNN.tar`) says it
+    holds; None without a readable manifest."""
+    if not shard.endswith(".tar"):
+        return None
+    try:
+        with open_url(shard[:-4] + ".json") as handle:
+            return ShardManifest.model_validate_json(handle.read()).num_samples
+    except Exception:  # no manifest (not a curated shard) or unreadable: the count is unknown
+        return None
 
-    def __init__(self, opener: Callable[[str], object], limit: int = 16):
-        self.opener = opener
-        self.limit = limit
-        self.handles: OrderedDict[str, object] = OrderedDict()
 
-    def get(self, path: str):
-        handle = self.handles.pop(path, None)
-        if handle is None:
-            handle = self.opener(path)
-            while len(self.handles) >= self.limit:
-                _, old = self.handles.popitem(last=False)
-                close = getattr(old, "close", None)
-                if close:
-                    close()
-        self.handles[path] = handle
-        return handle
+def lost_text(lost: int | None) -> str:
+    return f"{lost} sample(s) lost" if lost is not None else "an unknown number of samples lost (no shard manifest)"
 
 
 def read_member(handle, offset: int, size: int) -> bytes:
-    handle.seek(offset)
-    return handle.read(size)
+    return read_range(handle, offset, size)
 
 
 def load_rgb(data: bytes, resolution: int) -> np.ndarray:
@@ -281,40 +296,121 @@ class StreamDataset(IterableDataset):
             batch_index += 1
 
 
+class SafetensorsRows:
+    """Rows of the tensors of one safetensors file, read by byte range (any fsspec URL).
+
+    The file starts with an 8-byte little-endian header length and a JSON header giving
+    each tensor's dtype, shape and data offsets; row r of a tensor of shape (N, ...) is
+    one contiguous range, so a row costs one ranged read and nothing else is fetched.
+    """
+
+    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "BOOL": torch.bool, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+    def __init__(self, url: str, handle):
+        self.url = url
+        (length,) = struct.unpack("<Q", read_range(handle, 0, 8, url))
+        header = json.loads(read_range(handle, 8, length, url))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.tensors = {name: (self.DTYPES[info["dtype"]], info["shape"], info["data_offsets"]) for name, info in header.items()}
+
+    def row(self, handle, name: str, index: int) -> torch.Tensor:
+        dtype, shape, (begin, end) = self.tensors[name]
+        if not 0 <= index < shape[0]:
+            raise IndexError(f"{self.url}: row {index} of {name} (shape {shape})")
+        row_bytes = (end - begin) // shape[0]
+        data = read_range(handle, self.data_start + begin + index * row_bytes, row_bytes, self.url)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape[1:])
+
+
 class CachedLatents(StreamDataset):
     """Batches from a latent cache: {"latents" (B, C, h, w), "text" (B, L, D), "pooled" (B, P)}
     in the cache's storage dtype; each sample's caption is the synthetic one with
-    probability `synthetic_prob` (when the cache has both)."""
+    probability `synthetic_prob` (when the cache has both). The cache may be on any
+    fsspec URL; unreadable files are replaced as the module doc says."""
 
-    def __init__(self, cache_dir: str | Path, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0):
+    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None):
         super().__init__(len(manifest.files), batch_size, seed, rank, world_size, num_workers, span, start_batches, "cache files")
-        self.paths = [str(Path(cache_dir) / f.file) for f in manifest.files]
+        self.paths = [join_url(str(cache_dir), f.file) for f in manifest.files]
         self.sizes = [f.num_samples for f in manifest.files]
         kinds = {"original": ["original"], "synthetic": ["synthetic"], "both": ["original", "synthetic"]}[manifest.spec.captions]
         self.kinds = kinds
         self.synthetic_prob = synthetic_prob if len(kinds) == 2 else (1.0 if kinds == ["synthetic"] else 0.0)
-        self._files: _OpenFiles | None = None
+        self.unreadable: set[int] = set(unreadable or ())
+        if len(self.unreadable) == len(self.paths):
+            raise ValueError("no file of the latent cache is readable")
+        self._files: OpenFiles | None = None
+        self._headers: dict[int, SafetensorsRows] = {}
 
     def size_of(self, file: int) -> int:
         return self.sizes[file]
 
-    def _open(self, path: str):
-        from safetensors import safe_open
+    def _read_row(self, file: int, row: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        path = self.paths[file]
 
-        return safe_open(path, framework="pt")
+        def read():
+            handle = self._files.get(path)
+            if file not in self._headers:
+                self._headers[file] = SafetensorsRows(path, handle)
+            rows = self._headers[file]
+            return rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)
+
+        return with_retries(read, f"reading row {row} of {path}", on_retry=lambda: self._files.discard(path))
+
+    def _substitute(self, file: int) -> int:
+        """The next readable file after `file` in manifest order (cyclic)."""
+        for step in range(1, len(self.paths) + 1):
+            candidate = (file + step) % len(self.paths)
+            if candidate not in self.unreadable:
+                return candidate
+        raise ValueError("no file of the latent cache is readable any more")
 
     def load_batch(self, rows, rng) -> dict:
         if self._files is None:
-            self._files = _OpenFiles(self._open)
+            self._files = OpenFiles(open_url)
         use_synthetic = rng.random(len(rows)) < self.synthetic_prob
         latents, text, pooled = [], [], []
         for (_, file, row), synthetic in zip(rows, use_synthetic):
-            handle = self._files.get(self.paths[file])
             kind = "synthetic" if synthetic else "original"
-            latents.append(handle.get_slice(LATENTS)[row])
-            text.append(handle.get_slice(text_key(kind))[row])
-            pooled.append(handle.get_slice(pooled_key(kind))[row])
+            while True:
+                if file in self.unreadable:
+                    file = self._substitute(file)
+                    row = row % self.sizes[file]
+                    continue
+                try:
+                    values = self._read_row(file, row, kind)
+                    break
+                except (OSError, ValueError, KeyError) as error:
+                    self.unreadable.add(file)
+                    self._files.discard(self.paths[file])
+                    logger.error(
+                        "cache file %s cannot be read (%s): its %d sample(s) are lost; their rows are replaced by rows of "
+                        "the next readable file", self.paths[file], error, self.sizes[file],
+                    )
+            latents.append(values[0])
+            text.append(values[1])
+            pooled.append(values[2])
         return {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
+
+
+def check_cache_files(cache_dir: str, manifest: LatentCacheManifest) -> set[int]:
+    """Indices of the cache files that are missing or have the wrong size; each is logged
+    by name with the samples it holds. Raises when none is usable."""
+    fs, root = url_fs(str(cache_dir))
+    unreadable = set()
+    for i, entry in enumerate(manifest.files):
+        path = join_url(root, entry.file)
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            unreadable.add(i)
+            logger.error("cache file %s is missing: its %d sample(s) are lost; their rows are replaced by rows of the next readable file", join_url(str(cache_dir), entry.file), entry.num_samples)
+    if len(unreadable) == len(manifest.files):
+        raise FileNotFoundError(f"no file of the latent cache {cache_dir} exists; nothing to train on (rebuild it with `trainer cache`)")
+    if unreadable:
+        lost = sum(manifest.files[i].num_samples for i in unreadable)
+        logger.error("latent cache %s: %d of %d files missing, %d of %d samples lost", cache_dir, len(unreadable), len(manifest.files), lost, manifest.num_samples)
+    return unreadable
 
 
 class RawShards(StreamDataset):
@@ -330,24 +426,37 @@ class RawShards(StreamDataset):
         self.max_text_length = max_text_length
         self.synthetic_prob = synthetic_prob
         self._index: dict[int, list[TarSample]] = {}
-        self._files: _OpenFiles | None = None
+        self._reader: RangeReader | None = None
 
     def samples(self, file: int) -> list[TarSample]:
+        """The file's usable samples: all of them, the ones before the cut of a truncated
+        shard, none of an unreadable one (each reported by name)."""
         if file not in self._index:
-            self._index[file] = index_tar(self.paths[file])
+            path = self.paths[file]
+            try:
+                with open_for_index(path) as handle:
+                    found = with_retries(lambda: scan_tar(handle, path), f"indexing {path}")
+                samples = _with_images(found.samples, path)
+                if found.truncated:
+                    total = manifest_samples(path)
+                    logger.error("%s is truncated (%s): %d usable, %s", path, found.detail, len(samples), lost_text(None if total is None else total - len(samples)))
+            except (OSError, ValueError) as error:
+                logger.error("%s cannot be read (%s): %s", path, error, lost_text(manifest_samples(path)))
+                samples = []
+            self._index[file] = samples
         return self._index[file]
 
     def size_of(self, file: int) -> int:
         return len(self.samples(file))
 
     def read_sample(self, file: int, row: int) -> tuple[np.ndarray, str, str | None]:
-        if self._files is None:
-            self._files = _OpenFiles(lambda p: open(p, "rb"))
+        if self._reader is None:
+            self._reader = RangeReader(open_url)
         sample = self.samples(file)[row]
-        handle = self._files.get(self.paths[file])
+        path = self.paths[file]
 
         def read(extension: str) -> bytes:
-            return read_member(handle, *sample.members[extension])
+            return self._reader.read(path, *sample.members[extension])
 
         pixels = load_rgb(read(sample.image_extension), self.resolution)
         original, synthetic = captions_of(sample, read, self.paths[file])
@@ -423,13 +532,49 @@ def make_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int
 
 
 def file_sha256(path: str) -> tuple[str, int]:
+    """(SHA-256, size in bytes) of a file at any fsspec URL, streamed."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as handle:
+    with open_for_index(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+class _HashingRanges:
+    """Reads increasing byte ranges of one open file, hashing every byte of the file
+    along the way (the gaps between ranges too), so a shard is read once for its
+    samples and its checksum."""
+
+    def __init__(self, handle, name: str):
+        self.handle = handle
+        self.name = name
+        self.digest = hashlib.sha256()
+        self.position = 0
+        handle.seek(0)
+
+    def _advance(self, size: int) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.position += len(data)
+        return data
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < self.position:
+            raise ValueError(f"{self.name}: ranges must increase ({offset} < {self.position})")
+        while self.position < offset:
+            if not self._advance(min(offset - self.position, 1 << 20)):
+                raise OSError(f"{self.name}: file ended at byte {self.position}")
+        data = self._advance(size)
+        if len(data) != size:
+            raise OSError(f"{self.name}: expected {size} bytes at offset {offset}, got {len(data)}")
+        return data
+
+    def finish(self) -> tuple[str, int]:
+        while self._advance(1 << 20):
+            pass
+        return self.digest.hexdigest(), self.position
 
 
 class ShardReader(IterableDataset):
@@ -437,8 +582,14 @@ class ShardReader(IterableDataset):
 
     Yields per-shard batches: {"shard": index into `paths`, "keys", "pixels" uint8 (b, 3, R, R),
     "original", "synthetic" (lists of str / None), "last": bool, and with the last batch
-    "sha256", "size_bytes", "num_samples", "skipped"}. A shard with no decodable sample
-    yields just its last (empty) batch.
+    "sha256", "size_bytes", "num_samples", "skipped", "lost", "problem"}. A shard with no
+    decodable sample yields just its last (empty) batch.
+
+    Each shard (any fsspec URL) is read twice, sequentially: its headers (the tar index),
+    then its members in file order, which also hashes it. A shard that is truncated keeps
+    the samples before the cut; one that cannot be read at all, or vanishes while being
+    read, keeps what was read before; either way the shard is named in the log with the
+    samples lost (from its manifest when it has one), and `problem` says what happened.
     """
 
     def __init__(self, paths: list[str], resolution: int, batch_size: int):
@@ -454,32 +605,50 @@ class ShardReader(IterableDataset):
 
     def _read(self, shard: int):
         path = self.paths[shard]
-        sha256, size = file_sha256(path)
-        samples = index_tar(path)
-        skipped = 0
+        skipped, done = 0, 0
+        problem = None
+        samples: list[TarSample] = []
+        sha256, size = "", 0
         batch: dict = self._empty(shard)
-        with open(path, "rb") as handle:
-            for sample in samples:
+        try:
+            with open_for_index(path) as handle:
+                found = with_retries(lambda: scan_tar(handle, path), f"indexing {path}")
+                samples = _with_images(found.samples, path)
+                if found.truncated:
+                    problem = f"truncated ({found.detail})"
+                ranges = _HashingRanges(handle, path)
+                for sample in samples:
+                    members = {ext: ranges.read(*span) for ext, span in sorted(sample.members.items(), key=lambda kv: kv[1][0])}
+                    done += 1
 
-                def read(extension: str, sample=sample) -> bytes:
-                    return read_member(handle, *sample.members[extension])
+                    def read(extension: str, members=members) -> bytes:
+                        return members[extension]
 
-                try:
+                    try:
                         pixels = load_rgb(read(sample.image_extension), self.resolution)
-                except (OSError, ValueError, Image.DecompressionBombError) as error:
-                    logger.warning("%s: sample %s cannot be decoded (%s); skipped", path, sample.key, error)
-                    skipped += 1
-                    continue
-                original, synthetic = captions_of(sample, read, path)
-                batch["keys"].append(sample.key)
-                batch["pixels"].append(torch.from_numpy(pixels).permute(2, 0, 1))
-                batch["original"].append(original)
-                batch["synthetic"].append(synthetic)
-                if len(batch["keys"]) == self.batch_size:
-                    yield self._finish(batch)
-                    batch = self._empty(shard)
+                    except (OSError, ValueError, Image.DecompressionBombError) as error:
+                        logger.warning("%s: sample %s cannot be decoded (%s); skipped", path, sample.key, error)
+                        skipped += 1
+                        continue
+                    original, synthetic = captions_of(sample, read, path)
+                    batch["keys"].append(sample.key)
+                    batch["pixels"].append(torch.from_numpy(pixels).permute(2, 0, 1))
+                    batch["original"].append(original)
+                    batch["synthetic"].append(synthetic)
+                    if len(batch["keys"]) == self.batch_size:
+                        yield self._finish(batch)
+                        batch = self._empty(shard)
+                sha256, size = ranges.finish()
+        except (OSError, ValueError) as error:
+            problem = f"vanished while being read ({error})" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
+        usable = done - skipped
+        lost = 0
+        if problem is not None:
+            total = manifest_samples(path)
+            lost = max(0, total - done) if total is not None else max(1, len(samples) - done)
+            logger.error("%s is %s: %d sample(s) read, %s", path, problem, done, lost_text(lost if total is not None else None))
         batch["last"] = True
-        batch.update(sha256=sha256, size_bytes=size, num_samples=len(samples) - skipped, skipped=skipped)
+        batch.update(sha256=sha256, size_bytes=size, num_samples=usable, skipped=skipped, lost=lost, problem=problem)
         yield self._finish(batch)
 
     def _empty(self, shard: int) -> dict:

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from tqdm import tqdm
 
 from schemas.trainer import DataPosition, TrainConfig
-from trainer.cache import cache_spec, check_cache, read_manifest
+from trainer.cache import Store, cache_spec, check_cache, read_manifest
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, new_state, read_state, save_checkpoint
 from trainer.components import Components, cpu_threads_beside_workers, load_components
-from trainer.data import CachedLatents, RawShards, expand_shards, make_loader
+from trainer.data import CachedLatents, RawShards, check_cache_files, expand_shards, make_loader
 from trainer.export import EXPORT, export_pipeline, make_pipeline, sample_grid
 from trainer.flow import FlowLoss, RectifiedFlow, timestep_bucket
 from trainer.model import DiffusionTransformer, build_transformer
@@ -157,8 +157,9 @@ def open_source(config: TrainConfig, components: Components, rank: int, world_si
     if d.cache:
         manifest = read_manifest(d.cache)
         check_cache(manifest, cache_spec(config, components), config, d.cache)
-        null = load_file(str(Path(d.cache) / manifest.null_text_file))
-        dataset = CachedLatents(d.cache, manifest, synthetic_prob=d.synthetic_caption_prob, **common)
+        null = load_safetensors(Store(d.cache).read(manifest.null_text_file))  # any fsspec URL
+        unreadable = check_cache_files(d.cache, manifest)  # named in the log; raises if none is left
+        dataset = CachedLatents(d.cache, manifest, synthetic_prob=d.synthetic_caption_prob, unreadable=unreadable, **common)
         return DataSource(
             dataset=dataset,
             num_files=len(manifest.files),

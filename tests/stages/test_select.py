@@ -14,7 +14,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas import RejectReason, Stage
 from schemas.scoring import ScoringConfig, SelectConfig
-from stages.select import ReadShardRecordsDoFn, apply_select, shard_members
+from stages.core.tario import index_tar
+from stages.select import ReadShardRecordsDoFn, apply_select
 from tests.stages.core.test_select import record
 
 
@@ -90,10 +91,11 @@ def _tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
-def test_shard_members_group_by_key_prefix():
-    data = _tar([("a.b", {"jpg": b"1", "json": b"{}"}), ("c", {"png": b"22", "txt": b"t", "json": b"{}"})])
-    # WebDataset's key is the name up to the first dot: "a.b.jpg" is key "a", extension "b.jpg".
-    got = [(key, sorted(members)) for key, members in shard_members(io.BytesIO(data))]
+def test_tar_index_groups_by_key_prefix():
+    data = _tar([("a.b", {"jpg": b"1", "json": b"{}"}), ("c", {"PNG": b"22", "txt": b"t", "json": b"{}"})])
+    # WebDataset's key is the name up to the first dot: "a.b.jpg" is key "a", extension "b.jpg";
+    # extensions are lower-cased.
+    got = [(s.key, sorted(s.members)) for s in index_tar(io.BytesIO(data), "t.tar")]
     assert got == [("a", ["b.jpg", "b.json"]), ("c", ["json", "png", "txt"])]
 
 
