@@ -22,12 +22,15 @@ What a source yields, one item per WARC record (or per listed page):
   `not_html` (a response of another media type), `decode_error` (no charset
   decodes it).
 
-Decoding (`decode_html`): the charsets declared by the HTTP `Content-Type`, a
-BOM and `<meta charset>` / `<meta http-equiv>` in the first 4 KiB, then
-`records.fallback_encoding`, each tried strictly in that order; then
-charset-normalizer's detection; then the first candidate with replacement
+Decoding (`decode_html`): a body whose first 4 KiB hold binary data bytes
+(WHATWG MIME sniffing: controls other than tab, newline, form feed, carriage
+return, escape) is a `decode_error` unless a UTF-16/32 charset is declared.
+Otherwise the charsets of a BOM, the HTTP `Content-Type` and `<meta charset>` /
+`<meta http-equiv>` in the first 4 KiB, then `records.fallback_encoding`, are
+tried strictly in that order; then the first of them with replacement
 characters if at most `records.max_replacement_fraction` of the text is
-replaced; otherwise `decode_error`.
+replaced (a mostly-UTF-8 page with a stray byte); then charset-normalizer's
+detection; otherwise `decode_error`.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def source_kind(path: str) -> str:
         name = name[:-3]
     if name.endswith(".wat") or name.endswith(".wat.warc"):
         return "wat"
-    if name.endswith((".warc", ".arc")):
+    if name.endswith(".warc"):
         return "warc"
     if name.endswith((".tsv", ".txt")):
         return "pages"
@@ -143,21 +146,26 @@ def charset_candidates(body: bytes, content_type: str | None, config: RecordsCon
     return out
 
 
+_BINARY_BYTES = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
+
+
 def decode_html(body: bytes, content_type: str | None, config: RecordsConfig) -> str | None:
-    """The page as text, or None if no charset decodes it (see the module doc)."""
+    """The page as text, or None if it is not text in any charset (see the module doc)."""
     candidates = charset_candidates(body, content_type, config)
+    if not any(c.replace("-", "_").startswith(("utf_16", "utf_32")) for c in candidates) and _BINARY_BYTES.search(body[:SNIFF_BYTES]):
+        return None  # WHATWG MIME sniffing's "binary data bytes": not text in an ASCII-compatible charset
     for codec in candidates:
         try:
             return body.decode(codec)
         except (UnicodeDecodeError, LookupError):
             continue
-    best = charset_normalizer.from_bytes(body[: 1 << 20]).best()
-    if best is not None and best.encoding:
-        return body.decode(best.encoding, errors="replace")
     if candidates:
         text = body.decode(candidates[0], errors="replace")
         if text.count("\ufffd") <= config.max_replacement_fraction * max(len(text), 1):
             return text
+    best = charset_normalizer.from_bytes(body[: 1 << 20]).best()
+    if best is not None and best.encoding:
+        return body.decode(best.encoding, errors="replace")
     return None
 
 
@@ -182,7 +190,7 @@ def iter_warc(stream: BinaryIO, source_file: str, config: RecordsConfig) -> Iter
     `stream` is the raw file (not decompressed by the caller): offsets are
     positions in it.
     """
-    records = ArchiveIterator(stream, arc2warc=True)
+    records = ArchiveIterator(stream)
     while True:
         try:
             record = next(records)
