@@ -111,39 +111,53 @@ def _write_parquet(pcoll, path_prefix: str, model: type[BaseModel], label: str, 
     )
 
 
+class ExtractGraph(beam.PTransform):
+    """The extract graph (one composite, so it chains with curate's labels);
+    `expand` returns (pairs, report PCollection). Inputs are matched and
+    checked when it is constructed."""
+
+    def __init__(self, input_pattern: str, output_dir: str, config: ExtractConfig, write_pairs: bool = True):
+        super().__init__()
+        self.sources = ReadSources(input_pattern, config)
+        self.output_dir, self.config, self.write_pairs = output_dir, config, write_pairs
+
+    def expand(self, pbegin):
+        output_dir, config = self.output_dir, self.config
+        candidates, page_rejects, file_counts = pbegin | "Read" >> self.sources
+        pairs, dedup_rejects = candidates | "Dedup" >> DedupPairs(config.dedup)
+        rejects = (page_rejects, dedup_rejects) | "AllRejects" >> beam.Flatten()
+
+        written = [
+            _write_parquet(rejects, FileSystems.join(output_dir, REJECTS_TABLE), ExtractRejection, "Rejects",
+                           num_shards=1, shard_name_template="")
+        ]
+        if self.write_pairs:
+            written.append(
+                _write_parquet(pairs, FileSystems.join(output_dir, PAIRS_PREFIX), ImagePair, "Pairs",
+                               file_name_suffix=".parquet", num_shards=config.output.num_files)
+            )
+        counts = file_counts | "SumCounts" >> beam.CombineGlobally(_sum_counts)
+        reject_counts = (
+            rejects | "ReasonKey" >> beam.Map(lambda r: (r.reason.value, 1)) | "CountReasons" >> beam.CombinePerKey(sum)
+        )
+        pair_count = pairs | "CountPairs" >> beam.combiners.Count.Globally()
+        # The report says the run is complete only once every table is written.
+        done = tuple(written) | "TablesWritten" >> beam.Flatten() | "AllWritten" >> beam.combiners.Count.Globally()
+        report = done | "Report" >> beam.ParDo(
+            _WriteReport(output_dir, len(self.sources.paths)),
+            beam.pvalue.AsSingleton(counts),
+            beam.pvalue.AsList(reject_counts),
+            beam.pvalue.AsSingleton(pair_count),
+        )
+        return pairs, report
+
+
 def build_extract(p: beam.Pipeline, input_pattern: str, output_dir: str, config: ExtractConfig, write_pairs: bool = True):
     """Add the extract graph to `p`; returns (pairs, report PCollection).
 
     With `write_pairs=False` (extract-curate) the pairs are not written; the
     report and rejects still are, under `output_dir`."""
-    sources = ReadSources(input_pattern, config)
-    candidates, page_rejects, file_counts = p | "Read" >> sources
-    pairs, dedup_rejects = candidates | "Dedup" >> DedupPairs(config.dedup)
-    rejects = (page_rejects, dedup_rejects) | "AllRejects" >> beam.Flatten()
-
-    written = [
-        _write_parquet(rejects, FileSystems.join(output_dir, REJECTS_TABLE), ExtractRejection, "Rejects",
-                       num_shards=1, shard_name_template="")
-    ]
-    if write_pairs:
-        written.append(
-            _write_parquet(pairs, FileSystems.join(output_dir, PAIRS_PREFIX), ImagePair, "Pairs",
-                           file_name_suffix=".parquet", num_shards=config.output.num_files)
-        )
-    counts = file_counts | "SumCounts" >> beam.CombineGlobally(_sum_counts)
-    reject_counts = (
-        rejects | "ReasonKey" >> beam.Map(lambda r: (r.reason.value, 1)) | "CountReasons" >> beam.CombinePerKey(sum)
-    )
-    pair_count = pairs | "CountPairs" >> beam.combiners.Count.Globally()
-    # The report says the run is complete only once every table is written.
-    done = tuple(written) | "TablesWritten" >> beam.Flatten() | "AllWritten" >> beam.combiners.Count.Globally()
-    report = done | "Report" >> beam.ParDo(
-        _WriteReport(output_dir, len(sources.paths)),
-        beam.pvalue.AsSingleton(counts),
-        beam.pvalue.AsList(reject_counts),
-        beam.pvalue.AsSingleton(pair_count),
-    )
-    return pairs, report
+    return p | "Extract" >> ExtractGraph(input_pattern, output_dir, config, write_pairs)
 
 
 def to_sample_record(pair: ImagePair) -> SampleRecord:

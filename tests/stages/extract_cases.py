@@ -171,8 +171,10 @@ def write_corpus(root: Path) -> dict[str, str]:
     (pages / "a.html").write_bytes(b'<html lang="fr"><body><img src="p/a1.jpg" alt="Liste une"><img src="a2.jpg"></body></html>')
     (pages / "sub").mkdir(exist_ok=True)
     (pages / "sub" / "b.html").write_bytes(b'<html><body><figure><img src="/b1.png"><figcaption>Liste deux</figcaption></figure></body></html>')
-    (pages / "pages.tsv").write_text(f"a.html\t{LIST_A}\nsub/b.html\t{LIST_B}\n\nmissing.html\thttp://list.test/missing\nno-url-here\n")
-    paths["pages"] = str(pages / "pages.tsv")
+    (root / "pages.tsv").write_text(
+        f"pages/a.html\t{LIST_A}\npages/sub/b.html\t{LIST_B}\n\npages/missing.html\thttp://list.test/missing\nno-url-here\n"
+    )
+    paths["pages"] = str(root / "pages.tsv")
     return paths
 
 
