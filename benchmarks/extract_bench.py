@@ -15,6 +15,8 @@ process, so the figures are per core. Every figure is measured in this run:
    other load on the machine slows the wall clock but not the figure; the
    spread is the min..max of each side's two runs. The ratio A/B is the
    parser choice. Both parsers must give the same pairs (checked).
+1b. **Parser step alone**: the same two parsers on the decoded pages (parse
+   and collect the <img> tags), A B B A: the part of (1) the parser decides.
 2. **WARC reading share**: warcio iteration + payload read + charset decoding
    alone (no HTML parsing), same corpus, same rules; and, when FastWARC is
    installed (not a dependency), its iteration + payload read, for the
@@ -34,7 +36,7 @@ from pathlib import Path
 from pipelines.testing import warcgen
 from schemas.extract import ExtractConfig, ImagePair
 from stages.core import extract as core
-from stages.core import warc
+from stages.core import html_images, warc
 
 MIN_PAGE = 20 * 1024
 MAX_PAGE = 200 * 1024
@@ -80,6 +82,32 @@ def run_core(paths: list[str], parser: str, min_cpu_s: float) -> dict:
         if cpu >= min_cpu_s:
             break
     return {"cpu_s": cpu, "wall_s": time.perf_counter() - start_wall, "pages": pages, "pairs": pairs, "loops": loops}
+
+
+def decoded_pages(paths: list[str]) -> list[str]:
+    config = ExtractConfig().records
+    out = []
+    for path in paths:
+        with open(path, "rb") as f:
+            out += [item.text for item in warc.iter_warc(f, path, config) if isinstance(item, warc.HtmlPage)]
+    return out
+
+
+def run_parse_only(pages: list[str], parser: str, min_cpu_s: float) -> dict:
+    """The parser step alone (`html_images.PARSERS[parser]`: parse and collect
+    the <img> tags with their <picture> sources and <figcaption>)."""
+    parse = html_images.PARSERS[parser]
+    n = images = loops = 0
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    while True:
+        for text in pages:
+            images += len(parse(text).images)
+            n += 1
+        loops += 1
+        cpu = time.process_time() - start_cpu
+        if cpu >= min_cpu_s:
+            break
+    return {"cpu_s": cpu, "wall_s": time.perf_counter() - start_wall, "pages": n, "pairs": images, "loops": loops}
 
 
 def run_read_only(paths: list[str], reader: str, min_cpu_s: float) -> dict:
@@ -177,6 +205,16 @@ def main(argv=None) -> int:
                   f"HTML MiB/s per core {mean * html_bytes / n_pages / 2**20:5.2f}")
         print(f"  ratio selectolax/lxml: {pages['selectolax'][0] / pages['lxml'][0]:.2f}x "
               f"(worst case {pages['selectolax'][1] / pages['lxml'][2]:.2f}x)")
+
+        texts = decoded_pages(paths)
+        print(f"\n1b. the parser step alone (parse + collect <img> tags; 'pairs' column = img tags), A B B A ({steady})")
+        parse_runs = abba("selectolax", lambda: run_parse_only(texts, "selectolax", args.seconds),
+                          "lxml", lambda: run_parse_only(texts, "lxml", args.seconds))
+        parse_pages = summary(parse_runs, "pages")
+        for label, (mean, low, high) in parse_pages.items():
+            print(f"  {label:<10} pages/s per core {mean:8.1f} (spread {low:.1f}..{high:.1f})")
+        print(f"  ratio selectolax/lxml (parser step): {parse_pages['selectolax'][0] / parse_pages['lxml'][0]:.2f}x "
+              f"(worst case {parse_pages['selectolax'][1] / parse_pages['lxml'][2]:.2f}x)")
 
         print(f"\n2. reading only (iterate + read payload + decode), A=warcio vs B=fastwarc, A B B A ({steady})")
         try:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "list":
         for name, text in PIPELINES.items():
-            print(f"{name:<8} {text}")
+            print(f"{name:<15} {text}")
         return 0
     if command == "schemas":
         return run_schemas(rest)

@@ -61,9 +61,9 @@ class RecordsConfig(_Config):
         0.01,
         ge=0,
         le=1,
-        description="If no charset decodes strictly and charset detection finds none, the first candidate is used "
-        "with replacement characters when at most this fraction of the characters are replaced; "
-        "otherwise the page is a `decode_error`.",
+        description="If no charset decodes strictly, the first candidate is used with replacement characters "
+        "when at most this fraction of the characters are replaced; otherwise charset-normalizer's detection "
+        "decides, and a page it cannot place is a `decode_error`.",
     )
 
 
