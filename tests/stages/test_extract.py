@@ -196,3 +196,22 @@ REAL_WARC_SUMMARY = {
     "rejects": [],
     "other": {"other:warcinfo": 1, "other:request": 2, "other:resource": 3},
 }
+
+
+@pytest.mark.parametrize("name", ["junk.warc.gz", "junk.warc", "junk.warc.wat.gz"])
+def test_junk_and_empty_files_are_counted_not_crashes(tmp_path, name):
+    import gzip
+    import random
+
+    junk = tmp_path / name
+    junk.write_bytes(random.Random(1).randbytes(5000))
+    items, counts = run_file(str(junk), "selectolax")
+    assert [(i.reason.value, i.source_offset) for i in items] == [("bad_record", 0)] and counts["records"] == 1
+    # A gzip member of junk: the same.
+    junk.write_bytes(gzip.compress(random.Random(2).randbytes(5000)))
+    items, _ = run_file(str(junk), "selectolax")
+    assert [i.reason.value for i in items] == ["bad_record"]
+    empty = tmp_path / ("empty-" + name)
+    empty.write_bytes(b"")
+    items, counts = run_file(str(empty), "selectolax")
+    assert items == [] and counts["records"] == 0
