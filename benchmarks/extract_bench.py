@@ -1,6 +1,6 @@
 """Extraction speed per core: pages/s and pairs/s, selectolax against lxml.
 
-    nice -n 10 python -m benchmarks.extract_bench [--seconds 60] [--files 4] [--pages 150]
+    nice -n 10 python -m benchmarks.extract_bench [--seconds 60] [--aux-seconds S] [--files 4] [--pages 150]
     python -m benchmarks.extract_bench --quick      # 5 s per side: a smoke run, not a result
 
 Generated WARC files (`pipelines.testing.warcgen.realistic_page`: 20-200 KiB
@@ -178,12 +178,15 @@ def check_same_pairs(paths: list[str]) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="CPU seconds per side and run (>= 60 for a steady-state result).")
+    parser.add_argument("--aux-seconds", type=float, default=None,
+                        help="CPU seconds per run for tables 1b and 2 (default: --seconds); below 60 they are marked short.")
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--pages", type=int, default=150, help="Pages per WARC file.")
     parser.add_argument("--quick", action="store_true", help="5 s per side and a small corpus: a smoke run only.")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.files, args.pages = 5.0, 2, 40
+    aux_seconds = args.seconds if args.aux_seconds is None or args.quick else args.aux_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, html_bytes = build_corpus(Path(tmp), args.files, args.pages)
@@ -193,7 +196,10 @@ def main(argv=None) -> int:
               f"(mean {html_bytes / n_pages / 1024:.0f} KiB/page), {warc_bytes / 2**20:.1f} MiB gzipped")
         n_pairs = check_same_pairs(paths)
         print(f"check: selectolax and lxml give the same {n_pairs} pairs on the corpus")
-        steady = "steady state" if args.seconds >= 60 else f"SHORT RUN ({args.seconds:.0f} s per side): not a steady-state figure"
+        def steadiness(seconds: float) -> str:
+            return "steady state" if seconds >= 60 else f"SHORT RUN ({seconds:.0f} cpu-s per run): not a steady-state figure"
+
+        steady = steadiness(args.seconds)
         print(f"\n1. whole core, parser A=selectolax vs B=lxml, A B B A, >= {args.seconds:.0f} cpu-s per run ({steady})")
         runs = abba("selectolax", lambda: run_core(paths, "selectolax", args.seconds),
                     "lxml", lambda: run_core(paths, "lxml", args.seconds))
@@ -207,24 +213,24 @@ def main(argv=None) -> int:
               f"(worst case {pages['selectolax'][1] / pages['lxml'][2]:.2f}x)")
 
         texts = decoded_pages(paths)
-        print(f"\n1b. the parser step alone (parse + collect <img> tags; 'pairs' column = img tags), A B B A ({steady})")
-        parse_runs = abba("selectolax", lambda: run_parse_only(texts, "selectolax", args.seconds),
-                          "lxml", lambda: run_parse_only(texts, "lxml", args.seconds))
+        print(f"\n1b. the parser step alone (parse + collect <img> tags; 'pairs' column = img tags), A B B A ({steadiness(aux_seconds)})")
+        parse_runs = abba("selectolax", lambda: run_parse_only(texts, "selectolax", aux_seconds),
+                          "lxml", lambda: run_parse_only(texts, "lxml", aux_seconds))
         parse_pages = summary(parse_runs, "pages")
         for label, (mean, low, high) in parse_pages.items():
             print(f"  {label:<10} pages/s per core {mean:8.1f} (spread {low:.1f}..{high:.1f})")
         print(f"  ratio selectolax/lxml (parser step): {parse_pages['selectolax'][0] / parse_pages['lxml'][0]:.2f}x "
               f"(worst case {parse_pages['selectolax'][1] / parse_pages['lxml'][2]:.2f}x)")
 
-        print(f"\n2. reading only (iterate + read payload + decode), A=warcio vs B=fastwarc, A B B A ({steady})")
+        print(f"\n2. reading only (iterate + read payload + decode), A=warcio vs B=fastwarc, A B B A ({steadiness(aux_seconds)})")
         try:
             import fastwarc  # noqa: F401
         except ImportError:
             print("  fastwarc not installed: warcio only")
-            read = {"warcio": [run_read_only(paths, "warcio", args.seconds) for _ in range(2)]}
+            read = {"warcio": [run_read_only(paths, "warcio", aux_seconds) for _ in range(2)]}
         else:
-            read = abba("warcio", lambda: run_read_only(paths, "warcio", args.seconds),
-                        "fastwarc", lambda: run_read_only(paths, "fastwarc", args.seconds))
+            read = abba("warcio", lambda: run_read_only(paths, "warcio", aux_seconds),
+                        "fastwarc", lambda: run_read_only(paths, "fastwarc", aux_seconds))
         read_pages = summary(read, "pages")
         for label, (mean, low, high) in read_pages.items():
             print(f"  {label:<10} pages/s per core {mean:8.1f} (spread {low:.1f}..{high:.1f})")
