@@ -4,6 +4,8 @@
     beam run curate --input PATH --output DIR [--config FILE.yaml]
                     [--allow-private-network] [any Beam pipeline option]
     beam run select --input DIR --output DIR2 [thresholds]
+    beam run extract --input 'crawl/*.warc.gz' --output DIR [--config FILE.yaml]
+    beam run extract-curate --input 'crawl/*.warc.gz' --output DIR [--extract-config E.yaml] [--config C.yaml]
     beam schemas [--write | --check]          the records' JSON Schemas
 
 Options this parser does not know are handed to Beam (`--runner`,
@@ -23,6 +25,9 @@ PIPELINES = {
     "curate": "URL lists (url + alt text) -> crawled, filtered, deduplicated (and, when configured, scored and "
     "recaptioned) WebDataset shards, index.parquet, rejects.parquet, report.json.",
     "select": "Re-apply selection thresholds to a scored curate output without running any model.",
+    "extract": "WARC/WAT files or HTML page lists -> image-text pair parquet files (url, caption, width, height, "
+    "provenance) that `beam run curate` reads, rejects.parquet, report.json.",
+    "extract-curate": "extract, then curate on its pairs in the same pipeline (no intermediate folder).",
 }
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas" / "json"
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "list":
         for name, text in PIPELINES.items():
-            print(f"{name:<8} {text}")
+            print(f"{name:<15} {text}")
         return 0
     if command == "schemas":
         return run_schemas(rest)
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.curate import run_curate  # noqa: PLC0415 - imports Beam
 
             return run_curate(rest[1:])
+        if rest[0] in ("extract", "extract-curate"):
+            from pipelines.extract import run_extract, run_extract_curate  # noqa: PLC0415
+
+            return (run_extract if rest[0] == "extract" else run_extract_curate)(rest[1:])
         from pipelines.select import run_select  # noqa: PLC0415 - built with the scoring stages
 
         return run_select(rest[1:])

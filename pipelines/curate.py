@@ -71,9 +71,18 @@ def _model_stages(config: CurateConfig) -> ModelStages | None:
     return stages if stages.enabled else None
 
 
-def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: CurateConfig, run_config: dict):
-    """Add the curate graph to `p`; returns the PCollection holding the Report."""
-    records, read_rejects, input_errors = p | "Read" >> ReadUrlLists(input_pattern, config.read)
+def build_curate(
+    p: beam.Pipeline, input_pattern: str, output_dir: str, config: CurateConfig, run_config: dict, source=None
+):
+    """Add the curate graph to `p`; returns the PCollection holding the Report.
+
+    `source`: (records, rejects) PCollections from an upstream graph (`beam run
+    extract-curate`), read instead of the URL lists at `input_pattern`."""
+    if source is not None:
+        records, read_rejects = source
+        input_errors = None
+    else:
+        records, read_rejects, input_errors = p | "Read" >> ReadUrlLists(input_pattern, config.read)
     input_rows = (
         (records, read_rejects)
         | "InputRows" >> beam.Flatten()

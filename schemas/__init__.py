@@ -25,6 +25,7 @@ from schemas.records import (
     Stage,
 )
 
+from schemas.extract import ExtractConfig, ExtractRejection, ExtractReport, ImagePair  # noqa: E402
 from schemas.lora import LoraDataReport, LoraTrainConfig  # noqa: E402
 from schemas.trainer import LatentCacheManifest, TrainConfig  # noqa: E402
 
@@ -39,6 +40,10 @@ JSON_SCHEMA_MODELS = {
     "latent_cache_manifest": LatentCacheManifest,
     "lora_train_config": LoraTrainConfig,
     "lora_data_report": LoraDataReport,
+    "extract_config": ExtractConfig,
+    "image_pair": ImagePair,
+    "extract_rejection": ExtractRejection,
+    "extract_report": ExtractReport,
 }
 
 __all__ = [
