@@ -5,6 +5,7 @@ Stages, cheapest first (each labelled, each with its rejects side output):
     Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
          -> Stage (bytes to staging files) -> Dedup -> [model stages]
          -> WriteShards -> index.parquet, rejects.parquet, report.json
+                        -> [embeddings/ (with CLIP), stages/embeddings.py]
 
 Caption hygiene runs before the crawl because it needs no pixels: a row with
 `IMG_4782.jpg` as its alt text costs no fetch. Everything that holds image
@@ -28,6 +29,7 @@ from stages.base import apply_filter
 from stages.caption import CaptionHygieneDoFn
 from stages.crawl import Crawl
 from stages.dedup import Deduplicate
+from stages.embeddings import WriteEmbeddings
 from stages.read import ReadUrlLists
 from stages.resolution import DecodeDoFn
 from stages.shards import SHARDS_DIR, TMP_DIR, WriteShards
@@ -67,9 +69,9 @@ def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig
         raise ConfigError(f"{path or 'config'}: {err}") from err
 
 
-def _model_stages(config: CurateConfig) -> ModelStages | None:
+def _model_stages(config: CurateConfig, output_dir: str | None = None) -> ModelStages | None:
     """The scoring/selection/recaption composite, when any of it is configured."""
-    stages = ModelStages(config)
+    stages = ModelStages(config, output_dir)
     return stages if stages.enabled else None
 
 
@@ -91,7 +93,7 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     kept, dedup_rejects = staged | "Dedup" >> Deduplicate(config.dedup)
     rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
 
-    model_stages = _model_stages(config)
+    model_stages = _model_stages(config, output_dir)
     unselected_written = None
     if model_stages is not None:
         kept, model_rejects = kept | "Models" >> model_stages
@@ -107,11 +109,19 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
 
     written, manifests, shard_rejects = kept | "Shards" >> WriteShards(output_dir, config.shards, run_config)
     rejects.append(shard_rejects)
+    embeddings_written = None
+    if model_stages is not None and model_stages.embeddings is not None and config.embeddings.enabled:
+        # DIR/embeddings/: the kept samples' CLIP embeddings (stages/embeddings.py).
+        embeddings_written = (written, model_stages.embeddings) | "Embeddings" >> WriteEmbeddings(
+            output_dir, config.embeddings
+        )
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
     done = [report | "ReportDone" >> beam.Map(lambda _: None)]
     temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
+    if embeddings_written is not None:
+        done.append(embeddings_written | "EmbeddingsDone" >> beam.Map(lambda _: None))
     if unselected_written is not None:
         done.append(unselected_written | "UnselectedDone" >> beam.Map(lambda _: None))
         temporary.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))

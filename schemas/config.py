@@ -113,9 +113,10 @@ class SemanticDedupConfig(_StageConfig):
     )
     max_cluster_size: int = Field(
         20_000,
-        ge=2,
-        description="Most embeddings one worker holds when comparing: a larger cluster is cut into blocks of "
-        "about half this and compared block pair by block pair.",
+        ge=4,
+        description="Most embeddings one worker holds when comparing: a larger cluster is cut by key hash into "
+        "blocks of a quarter of this on average and compared block pair by block pair (a pair holds half the "
+        "bound on average; the spread of hash blocks keeps it under the bound).",
     )
     batch_rows: int = Field(1024, ge=1, description="Rows per matrix product in the pairwise step.")
 

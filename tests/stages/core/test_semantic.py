@@ -51,14 +51,14 @@ def test_kmeans_recovers_separated_clusters_and_assign_matches_argmax():
 
 def test_block_splitting_bounds_the_rows_per_worker_and_covers_every_pair():
     assert block_count(100, 100) == 1
-    assert block_count(101, 100) == 3
-    keys = [f"k{i}" for i in range(1000)]
-    blocks = block_count(len(keys), 200)
+    assert block_count(101, 100) == 5
+    keys = [f"k{i}" for i in range(4000)]
+    blocks = block_count(len(keys), 800)
     members = {}
     for key in keys:
         for pair in block_pairs(block_of(key, blocks), blocks):
             members.setdefault(pair, set()).add(key)
-    assert max(len(m) for m in members.values()) <= 200 * 1.25  # hash blocks: about half the bound each
+    assert max(len(m) for m in members.values()) <= 800
     covered = set()
     for m in members.values():
         covered.update(itertools.combinations(sorted(m), 2))
