@@ -160,14 +160,14 @@ class _BlockPairs(beam.DoFn):
         self.pairs = Metrics.counter(NAMESPACE, "pairs_compared")
         self.block_rows = Metrics.distribution(NAMESPACE, "block_rows")
 
-    def process(self, element) -> Iterator[tuple]:
+    def process(self, element) -> list[tuple]:
         (cluster, i, j), members = element
         a = [row for block, row in members if block == i]
         b = [row for block, row in members if block == j] if i != j else []
         rows = a + b
         self.block_rows.update(len(rows))
         if not a or (i != j and not b):
-            return  # an empty block: no pairs
+            return []  # an empty block: no pairs
         links = semantic.block_links(
             vectors([r[3] for r in a]),
             None if i == j else vectors([r[3] for r in b]),
@@ -175,8 +175,8 @@ class _BlockPairs(beam.DoFn):
             batch_rows=self.batch_rows,
         )
         self.pairs.inc(links.compared)
-        for node in semantic.nodes_of_block([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], links):
-            yield cluster, tuple(node)
+        nodes = semantic.nodes_of_block([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], links)
+        return [(cluster, tuple(node)) for node in nodes]
 
 
 class _Groups(beam.DoFn):

@@ -67,7 +67,7 @@ def kmeans(sample: np.ndarray, clusters: int, *, iterations: int = 10, seed: int
     centroids float32 [min(clusters, N), D] of the rows of `sample` [N, D].
 
     Seeded by k-means++ (Arthur & Vassilvitskii 2007) with the cosine
-    distance 1 - cos; a centroid that loses all its members is re-seeded with
+    distance 1 - cos, on at most 16 * clusters of the rows; a centroid that loses all its members is re-seeded with
     the row least similar to its own centroid. Deterministic for a given
     sample, `seed` and row order."""
     x = normalise(sample)
@@ -75,11 +75,12 @@ def kmeans(sample: np.ndarray, clusters: int, *, iterations: int = 10, seed: int
         raise ValueError("k-means needs at least one embedding")
     k = min(clusters, len(x))
     rng = np.random.default_rng(seed)
-    centroids = _kmeans_plus_plus(x, k, rng)
+    # k-means++ seeding is k sequential passes: seed from at most 16 rows per centroid.
+    seeding = x if len(x) <= 16 * k else x[np.sort(rng.choice(len(x), 16 * k, replace=False))]
+    centroids = _kmeans_plus_plus(seeding, k, rng)
     for _ in range(iterations):
         labels = assign(x, centroids)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, labels, x)
+        sums = _cluster_sums(x, labels, k)
         counts = np.bincount(labels, minlength=k)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
@@ -92,6 +93,14 @@ def kmeans(sample: np.ndarray, clusters: int, *, iterations: int = 10, seed: int
             break
         centroids = new
     return centroids
+
+
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Sum of the rows of each cluster, [k, D] (a sparse one-hot product; np.add.at is ~50x slower)."""
+    from scipy.sparse import csr_matrix
+
+    onehot = csr_matrix((np.ones(len(x), dtype=np.float32), (labels, np.arange(len(x)))), shape=(k, len(x)))
+    return np.asarray(onehot @ x, dtype=np.float32)
 
 
 def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
