@@ -3,7 +3,7 @@
 Stages, cheapest first (each labelled, each with its rejects side output):
 
     Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
-         -> Stage (bytes to staging files) -> Dedup -> [model stages]
+         -> Stage (bytes to staging files) -> Dedup -> [Decontaminate] -> [model stages]
          -> WriteShards -> index.parquet, rejects.parquet, report.json
                         -> [embeddings/ (with CLIP), stages/embeddings.py]
 
@@ -28,6 +28,7 @@ from schemas import CurateConfig
 from stages.base import apply_filter
 from stages.caption import CaptionHygieneDoFn
 from stages.crawl import Crawl
+from stages.decontaminate import DecontaminateByPhash, eval_items
 from stages.dedup import Deduplicate
 from stages.embeddings import WriteEmbeddings
 from stages.read import ReadUrlLists
@@ -92,6 +93,10 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     staged = decoded | "Stage" >> beam.ParDo(StageImagesDoFn(output_dir))
     kept, dedup_rejects = staged | "Dedup" >> Deduplicate(config.dedup)
     rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
+    if config.dedup.eval_sets:
+        # Samples within the pHash threshold of an evaluation image (stages/decontaminate.py).
+        kept, eval_rejects = kept | "Decontaminate" >> DecontaminateByPhash(config.dedup, eval_items(config.dedup))
+        rejects.append(eval_rejects)
 
     model_stages = _model_stages(config, output_dir)
     unselected_written = None

@@ -5,6 +5,7 @@
     ClipHeads   ParDo: punsafe / pwatermark / aesthetic_score from the embedding;
                 the embeddings leave on a side output (`ModelStages.embeddings`)
     NudeNet     RunInference(NudeNetModelHandler): nsfw_score
+    Decontaminate  dedup.eval_sets by CLIP cosine (stages/decontaminate.py)
     SemanticDedup  dedup.semantic on those embeddings (stages/semantic_dedup.py)
     Select      ParDo: thresholds (the only step that drops on scores)
     Recaption   stages.recaption.Recaption on the selected samples
@@ -171,7 +172,18 @@ class ModelStages(beam.PTransform):
             from stages.semantic_dedup import SemanticDedup
 
             self.semantic = SemanticDedup(semantic_config, output_dir)
-        emit = config.embeddings.enabled or self.semantic is not None
+        self.decontaminate = None
+        if config.dedup.eval_sets and scoring.clip is not None and config.dedup.eval_cosine_threshold is not None:
+            from stages.decontaminate import DecontaminateByEmbedding, eval_items
+
+            self.decontaminate = DecontaminateByEmbedding(
+                config.dedup,
+                eval_items(config.dedup),
+                scoring.clip,
+                scoring,
+                clip_score.preprocess_config(scoring.clip),
+            )
+        emit = config.embeddings.enabled or self.semantic is not None or self.decontaminate is not None
         self.score = (
             ScoreImages(scoring, emit_embeddings=emit, text_embeddings=config.embeddings.text)
             if scoring.enabled
@@ -195,6 +207,10 @@ class ModelStages(beam.PTransform):
             records, score_rejects = records | "Score" >> self.score
             rejects.append(score_rejects)
             self.embeddings = self.score.embeddings
+        if self.decontaminate is not None:
+            # Before semantic dedup: a sample too close to an evaluation image cannot be a survivor.
+            records, eval_rejects, self.embeddings = (records, self.embeddings) | "Decontaminate" >> self.decontaminate
+            rejects.append(eval_rejects)
         if self.semantic is not None:
             records, semantic_rejects = (records, self.embeddings) | "SemanticDedup" >> self.semantic
             rejects.append(semantic_rejects)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from schemas import ImageRef, Provenance, SampleRecord
+from stages.dedup import compute_phash
 
 PIXEL_CLIP_NAME = "imagemill-pixel-clip"
 PIXEL_CLIP_CONFIG = {
@@ -142,7 +143,7 @@ def stage(directory, items, captions=None) -> list[SampleRecord]:
                     original_height=image.height,
                     image_format="png",
                     image_bytes=len(data),
-                    phash=None,
+                    phash=compute_phash(data),  # as the decode step sets it
                     provenance=Provenance(source_file="input.parquet", source_row=i),
                     image_ref=ImageRef(path=str(path), offset=offset, length=len(data)),
                 )
