@@ -3,8 +3,9 @@
 Stages, cheapest first (each labelled, each with its rejects side output):
 
     Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
-         -> Stage (bytes to staging files) -> Dedup -> [model stages]
+         -> Stage (bytes to staging files) -> Dedup -> [Decontaminate] -> [model stages]
          -> WriteShards -> index.parquet, rejects.parquet, report.json
+                        -> [embeddings/ (with CLIP), stages/embeddings.py]
 
 Caption hygiene runs before the crawl because it needs no pixels: a row with
 `IMG_4782.jpg` as its alt text costs no fetch. Everything that holds image
@@ -29,7 +30,9 @@ from schemas.overrides import set_dotted
 from stages.base import apply_filter
 from stages.caption import CaptionHygieneDoFn
 from stages.crawl import Crawl
+from stages.decontaminate import DecontaminateByPhash, eval_items
 from stages.dedup import Deduplicate
+from stages.embeddings import WriteEmbeddings
 from stages.read import ReadUrlLists
 from stages.resolution import DecodeDoFn
 from stages.shards import SHARDS_DIR, TMP_DIR, WriteShards
@@ -65,9 +68,9 @@ def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig
         raise ConfigError(f"{path or 'config'}: {err}") from err
 
 
-def _model_stages(config: CurateConfig) -> ModelStages | None:
+def _model_stages(config: CurateConfig, output_dir: str | None = None) -> ModelStages | None:
     """The scoring/selection/recaption composite, when any of it is configured."""
-    stages = ModelStages(config)
+    stages = ModelStages(config, output_dir)
     return stages if stages.enabled else None
 
 
@@ -99,8 +102,12 @@ def build_curate(
     staged = decoded | "Stage" >> beam.ParDo(StageImagesDoFn(output_dir))
     kept, dedup_rejects = staged | "Dedup" >> Deduplicate(config.dedup)
     rejects = [read_rejects, url_rejects, caption_rejects, crawl_rejects, decode_rejects, dedup_rejects]
+    if config.dedup.eval_sets:
+        # Samples within the pHash threshold of an evaluation image (stages/decontaminate.py).
+        kept, eval_rejects = kept | "Decontaminate" >> DecontaminateByPhash(config.dedup, eval_items(config.dedup))
+        rejects.append(eval_rejects)
 
-    model_stages = _model_stages(config)
+    model_stages = _model_stages(config, output_dir)
     unselected_written = None
     if model_stages is not None:
         kept, model_rejects = kept | "Models" >> model_stages
@@ -116,11 +123,19 @@ def build_curate(
 
     written, manifests, shard_rejects = kept | "Shards" >> WriteShards(output_dir, config.shards, run_config)
     rejects.append(shard_rejects)
+    embeddings_written = None
+    if model_stages is not None and model_stages.embeddings is not None and config.embeddings.enabled:
+        # DIR/embeddings/: the kept samples' CLIP embeddings (stages/embeddings.py).
+        embeddings_written = (written, model_stages.embeddings) | "Embeddings" >> WriteEmbeddings(
+            output_dir, config.embeddings
+        )
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects, input_errors)
     done = [report | "ReportDone" >> beam.Map(lambda _: None)]
     temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
+    if embeddings_written is not None:
+        done.append(embeddings_written | "EmbeddingsDone" >> beam.Map(lambda _: None))
     if unselected_written is not None:
         done.append(unselected_written | "UnselectedDone" >> beam.Map(lambda _: None))
         temporary.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))

@@ -2,8 +2,11 @@
 
     Prepare     ParDo: staged bytes -> decoded once -> each model's uint8 input
     Clip        RunInference(ClipModelHandler): similarity + image embedding
-    ClipHeads   ParDo: punsafe / pwatermark / aesthetic_score from the embedding
+    ClipHeads   ParDo: punsafe / pwatermark / aesthetic_score from the embedding;
+                the embeddings leave on a side output (`ModelStages.embeddings`)
     NudeNet     RunInference(NudeNetModelHandler): nsfw_score
+    Decontaminate  dedup.eval_sets by CLIP cosine (stages/decontaminate.py)
+    SemanticDedup  dedup.semantic on those embeddings (stages/semantic_dedup.py)
     Select      ParDo: thresholds (the only step that drops on scores)
     Recaption   stages.recaption.Recaption on the selected samples
 
@@ -94,12 +97,17 @@ class ScoreImages(beam.PTransform):
     """PCollection[SampleRecord with image_ref] -> (scored records, rejects).
 
     Scores only; nothing is dropped on a score here. Rejects are records whose
-    staged bytes could not be read back.
+    staged bytes could not be read back. With `emit_embeddings` (needs CLIP),
+    `self.embeddings` (after `expand`) holds one `stages.embeddings.EmbeddingRow`
+    per scored sample (with the caption's embedding when `text_embeddings`).
     """
 
-    def __init__(self, scoring: ScoringConfig):
+    def __init__(self, scoring: ScoringConfig, emit_embeddings: bool = False, text_embeddings: bool = False):
         super().__init__()
         self.scoring = scoring
+        self.emit_embeddings = emit_embeddings and scoring.clip is not None
+        self.text_embeddings = text_embeddings
+        self.embeddings: beam.PCollection | None = None
         self.embed_dim = None
         self.preprocess = None
         if scoring.clip is not None:
@@ -127,11 +135,17 @@ class ScoreImages(beam.PTransform):
         )
         examples = prepared.examples
         if scoring.clip is not None:
-            examples = (
+            heads = clip_score.ApplyClipHeadsDoFn(
+                self.heads(), self.embed_dim, self.emit_embeddings, self.text_embeddings
+            )
+            scored = (
                 examples
                 | "Clip" >> RunInference(clip_score.ClipModelHandler(scoring.clip, scoring, self.preprocess))
-                | "ClipHeads" >> beam.ParDo(clip_score.ApplyClipHeadsDoFn(self.heads(), self.embed_dim))
+                | "ClipHeads" >> beam.ParDo(heads).with_outputs(heads.EMBEDDINGS, main="examples")
             )
+            examples = scored.examples
+            if self.emit_embeddings:
+                self.embeddings = scored[heads.EMBEDDINGS]
         if nudenet is not None:
             examples = (
                 examples
@@ -160,14 +174,45 @@ class ModelStages(beam.PTransform):
     the records selection drops are also available as `self.unselected`
     (after `expand`), scores included and `image_ref` still set, for the
     curate pipeline to write with `WriteShards` under `DIR/unselected/`.
+
+    With CLIP and `embeddings.enabled` or `dedup.semantic`, `self.embeddings`
+    (after `expand`) holds every scored sample's `EmbeddingRow`, for
+    `WriteEmbeddings`. `dedup.semantic` runs between scoring and selection,
+    writing its centroids under `output_dir`.
     """
 
-    def __init__(self, config: CurateConfig):
+    def __init__(self, config: CurateConfig, output_dir: str | None = None):
         super().__init__()
         self.config = config
+        self.output_dir = output_dir
         scoring: ScoringConfig = config.scoring
         check_thresholds(config.select, computed_scores(scoring))
-        self.score = ScoreImages(scoring) if scoring.enabled else None
+        semantic_config = config.dedup.semantic
+        if semantic_config is not None and scoring.clip is None:
+            raise ScoringConfigError("dedup.semantic needs the CLIP embeddings: configure scoring.clip or unset it")
+        self.semantic = None
+        if semantic_config is not None:
+            from stages.semantic_dedup import SemanticDedup
+
+            self.semantic = SemanticDedup(semantic_config, output_dir)
+        self.decontaminate = None
+        if config.dedup.eval_sets and scoring.clip is not None and config.dedup.eval_cosine_threshold is not None:
+            from stages.decontaminate import DecontaminateByEmbedding, eval_items
+
+            self.decontaminate = DecontaminateByEmbedding(
+                config.dedup,
+                eval_items(config.dedup),
+                scoring.clip,
+                scoring,
+                clip_score.preprocess_config(scoring.clip),
+            )
+        emit = config.embeddings.enabled or self.semantic is not None or self.decontaminate is not None
+        self.score = (
+            ScoreImages(scoring, emit_embeddings=emit, text_embeddings=config.embeddings.text)
+            if scoring.enabled
+            else None
+        )
+        self.embeddings: beam.PCollection | None = None
         self.recaption = _recaption_transform(config)
         self.unselected: beam.PCollection | None = None
         if not self.enabled:
@@ -182,6 +227,14 @@ class ModelStages(beam.PTransform):
         if self.score is not None:
             records, score_rejects = records | "Score" >> self.score
             rejects.append(score_rejects)
+            self.embeddings = self.score.embeddings
+        if self.decontaminate is not None:
+            # Before semantic dedup: a sample too close to an evaluation image cannot be a survivor.
+            records, eval_rejects, self.embeddings = (records, self.embeddings) | "Decontaminate" >> self.decontaminate
+            rejects.append(eval_rejects)
+        if self.semantic is not None:
+            records, semantic_rejects = (records, self.embeddings) | "SemanticDedup" >> self.semantic
+            rejects.append(semantic_rejects)
         if self.config.select.thresholds():
             records, select_rejects, self.unselected = apply_select(
                 records, "Select", self.config.select, emit_unselected=self.config.select.keep_unselected

@@ -95,6 +95,39 @@ class DecodeConfig(_StageConfig):
     encode_quality: int = Field(95, ge=1, le=100)
 
 
+class SemanticDedupConfig(_StageConfig):
+    """Semantic deduplication by CLIP image embeddings (SemDeDup, Abbas et al.
+    2023); needs `scoring.clip`. Runs after scoring, before selection; see
+    `stages/semantic_dedup.py` for the rule and the cost."""
+
+    threshold: float = Field(
+        0.95,
+        gt=0.0,
+        le=1.0,
+        description="Pairs whose embeddings' cosine similarity is >= this are duplicates; their connected "
+        "components keep one survivor (highest clip_similarity, then most pixels, then smallest key).",
+    )
+    clusters: int = Field(1000, ge=1, description="k of the k-means; only pairs inside one cluster are compared.")
+    sample_size: int = Field(
+        100_000, ge=1, description="Embeddings drawn at random (on one worker) to fit the k-means centroids."
+    )
+    iterations: int = Field(10, ge=1, description="k-means (Lloyd) iterations at most.")
+    seed: int = 0
+    centroids: str | None = Field(
+        None,
+        description="A centroids .npy of an earlier run (its DIR/semantic/centroids.npy) to reuse instead of "
+        "fitting; the run's own centroids are always written to DIR/semantic/centroids.npy.",
+    )
+    max_cluster_size: int = Field(
+        20_000,
+        ge=4,
+        description="Most embeddings one worker holds when comparing: a larger cluster is cut by key hash into "
+        "blocks of a quarter of this on average and compared block pair by block pair (a pair holds half the "
+        "bound on average; the spread of hash blocks keeps it under the bound).",
+    )
+    batch_rows: int = Field(1024, ge=1, description="Rows per matrix product in the pairwise step.")
+
+
 class DedupConfig(_StageConfig):
     """Exact (SHA-256) and near (64-bit pHash) deduplication across the dataset."""
 
@@ -131,6 +164,41 @@ class DedupConfig(_StageConfig):
         description="Partitions of the sha256, pointer and record-key spaces for the exact-dedup, "
         "survivor and join shuffles; each holds about N / key_partitions entries in memory.",
     )
+    semantic: SemanticDedupConfig | None = Field(
+        None, description="Semantic dedup by CLIP embeddings (needs scoring.clip); None (the default) skips it."
+    )
+    eval_sets: list[str] = Field(
+        [],
+        description="Evaluation sets to decontaminate against: folders of images, WebDataset .tar files or "
+        "parquet files with an image bytes column; `name=path` names a set (default: the path's base name). "
+        "Samples within eval_hamming_threshold (pHash) or, with scoring.clip, at or above eval_cosine_threshold "
+        "of an evaluation image are rejected `eval_overlap`.",
+    )
+    eval_hamming_threshold: int = Field(6, ge=0, le=16, description="pHash Hamming distance counted as overlap.")
+    eval_cosine_threshold: float | None = Field(
+        0.95, gt=0.0, le=1.0, description="CLIP cosine counted as overlap (with scoring.clip); None: pHash only."
+    )
+    eval_broadcast_max: int = Field(
+        100_000,
+        ge=0,
+        description="Evaluation items sent to every worker as a side input (~1 KiB each with a 512-d "
+        "embedding, 8 bytes without); a larger set is matched by a join instead.",
+    )
+
+
+class EmbeddingsConfig(_StageConfig):
+    """CLIP embeddings written beside the shards when `scoring.clip` runs, in
+    the layout autofaiss and clip-retrieval's `index` step read:
+    `DIR/embeddings/img_emb_NNNN.npy` (float16, L2-normalised) with
+    `DIR/embeddings/metadata_NNNN.parquet` in the same row order (the only
+    .npy files in that folder, so `autofaiss build_index --embeddings
+    DIR/embeddings` reads exactly them)."""
+
+    enabled: bool = Field(True, description="Write the image embeddings (when CLIP scoring runs).")
+    text: bool = Field(False, description="Also write the caption embeddings, same rows, as DIR/embeddings/text_emb/text_emb_NNNN.npy.")
+    partitions: int = Field(
+        64, ge=1, description="Embedding files at most (by key hash); each writer holds about N / partitions rows."
+    )
 
 
 class ShardsConfig(_StageConfig):
@@ -153,6 +221,7 @@ class CurateConfig(_StageConfig):
     decode: DecodeConfig = DecodeConfig()
     dedup: DedupConfig = DedupConfig()
     shards: ShardsConfig = ShardsConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
     scoring: ScoringConfig = Field(
         default_factory=ScoringConfig,
         description="Model scorers (CLIP, safety, aesthetic); all off until configured. See schemas/scoring.py.",

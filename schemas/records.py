@@ -74,6 +74,8 @@ class RejectReason(str, enum.Enum):
     # dedup
     EXACT_DUPLICATE = "exact_duplicate"
     NEAR_DUPLICATE = "near_duplicate"
+    SEMANTIC_DUPLICATE = "semantic_duplicate"
+    EVAL_OVERLAP = "eval_overlap"
     # selection (scores are annotations; only this stage drops on them)
     LOW_CLIP_SIMILARITY = "low_clip_similarity"
     UNSAFE = "unsafe"

@@ -10,9 +10,11 @@ so no image is encoded twice.
 
 The embedding itself is not stored on the record: 512 floats per sample would
 make `KEY.json` and `index.parquet` several times larger, tie them to one CLIP
-model, and every score we select on is already derived from it. Whoever needs
-embeddings (retrieval, dedup by meaning) should write them as their own
-columnar output keyed by sample key.
+model, and every score we select on is already derived from it. With
+`emit_embeddings`, `ApplyClipHeadsDoFn` puts it (float16, L2-normalised, and
+the caption's when asked) on a separate `embeddings` output instead, keyed by
+sample key (`stages/embeddings.py`): the semantic dedup step and the
+embeddings writer read that, and the records stay small.
 
 The model is loaded exactly as users load it:
 `open_clip.create_model_and_transforms(model, pretrained=...)` on the worker
@@ -69,9 +71,10 @@ class ClipModelHandler(ScoringHandlerMixin, ModelHandler[ScoringExample, Predict
     ) -> Iterable[PredictionResult]:
         pixels = np.stack([example.inputs[PIXELS] for example in batch])  # [B, H, W, 3]
         tokens = np.stack([example.inputs[TOKENS] for example in batch])  # [B, L]
-        similarity, embedding = model.score(pixels, tokens)
+        similarity, embedding, text = model.score(pixels, tokens)
         return [
-            PredictionResult(example, ClipOutput(float(s), e)) for example, s, e in zip(batch, similarity, embedding)
+            PredictionResult(example, ClipOutput(float(s), e, t))
+            for example, s, e, t in zip(batch, similarity, embedding, text)
         ]
 
 
@@ -81,15 +84,28 @@ class ApplyClipHeadsDoFn(beam.DoFn):
     inputs and the embedding are dropped here.
 
     `heads` maps a SampleRecord score field to its head config. Scores are
-    annotations only; `stages/select.py` applies the thresholds.
+    annotations only; `stages/select.py` applies the thresholds. With
+    `emit_embeddings`, each sample's embedding also goes to the `embeddings`
+    output as an `stages.embeddings.EmbeddingRow` tuple (with the caption's
+    embedding when `text_embeddings`).
     """
 
-    def __init__(self, heads: dict[str, EmbeddingHeadConfig], embed_dim: int):
+    EMBEDDINGS = "embeddings"
+
+    def __init__(
+        self,
+        heads: dict[str, EmbeddingHeadConfig],
+        embed_dim: int,
+        emit_embeddings: bool = False,
+        text_embeddings: bool = False,
+    ):
         unknown = set(heads) - set(SampleRecord.model_fields)
         if unknown:
             raise ValueError(f"no SampleRecord field for heads {sorted(unknown)}")
         self.heads = dict(heads)
         self.embed_dim = embed_dim
+        self.emit_embeddings = emit_embeddings
+        self.text_embeddings = text_embeddings
         self.similarity = Metrics.distribution(NAMESPACE, "clip_similarity_x1000")
         self.head_scores = {field: Metrics.distribution(NAMESPACE, f"{field}_x1000") for field in self.heads}
 
@@ -105,4 +121,10 @@ class ApplyClipHeadsDoFn(beam.DoFn):
         for field, value in scores.items():
             (self.similarity if field == "clip_similarity" else self.head_scores[field]).update(int(round(value * 1000)))
         inputs = {k: v for k, v in example.inputs.items() if k not in (PIXELS, TOKENS)}
-        yield ScoringExample(example.record.model_copy(update=scores), inputs)
+        record = example.record.model_copy(update=scores)
+        if self.emit_embeddings:
+            from stages.embeddings import embedding_row
+
+            text = output.text_embedding if self.text_embeddings else None
+            yield beam.pvalue.TaggedOutput(self.EMBEDDINGS, embedding_row(record, output.embedding, text))
+        yield ScoringExample(record, inputs)

@@ -206,8 +206,9 @@ class ClipScorer:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
-    def score(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """pixels uint8 [B, H, W, 3], tokens int64 [B, L] -> (similarity [B], image embedding [B, D])."""
+    def score(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """pixels uint8 [B, H, W, 3], tokens int64 [B, L] -> (similarity [B],
+        image embedding [B, D], text embedding [B, D]), embeddings L2-normalised."""
         import contextlib
 
         import torch
@@ -230,13 +231,14 @@ class ClipScorer:
             text_emb = F.normalize(text_emb.float(), dim=-1)
             similarity = (image_emb * text_emb).sum(dim=-1)  # [B]
             # One device->host copy per batch (a sync point).
-            return similarity.cpu().numpy().astype(np.float64), image_emb.cpu().numpy()
+            return similarity.cpu().numpy().astype(np.float64), image_emb.cpu().numpy(), text_emb.cpu().numpy()
 
 
 @dataclasses.dataclass
 class ClipOutput:
     similarity: float
     embedding: np.ndarray  # float32 [D], L2-normalised
+    text_embedding: np.ndarray | None = None  # float32 [D], L2-normalised caption embedding
 
 
 def load_clip_scorer(config: ClipConfig, preprocess: dict, device_preference: str, precision: str, cpu_threads: int | None) -> ClipScorer:
