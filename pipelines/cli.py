@@ -4,6 +4,7 @@
     beam run curate --input PATH --output DIR [--config FILE.yaml]
                     [--allow-private-network] [any Beam pipeline option]
     beam run select --input DIR --output DIR2 [thresholds]
+    beam report DIR                           rebuild DIR/report.html
     beam schemas [--write | --check]          the records' JSON Schemas
 
 Options this parser does not know are handed to Beam (`--runner`,
@@ -190,7 +191,7 @@ def run_schemas(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    usage = "usage: beam {list | run PIPELINE ... | schemas}\n"
+    usage = "usage: beam {list | run PIPELINE ... | report DIR | schemas}\n"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -201,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "schemas":
         return run_schemas(rest)
+    if command == "report":
+        from pipelines.report import run_report
+
+        return run_report(rest)
     if command == "run":
         if not rest or rest[0] not in PIPELINES:
             print(f"{usage}pipelines: {', '.join(PIPELINES)}", file=sys.stderr)

@@ -4,7 +4,7 @@ Stages, cheapest first (each labelled, each with its rejects side output):
 
     Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
          -> Stage (bytes to staging files) -> Dedup -> [model stages]
-         -> WriteShards -> index.parquet, rejects.parquet, report.json
+         -> WriteShards -> index.parquet, rejects.parquet, report.json, report.html
 
 Caption hygiene runs before the crawl because it needs no pixels: a row with
 `IMG_4782.jpg` as its alt text costs no fetch. Everything that holds image
@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from pydantic import ValidationError
 
 from pipelines import outputs
+from pipelines.report import add_report
 from pipelines.scoring import UNSELECTED_DIR, ModelStages
 from schemas import CurateConfig
 from stages.base import apply_filter
@@ -110,7 +111,9 @@ def build_curate(p: beam.Pipeline, input_pattern: str, output_dir: str, config: 
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
-    done = [report | "ReportDone" >> beam.Map(lambda _: None)]
+    # report.html reads sampled images back from the staging files: before cleanup.
+    html_written = add_report(output_dir, report, written, all_rejects, staged)
+    done = [html_written | "ReportDone" >> beam.Map(lambda _: None)]
     temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if unselected_written is not None:
         done.append(unselected_written | "UnselectedDone" >> beam.Map(lambda _: None))

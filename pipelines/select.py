@@ -49,6 +49,7 @@ from apache_beam.metrics import Metrics
 from pydantic import ValidationError
 
 from pipelines import outputs
+from pipelines.report import add_report
 from pipelines.scoring import UNSELECTED_DIR, ScoringConfigError, check_thresholds, computed_scores
 from schemas import CurateConfig, Rejection, Stage
 from schemas.scoring import SelectConfig
@@ -171,10 +172,11 @@ def build_select(
     all_rejects = (carried, select_rejects, shard_rejects) | "AllRejects" >> beam.Flatten()
     input_rows = pipeline | "InputRows" >> beam.Create([report_in.input_rows])
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects)
+    html_written = add_report(output_dir, report, written, all_rejects, records)
     tmp_dirs = [FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if dropped is not None:
         tmp_dirs.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))
-    finished = (report, *done) | "Finished" >> beam.Flatten() if done else report
+    finished = (html_written, *done) | "Finished" >> beam.Flatten() if done else html_written
     cleanup_after(finished, tmp_dirs)
     return report
 
