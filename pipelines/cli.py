@@ -57,7 +57,19 @@ def _curate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Let the crawler fetch from loopback, private, link-local and reserved addresses (tests, demos, your own intranet). Off by default.",
     )
+    add_progress_argument(parser)
     return parser
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="Live progress (local runner): a line refreshed in place on a terminal, else a log line every S seconds "
+        "(default 30); 0 turns it off.",
+    )
 
 
 def config_reference(model=None, indent: int = 0) -> str:
@@ -154,8 +166,9 @@ def run_curate(argv: list[str], test_pipeline=None) -> int:
         logging.getLogger(__name__).debug("pipeline construction failed", exc_info=True)
         print(f"beam run curate: error: {err}", file=sys.stderr)
         return 2
-    result = p.run()
-    result.wait_until_finish()
+    from pipelines.progress import run_with_progress
+
+    run_with_progress(p, "curate", enabled=args.progress_interval > 0, log_interval=args.progress_interval)
     report = outputs.read_report(args.output)
     print_funnel(report)
     print(f"shards: {args.output.rstrip('/')}/shards/  index: {args.output.rstrip('/')}/{outputs.INDEX}")
@@ -188,9 +201,31 @@ def run_schemas(argv: list[str]) -> int:
     return 0
 
 
+class _HarmlessBeamWarnings(logging.Filter):
+    """Drops the warnings Beam logs at import that say nothing about the run
+    (the first thing a user sees should be the run itself)."""
+
+    PREFIXES = (
+        # apache_beam.io.gcp.internal.clients.bigquery without google-apitools: BigQuery is not used.
+        "apitools not found",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def setup_logging() -> None:
+    """Logging for the CLI, set up before Beam is imported (Beam logs through
+    the root logger at import time)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(f, _HarmlessBeamWarnings) for f in root.filters):
+        root.addFilter(_HarmlessBeamWarnings())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     usage = "usage: beam {list | run PIPELINE ... | report DIR | schemas}\n"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

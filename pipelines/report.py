@@ -115,45 +115,45 @@ class _WriteSamples(beam.DoFn):
     def process(self, _, kept, recaptioned, rejects, images):
         from stages.staging import ImageReader
 
-        reader = ImageReader()
+        self._reader = ImageReader()
+        self._images = images
         try:
-
-            def card(record: SampleRecord | Rejection, with_image: bool = True, **extra) -> SampleCard:
-                image = images.get(record.key) if with_image else None
-                thumb = None
-                if image is not None and image.image_ref is not None:
-                    try:
-                        thumb = thumbnails.data_uri(thumbnails.thumbnail(reader.read(image.image_ref)))
-                    except (OSError, thumbnails.ThumbnailError) as err:
-                        LOG.warning("report: no thumbnail for %s: %s", record.key, err)
-                caption = ""
-                if isinstance(record, SampleRecord):
-                    caption = record.caption or record.caption_original
-                elif image is not None:
-                    caption = image.caption or image.caption_original
-                extra.setdefault("caption", _cut(caption))
-                return SampleCard(key=record.key, url=_cut(record.url), thumbnail=thumb, **extra)
-
             samples = ReportSamples(
-                kept=[card(r) for r in sorted(kept, key=lambda r: r.key)],
+                kept=[self._card(r) for r in sorted(kept, key=lambda r: r.key)],
                 recaptioned=[
-                    card(r, caption=_cut(r.caption_original), caption_synthetic=_cut(r.caption_synthetic))
+                    self._card(r, caption=_cut(r.caption_original), caption_synthetic=_cut(r.caption_synthetic))
                     for r in sorted(recaptioned, key=lambda r: r.key)
                 ],
             )
             for group, (reason, sample) in enumerate(sorted(rejects)):
                 samples.rejects[reason] = [
-                    card(r, group < MAX_THUMBNAIL_GROUPS, stage=r.stage.value, reason=r.reason.value, detail=_cut(r.detail), duplicate_of=r.duplicate_of)
+                    self._card(
+                        r, group < MAX_THUMBNAIL_GROUPS, stage=r.stage.value, reason=r.reason.value,
+                        detail=_cut(r.detail), duplicate_of=r.duplicate_of,
+                    )  # fmt: skip
                     for r in sorted(sample, key=lambda r: r.key)
                 ]
             for r in _shown_duplicates(rejects):
                 if r.duplicate_of in images and r.duplicate_of not in samples.survivors:
-                    samples.survivors[r.duplicate_of] = card(images[r.duplicate_of])
+                    samples.survivors[r.duplicate_of] = self._card(images[r.duplicate_of])
         finally:
-            reader.close()
+            self._reader.close()
         _write_atomically(_files_path(self.output_dir, SAMPLES), samples.model_dump_json().encode())
         render(self.output_dir)
         yield REPORT_HTML
+
+    def _card(self, record: SampleRecord | Rejection, with_image: bool = True, **extra) -> SampleCard:
+        image = self._images.get(record.key) if with_image else None
+        thumb = None
+        if image is not None and image.image_ref is not None:
+            try:
+                thumb = thumbnails.data_uri(thumbnails.thumbnail(self._reader.read(image.image_ref)))
+            except (OSError, thumbnails.ThumbnailError) as err:
+                LOG.warning("report: no thumbnail for %s: %s", record.key, err)
+        source = record if isinstance(record, SampleRecord) else image
+        caption = (source.caption or source.caption_original) if source is not None else ""
+        extra.setdefault("caption", _cut(caption))
+        return SampleCard(key=record.key, url=_cut(record.url), thumbnail=thumb, **extra)
 
 
 def add_report(

@@ -215,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="Also write the samples this run drops to OUTPUT/unselected/ (so a later select can loosen again).",
     )
+    from pipelines.cli import add_progress_argument
+
+    add_progress_argument(parser)
     return parser
 
 
@@ -243,6 +246,7 @@ def resolve_select_config(input_dir: str, args: argparse.Namespace) -> SelectCon
 def run_select(argv: list[str], test_pipeline=None) -> int:
     """`beam run select ...`; returns the exit code (2 for bad arguments)."""
     from pipelines.cli import print_funnel
+    from pipelines.progress import run_with_progress
     from pipelines.runner import create_runner, make_pipeline_options
 
     args, beam_argv = _parser().parse_known_args(argv)
@@ -254,8 +258,7 @@ def run_select(argv: list[str], test_pipeline=None) -> int:
     except (SelectError, ValueError) as err:
         print(f"beam run select: error: {err}", file=sys.stderr)
         return 2
-    result = p.run()
-    result.wait_until_finish()
+    result = run_with_progress(p, "select", enabled=args.progress_interval > 0, log_interval=args.progress_interval)
     not_readmittable = _counter(result, "not_readmittable")
     if not_readmittable:
         LOG.warning(
