@@ -6,6 +6,7 @@
     beam run select --input DIR --output DIR2 [thresholds]
     beam run extract --input 'crawl/*.warc.gz' --output DIR [--config FILE.yaml]
     beam run extract-curate --input 'crawl/*.warc.gz' --output DIR [--extract-config E.yaml] [--config C.yaml]
+    beam report DIR                           rebuild DIR/report.html
     beam schemas [--write | --check]          the records' JSON Schemas
 
 Options this parser does not know are handed to Beam (`--runner`,
@@ -107,10 +108,32 @@ def run_schemas(argv: list[str]) -> int:
     return 0
 
 
+class _HarmlessBeamWarnings(logging.Filter):
+    """Drops the warnings Beam logs at import that say nothing about the run
+    (the first thing a user sees should be the run itself)."""
+
+    PREFIXES = (
+        # apache_beam.io.gcp.internal.clients.bigquery without google-apitools: BigQuery is not used.
+        "apitools not found",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def setup_logging() -> None:
+    """Logging for the CLI, set up before Beam is imported (Beam logs through
+    the root logger at import time)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(f, _HarmlessBeamWarnings) for f in root.filters):
+        root.addFilter(_HarmlessBeamWarnings())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    usage = "usage: beam {list | run PIPELINE ... | schemas}\n"
+    setup_logging()
+    usage = "usage: beam {list | run PIPELINE ... | report DIR | schemas}\n"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -121,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "schemas":
         return run_schemas(rest)
+    if command == "report":
+        from pipelines.report import run_report  # noqa: PLC0415 - imports Beam
+
+        return run_report(rest)
     if command == "run":
         if not rest or rest[0] not in PIPELINES:
             print(f"{usage}pipelines: {', '.join(PIPELINES)}", file=sys.stderr)

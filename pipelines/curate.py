@@ -4,7 +4,7 @@ Stages, cheapest first (each labelled, each with its rejects side output):
 
     Read -> UrlHygiene -> CaptionHygiene -> Reshuffle -> Crawl -> Decode
          -> Stage (bytes to staging files) -> Dedup -> [Decontaminate] -> [model stages]
-         -> WriteShards -> index.parquet, rejects.parquet, report.json
+         -> WriteShards -> index.parquet, rejects.parquet, report.json, report.html
                         -> [embeddings/ (with CLIP), stages/embeddings.py]
 
 Caption hygiene runs before the crawl because it needs no pixels: a row with
@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs, runs
 from pipelines.funnel import print_summary
+from pipelines.report import add_report
 from pipelines.scoring import UNSELECTED_DIR, ModelStages, check_models
 from schemas import CurateConfig
 from schemas.overrides import set_dotted
@@ -132,7 +133,9 @@ def build_curate(
     all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
 
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects, input_errors)
-    done = [report | "ReportDone" >> beam.Map(lambda _: None)]
+    # report.html reads sampled images back from the staging files: before cleanup.
+    html_written = add_report(output_dir, report, written, all_rejects, staged)
+    done = [html_written | "ReportDone" >> beam.Map(lambda _: None)]
     temporary = [staging_dir(output_dir), FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if embeddings_written is not None:
         done.append(embeddings_written | "EmbeddingsDone" >> beam.Map(lambda _: None))
@@ -215,8 +218,9 @@ def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:
         raise runs.RunRefused(str(err)) from err
     runs.claim_output(args.output, overwrite=args.overwrite, command="curate", details={"input": args.input})
     outputs.write_config(args.output, run_config)
-    result = p.run()
-    result.wait_until_finish()
+    from pipelines.progress import run_with_progress
+
+    run_with_progress(p, "curate", enabled=args.progress_interval > 0, log_interval=args.progress_interval)
     report = outputs.read_report(args.output)
     runs.finish_run(args.output, "finished")
     print_summary(args.output, report, outputs.INDEX)

@@ -69,6 +69,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="The output folder holds an earlier run's output: delete what that run wrote (and only that) first.",
     )
     parser.add_argument("--verbose", action="store_true", help="Show tracebacks and debug logs.")
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="Live progress (local runner): a line refreshed in place on a terminal, else a log line every S seconds "
+        "(default 30); 0 turns it off.",
+    )
 
 
 def _option_classes() -> Iterable[type]:

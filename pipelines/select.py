@@ -49,6 +49,7 @@ from pydantic import ValidationError
 
 from pipelines import outputs, runs
 from pipelines.funnel import print_summary
+from pipelines.report import add_report
 from pipelines.scoring import UNSELECTED_DIR, ScoringConfigError, check_thresholds, computed_scores
 from schemas import CurateConfig, Rejection, Stage
 from schemas.scoring import SelectConfig
@@ -175,10 +176,11 @@ def build_select(
     # The source's unreadable input files are still missing from this dataset.
     input_errors = pipeline | "InputErrors" >> beam.Create(report_in.input_errors)
     report = outputs.write_outputs(output_dir, input_rows, written, manifests, all_rejects, input_errors)
+    html_written = add_report(output_dir, report, written, all_rejects, records)
     tmp_dirs = [FileSystems.join(output_dir, SHARDS_DIR, TMP_DIR)]
     if dropped is not None:
         tmp_dirs.append(FileSystems.join(output_dir, UNSELECTED_DIR, SHARDS_DIR, TMP_DIR))
-    finished = (report, *done) | "Finished" >> beam.Flatten() if done else report
+    finished = (html_written, *done) | "Finished" >> beam.Flatten() if done else html_written
     cleanup_after(finished, tmp_dirs)
     return report, run_config
 
@@ -266,8 +268,9 @@ def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
         raise runs.RunRefused(str(err)) from err
     runs.claim_output(args.output, overwrite=args.overwrite, command="select", details={"input": args.input})
     outputs.write_config(args.output, run_config)
-    result = p.run()
-    result.wait_until_finish()
+    from pipelines.progress import run_with_progress
+
+    result = run_with_progress(p, "select", enabled=args.progress_interval > 0, log_interval=args.progress_interval)
     not_readmittable = _counter(result, "not_readmittable")
     if not_readmittable:
         LOG.warning(

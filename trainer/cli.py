@@ -6,6 +6,7 @@
     trainer sample --run RUN_DIR [--prompt P ...] [--steps N --guidance G --seed S] --out FILE.png
     trainer bench  --config CFG [--steps N] [--cache DIR] [--peak-tflops T]
     trainer export --run RUN_DIR [--checkpoint DIR]
+    trainer ui     --base RUN_DIR [--workdir DIR] [--host 127.0.0.1] [--port 7860]
 
 CFG is a YAML file or the name of one in `trainer/configs/` (`demo`, `base-256`, ...).
 `--set a.b=VALUE` overrides any config field (VALUE is parsed as YAML); `--components X`
@@ -211,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lora", help="fine-tune a trained base model with LoRA on 15-200 images of one subject or style")
     add_lora_arguments(p)
+
+    p = sub.add_parser("ui", help="a local web page to train a LoRA (runs `trainer lora`; binds 127.0.0.1)")
+    from trainer.ui import add_ui_arguments
+
+    add_ui_arguments(p)
 
     p = sub.add_parser("bench", help="training throughput: images/s, TFLOP/s, MFU, data-loader stall")
     _add_config_args(p, components=False)
