@@ -27,7 +27,7 @@ from pipelines import outputs
 from schemas import Provenance, SampleRecord
 from schemas.extract import DEDUP_REASONS, IMAGE_REASONS, PAGE_REASONS, ExtractConfig, ExtractRejection, ExtractReport, ImagePair
 from stages.extract import DedupPairs, ReadSources
-from stages.read import make_key
+from stages.core.read import make_key
 
 LOG = logging.getLogger(__name__)
 PAIRS_PREFIX = "pairs"

@@ -55,7 +55,7 @@ from schemas import Rejection, SampleRecord, Stage
 from schemas.report import ReportSamples, SampleCard
 from schemas.scoring import SelectConfig
 from stages.core import thumbnails
-from stages.select import SCORE_FIELDS
+from stages.core.select import SCORE_FIELDS
 
 LOG = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ from schemas import Provenance, RejectReason, SampleRecord, Stage
 from schemas.config import DedupConfig
 from stages.base import REJECTS, Drop, rejection
 from stages.core.eval_sets import EvalItem, EvalSetError, decode_rgb, list_items, nearest_hash, read_item
-from stages.dedup import band_layout, band_values, compute_phash, phash_to_int, phashes_to_array
+from stages.core.hamming_search import band_layout, band_values
+from stages.core.phash import compute_phash, phash_to_int, phashes_to_array
 
 LOG = logging.getLogger(__name__)
 
@@ -299,7 +300,8 @@ class DecontaminateByEmbedding(beam.PTransform):
     def expand(self, inputs):
         from apache_beam.ml.inference.base import RunInference
 
-        from stages.clip_score import ClipModelHandler, ClipPreparer
+        from stages.clip_score import ClipModelHandler
+        from stages.models.clip import ClipPreparer
 
         records, rows = inputs
         threshold = self.config.eval_cosine_threshold

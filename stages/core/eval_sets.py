@@ -19,12 +19,13 @@ workers (`read_item`).
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from typing import NamedTuple
 
 import numpy as np
+
+from stages.core.decode import decode_rgb  # noqa: F401 - the one decoder; stages/decontaminate.py reads it from here
+from stages.core.tario import index_tar, read_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "webp")
@@ -79,18 +80,17 @@ def list_items(spec: str) -> list[EvalItem]:
 
 
 def _tar_items(name: str, path: str) -> list[EvalItem]:
+    """One item per image member of a WebDataset tar (the one tar index,
+    `stages/core/tario.py`); `where` is the member's byte range."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            members = [m.name for m in tar if m.isfile()]
-    except (OSError, tarfile.TarError) as err:
+        samples = index_tar(path)
+    except OSError as err:
         raise EvalSetError(f"dedup.eval_sets: {path} is not a readable tar: {err}") from err
     items = []
-    for member in members:
-        base = member.rsplit("/", 1)[-1]
-        stem, dot, _ = base.partition(".")
-        if dot and ("." + base.rsplit(".", 1)[-1].lower()) in IMAGE_EXTENSIONS:
-            key = member[: len(member) - len(base)] + stem
-            items.append(EvalItem(name, key, "tar", path, member))
+    for sample in samples:
+        for extension, (offset, size) in sample.members.items():
+            if "." + extension in IMAGE_EXTENSIONS:
+                items.append(EvalItem(name, sample.key, "tar", path, f"{offset}:{size}"))
     return items
 
 
@@ -118,8 +118,9 @@ def read_item(item: EvalItem) -> bytes:
         with open(item.path, "rb") as f:
             return f.read()
     if item.kind == "tar":
-        with tarfile.open(item.path, mode="r:") as tar:
-            return tar.extractfile(item.where).read()
+        offset, size = (int(v) for v in item.where.split(":"))
+        with open(item.path, "rb") as f:
+            return read_range(f, offset, size, item.path)
     row, column = item.where.split(":", 1)
     import pyarrow.parquet as pq
 
@@ -136,10 +137,3 @@ def nearest_hash(phash: int, hashes: np.ndarray) -> tuple[int, int]:
     distances = np.bitwise_count(hashes ^ np.uint64(phash))
     best = int(np.argmin(distances))
     return best, int(distances[best])
-
-
-def decode_rgb(data: bytes):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from schemas import ImageRef, Provenance, SampleRecord
-from stages.dedup import compute_phash
+from stages.core.phash import compute_phash
 
 PIXEL_CLIP_NAME = "imagemill-pixel-clip"
 PIXEL_CLIP_CONFIG = {

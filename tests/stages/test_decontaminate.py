@@ -21,7 +21,7 @@ from schemas.config import DedupConfig
 from schemas.scoring import ClipConfig, ScoringConfig
 from stages.core.eval_sets import EvalSetError, list_items, parse_spec
 from stages.decontaminate import DecontaminateByPhash, eval_items
-from stages.dedup import compute_phash, hamming
+from stages.core.phash import compute_phash, hamming
 from tests.stages.semantic_fixtures import (
     PIXEL_CLIP_NAME,
     cropped,
