@@ -426,7 +426,7 @@ def test_resume_after_a_kill_is_exact(tmp_path, base_run):
         quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}), resume=True)
     # The one resume policy (trainer.resume), as `trainer fit --resume`: refuse, naming the fields.
     with pytest.raises(ValueError, match=r"different config \(optim\.steps differ\)"):
-        quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}), resume=True)
+        quiet(train_lora, images, base_run, killed, short_config(optim={"steps": 9}, preview={"every_steps": 4}), resume=True)
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +58,6 @@ class OverfitMonitor:
         return False
 
 
-@dataclass
 class HeldOutLoss:
     """The held-out loss, by timestep bucket, and the same measure on a few training images
     (the train probe), at fixed timesteps (bucket midpoints) with fixed noise, so the numbers

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 # option builders must not pay for them (diffusers' LoRA loaders alone take seconds).
 
 
+@dataclass
 class PriorSet:
     """Inputs of the prior-preservation term.
 
