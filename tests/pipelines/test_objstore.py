@@ -78,8 +78,10 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def portable(servers, tmp_path_factory):
-    with portable_runner(tmp_path_factory.mktemp("portable")) as argv:
-        yield argv
+    """(pipeline argv, workdir) of a portable runner whose workers inherit the stores' environment."""
+    workdir = tmp_path_factory.mktemp("portable")
+    with portable_runner(workdir) as argv:
+        yield argv, workdir
 
 
 def _curate(input_url: str, config: str, output: str, beam_args=()) -> None:
@@ -196,7 +198,7 @@ def test_curate_and_select_on_object_storage_match_the_local_run(kind, runner, s
     store = servers[kind]
     beam_args = list(store.beam_args)
     if runner == "portable":
-        beam_args += request.getfixturevalue("portable")
+        beam_args += request.getfixturevalue("portable")[0]
     run = f"{kind}-{runner}"
     store.fs.put(str(inputs / "urls.parquet"), f"data/{run}/in/urls.parquet")
     store.fs.put(str(inputs / "config.yaml"), f"data/{run}/in/config.yaml")
@@ -223,14 +225,15 @@ def _sdk_workers(workdir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.portable
-def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs, servers, tmp_path):
+def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs, servers, portable, tmp_path):
     """The S3 server holds the upload of the first temporary shard; the SDK workers are
     killed while it is held. The run fails and that shard never appears under its final
     name (nor does any partial object); shards committed before are complete."""
     hold = tmp_path / "hold"
     hold.mkdir()
-    with object_store("s3", tmp_path / "s3", hold=hold) as store, portable_runner(tmp_path / "portable") as argv:
-        # (the workers get the server from --s3_endpoint_url; credentials come from `servers`' environment)
+    argv, workdir = portable
+    with object_store("s3", tmp_path / "s3", hold=hold) as store:
+        # (the workers get this server from --s3_endpoint_url; credentials come from `servers`' environment)
         store.fs.put(str(inputs / "urls.parquet"), "data/in/urls.parquet")
         outcome = {}
 
@@ -248,7 +251,7 @@ def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs,
             assert time.monotonic() < deadline and launcher.is_alive(), f"no shard upload was held: {outcome}"
             time.sleep(0.1)
         held = (hold / "held").read_text()  # /data/out/shards/.tmp/NNNNNN.<uuid>.tar
-        workers = _sdk_workers(tmp_path / "portable")
+        workers = _sdk_workers(workdir)
         assert workers, "no SDK worker process found"
         for worker in workers:
             os.kill(worker.pid, signal.SIGKILL)
