@@ -13,6 +13,7 @@ the final files may be left: no staging, no temporary shards, no open uploads.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -141,8 +142,6 @@ def snapshot(files: dict[str, bytes]) -> dict:
         manifest = ShardManifest.model_validate_json(files[shard[:-4] + ".json"])
         assert manifest.tar_bytes == len(data) and manifest.shard == shard.split("/")[1]
         assert [s.key for s in index.samples] == manifest.keys and 1 <= len(manifest.keys) <= SAMPLES_PER_SHARD
-        import hashlib
-
         assert manifest.sha256 == hashlib.sha256(data).hexdigest()
         for sample in index.samples:
             members = {ext: data[o : o + n] for ext, (o, n) in sample.members.items()}
