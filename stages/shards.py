@@ -68,15 +68,21 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, data):
+        if self.raw is None:  # abandoned after a failure: the tar's late end blocks go nowhere
+            return len(data)
         self.sha256.update(data)
         self.size += len(data)
         return self.raw.write(data)
+
+    def abandon(self):
+        self.raw = None
 
     def flush(self):
         pass
 
     def close(self):
-        self.raw.close()
+        if self.raw is not None:
+            self.raw.close()
 
 
 class WriteShardDoFn(beam.DoFn):
@@ -141,6 +147,7 @@ class WriteShardDoFn(beam.DoFn):
             # stream is closed, so this must come before the copy that "renames" it.
             raw.close()
         except BaseException:
+            sink.abandon()
             _discard(raw, tmp_path)
             raise
         # Local: an atomic rename. GCS/S3: a server-side copy to the final name

@@ -111,6 +111,7 @@ def object_store(kind: str, workdir: Path, hold: Path | None = None) -> Iterator
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port_file, log = workdir / f"{kind}.port", workdir / f"{kind}.log"
+    port_file.unlink(missing_ok=True)  # a reused workdir must not hand out an old port
     command = [sys.executable, "-m", "tests.objstore", kind, str(port_file)]
     if hold is not None:
         command += ["--hold", str(hold)]

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from schemas.trainer import CacheFile, CachePart, CacheSpec, LatentCacheManifest, SourceShard, TrainConfig
 from trainer.components import DTYPES, Components, cpu_threads_beside_workers, load_components
-from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, join_url, pooled_key, text_key, url_fs
+from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, pooled_key, text_key, url_fs
 
 logger = logging.getLogger(__name__)
 

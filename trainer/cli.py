@@ -89,8 +89,10 @@ def cmd_cache(args) -> int:
     from trainer.cache import build_cache
 
     config = _config_from_args(args)
-    manifest = build_cache(config, args.shards, Path(args.output))
-    print(f"latent cache {args.output}: {manifest.num_samples} samples in {len(manifest.files)} files ({manifest.skipped} skipped)")
+    manifest = build_cache(config, args.shards, args.output)  # a path or any fsspec URL (s3://, gs://)
+    lost = sum(s.lost for s in manifest.sources)
+    damaged = f"; {lost} lost from {sum(1 for s in manifest.sources if s.problem)} damaged shard(s), named above" if lost else ""
+    print(f"latent cache {args.output}: {manifest.num_samples} samples in {len(manifest.files)} files ({manifest.skipped} skipped{damaged})")
     return 0
 
 

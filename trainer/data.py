@@ -57,8 +57,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from schemas.records import SampleRecord, ShardManifest
 from schemas.trainer import LatentCacheManifest
 from stages.core.tario import (
-    IMAGE_EXTENSIONS,
-    PERMANENT_ERRORS,
     OpenFiles,
     RangeReader,
     TarSample,

@@ -117,7 +117,11 @@ def scan_tar(fileobj: BinaryIO, name: str) -> TarIndex:
                 if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
                     truncated, detail = True, f"no end-of-archive marker at byte {tar.offset} of a {size}-byte file"
     except tarfile.ReadError as error:
-        raise TruncatedTarError(f"{name}: not a readable tar ({error})") from error
+        if last_key is None and not truncated:
+            raise TruncatedTarError(f"{name}: not a readable tar ({error})") from error
+        # A header cut short after the first member (e.g. between a PAX header and the
+        # header it extends, as webdataset writes them).
+        truncated, detail = True, f"unreadable header after key {last_key} ({error})"
     if truncated and last_key is not None:
         # The sample the cut falls in may be missing members: not usable.
         groups.pop(last_key, None)

@@ -80,3 +80,32 @@ def test_caption_choice():
 def test_dofns_pickle(tmp_path):
     for dofn in (StageImagesDoFn(str(tmp_path)), WriteShardDoFn(str(tmp_path), ShardsConfig(), {})):
         pickle.loads(pickle.dumps(dofn))
+
+
+def test_a_writer_that_fails_mid_shard_leaves_nothing_under_a_final_name(tmp_path, monkeypatch):
+    import pytest
+    import webdataset
+
+    images = {record(i).key: webcorpus.jpeg(webcorpus.render(i, (64, 48))) for i in range(4)}
+    dofn = StageImagesDoFn(str(tmp_path / "out"))
+    dofn.start_bundle()
+    staged = [r for i in range(4) for r in dofn.process(WithImage(record(i), images[record(i).key]))]
+    staged += [wv.value for wv in dofn.finish_bundle()]
+    writes = []
+    real_write = webdataset.TarWriter.write
+
+    def failing_write(self, sample):
+        writes.append(sample["__key__"])
+        if len(writes) == 3:
+            raise OSError("disk full")
+        return real_write(self, sample)
+
+    monkeypatch.setattr(webdataset.TarWriter, "write", failing_write)
+    writer = WriteShardDoFn(str(tmp_path / "out"), ShardsConfig(samples_per_shard=4), {})
+    writer.setup()
+    with pytest.raises(OSError, match="disk full"):
+        list(writer.process(("k", staged), {"k": 0}))
+    writer.teardown()
+    shards = tmp_path / "out" / "shards"
+    assert not (shards / "000000.tar").exists() and not (shards / "000000.json").exists()
+    assert not list((shards / ".tmp").glob("*"))  # the failed temporary file is removed too

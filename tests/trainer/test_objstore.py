@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load as load_safetensors
 
 from schemas.records import ShardManifest
@@ -36,9 +37,19 @@ def _tensors(data: bytes) -> dict[str, torch.Tensor]:
     return load_safetensors(data)
 
 
-def test_cache_from_s3_to_s3_equals_the_local_cache(s3, shard_paths, cache_dir, components_dir):
+def _config_file(components_dir, tmp_path, **sections) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(components_dir, **sections).model_dump(mode="json")))
+    return str(path)
+
+
+def test_cache_from_s3_to_s3_equals_the_local_cache(s3, shard_paths, cache_dir, components_dir, tmp_path, capsys):
+    from trainer.cli import main
+
     spec = _upload_shards(s3, shard_paths, "clean/shards")
-    manifest = build_cache(tiny_config(components_dir), spec, s3.url("clean/cache"))
+    assert main(["cache", "--shards", spec, "--config", _config_file(components_dir, tmp_path), "--output", s3.url("clean/cache")]) == 0
+    assert f"latent cache {s3.url('clean/cache')}: 48 samples" in capsys.readouterr().out
+    manifest = read_manifest(s3.url("clean/cache"))
     local = read_manifest(cache_dir)
     assert manifest.spec == local.spec and manifest.num_samples == local.num_samples == 48
     assert [(f.file, f.num_samples) for f in manifest.files] == [(f.file, f.num_samples) for f in local.files]
@@ -63,14 +74,14 @@ def _metrics(run: Path) -> dict[int, dict]:
 
 
 def test_fit_from_an_s3_cache_equals_fit_from_the_local_one(s3, shard_paths, cache_dir, components_dir, tmp_path):
-    from trainer.train import fit
+    from trainer.cli import main
 
     if not s3.fs.exists("data/clean/cache/manifest.json"):
         build_cache(tiny_config(components_dir), _upload_shards(s3, shard_paths, "clean/shards"), s3.url("clean/cache"))
     runs = {}
+    config = _config_file(components_dir, tmp_path, max_steps=5, data={"num_workers": 2, "batch_size": 3}, checkpoint={"every_steps": 100})
     for name, cache in (("local", str(cache_dir)), ("s3", s3.url("clean/cache"))):
-        config = tiny_config(components_dir, max_steps=5, data={"cache": cache, "num_workers": 2, "batch_size": 3}, checkpoint={"every_steps": 100})
-        fit(config, tmp_path / name)
+        assert main(["fit", "--config", config, "--cache", cache, "--output", str(tmp_path / name)]) == 0
         runs[name] = _metrics(tmp_path / name)
     assert sorted(runs["s3"]) == sorted(runs["local"]) == [1, 2, 3, 4, 5]
     for step, row in runs["local"].items():
