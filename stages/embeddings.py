@@ -200,6 +200,15 @@ class WriteEmbeddings(beam.PTransform):
 # ---------------------------------------------------------------- reading them back
 
 
+def has_embeddings(output_dir: str) -> bool:
+    return bool(embedding_files(output_dir))
+
+
+def has_text_embeddings(output_dir: str) -> bool:
+    folder = FileSystems.join(output_dir, EMBEDDINGS_DIR, TEXT_DIR)
+    return bool(FileSystems.match([FileSystems.join(folder, "text_emb_*.npy")])[0].metadata_list)
+
+
 def embedding_files(output_dir: str) -> list[tuple[str, str]]:
     """(img_emb path, metadata path) pairs of an output, by partition number."""
     folder = FileSystems.join(output_dir, EMBEDDINGS_DIR)
@@ -212,7 +221,8 @@ def embedding_files(output_dir: str) -> list[tuple[str, str]]:
 
 
 def read_embedding_file(paths: tuple[str, str]) -> Iterator[tuple]:
-    """(img_emb path, metadata path) -> EmbeddingRow tuples (no text)."""
+    """(img_emb path, metadata path) -> EmbeddingRow tuples (with the text
+    embeddings when text_emb/ holds the matching file)."""
     import pyarrow.parquet as pq
 
     npy_path, parquet_path = paths
@@ -223,9 +233,16 @@ def read_embedding_file(paths: tuple[str, str]) -> Iterator[tuple]:
     if table.num_rows != len(image):
         raise ValueError(f"{npy_path} has {len(image)} rows but {parquet_path} has {table.num_rows}")
     image = image.astype(DTYPE, copy=False)
+    folder, name = npy_path.rsplit("/", 1)
+    text_path = FileSystems.join(folder, TEXT_DIR, name.replace("img_emb_", "text_emb_", 1))
+    text = None
+    if FileSystems.exists(text_path):
+        with FileSystems.open(text_path, compression_type="uncompressed") as f:
+            text = np.load(io.BytesIO(f.read()), allow_pickle=False).astype(DTYPE, copy=False)
     columns = table.to_pydict()
     for i, key in enumerate(columns["key"]):
-        yield (key, columns["clip_similarity"][i], int(columns["pixels"][i] or 0), image[i].tobytes(), b"")
+        text_bytes = b"" if text is None else text[i].tobytes()
+        yield (key, columns["clip_similarity"][i], int(columns["pixels"][i] or 0), image[i].tobytes(), text_bytes)
 
 
 class ReadEmbeddings(beam.PTransform):
