@@ -209,7 +209,10 @@ def build_select(
     done = []
     if rows is not None:
         embeddings_config = curate.embeddings.model_copy(update={"text": has_text_embeddings(input_dir)})
-        embeddings_written = (written, rows) | "Embeddings" >> WriteEmbeddings(output_dir, embeddings_config)
+        # Samples re-admitted from unselected/ have no stored embedding: written without one.
+        embeddings_written = (written, rows) | "Embeddings" >> WriteEmbeddings(
+            output_dir, embeddings_config, require_all=False
+        )
         done.append(embeddings_written | "CountEmbeddings" >> beam.combiners.Count.Globally())
     if dropped is not None:
         unselected_written, _, _ = dropped | "UnselectedShards" >> WriteShards(
