@@ -158,6 +158,7 @@ def run(args) -> dict:
         "all_pairs": all_pairs,
         "pairs_compared_fraction": counters.get("pairs_compared", 0) / all_pairs,
         "wall_s": round(wall, 1),
+        "process_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         "s_per_million": round(wall / (n / 1e6), 1),
         "brute_force_s_extrapolated_to_n": round(brute_1m, 1),
         "block_rows_max": block_rows.max,

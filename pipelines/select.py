@@ -4,6 +4,7 @@ without running any model.
     beam run select --input DIR --output DIR2 [--config select.yaml]
                     [--min-clip-similarity X] [--max-nsfw-score X] [--max-punsafe X]
                     [--max-pwatermark X] [--min-aesthetic-score X] [--keep-unselected]
+                    [--semantic-threshold X [--semantic-clusters K]]
 
 Thresholds start from the ones DIR was made with (its `config.json`); a flag
 replaces one, `none` disables it. DIR2 gets the same layout as a curate output
@@ -30,6 +31,15 @@ What it can and cannot reproduce:
   original reason (its image was never written); the run counts them in the
   `select/not_readmittable` counter and warns. Curate with
   `select.keep_unselected: true` to keep that option open.
+- Semantic dedup (`--semantic-threshold X`): re-run from the embeddings DIR
+  kept (`DIR/embeddings/`, read with numpy; no model is loaded) with the
+  centroids DIR saved (`DIR/semantic/centroids.npy`; fitted anew when DIR has
+  none or with `--semantic-clusters K`), before
+  the thresholds, as in curate. Only samples whose embeddings DIR kept take
+  part: a lower threshold drops more of them; samples an earlier semantic
+  dedup dropped keep their rejection (their images are gone), and samples
+  read back from `unselected/` have no stored embedding and are not compared.
+  Without the flag, DIR's embeddings are copied to DIR2 for the samples it keeps.
 - Nothing is re-scored or re-captioned: scores are the stored ones, and a
   sample re-admitted from `unselected/` keeps the captions it had (selection
   runs before recaptioning, so it has no synthetic caption; KEY.txt falls back
@@ -115,6 +125,8 @@ def build_select(
     output_dir: str,
     select_config: SelectConfig,
     run_info: dict | None = None,
+    semantic_threshold: float | None = None,
+    semantic_clusters: int | None = None,
 ) -> tuple[beam.PCollection, dict]:
     """Add the select graph to `pipeline`; returns the PCollection holding the
     Report, and the resolved config for `output_dir/config.json`.
@@ -134,6 +146,33 @@ def build_select(
     unselected_dir = FileSystems.join(input_dir, UNSELECTED_DIR)
     has_unselected = bool(FileSystems.match([_shards_glob(unselected_dir)])[0].metadata_list)
 
+    from stages.embeddings import ReadEmbeddings, WriteEmbeddings, has_embeddings, has_text_embeddings
+
+    embedded = has_embeddings(input_dir)
+    semantic = None
+    if semantic_threshold is not None:
+        from schemas.config import SemanticDedupConfig
+        from stages.semantic_dedup import SemanticDedup, centroids_path
+
+        if not embedded:
+            raise SelectError(
+                f"--semantic-threshold needs {input_dir}/embeddings/ (curate with scoring.clip and embeddings.enabled)"
+            )
+        previous = curate.dedup.semantic or SemanticDedupConfig()
+        saved = centroids_path(input_dir)
+        try:
+            update = {"threshold": semantic_threshold}
+            if semantic_clusters is not None:
+                update["clusters"] = semantic_clusters  # new centroids: the saved ones have another k
+                update["centroids"] = None
+            elif FileSystems.exists(saved):
+                update["centroids"] = saved
+            semantic_config = previous.model_copy(update=update)
+            SemanticDedupConfig.model_validate(semantic_config.model_dump())
+        except ValidationError as err:
+            raise SelectError(f"--semantic-threshold: {err}") from err
+        semantic = SemanticDedup(semantic_config, output_dir)
+        curate = curate.model_copy(update={"dedup": curate.dedup.model_copy(update={"semantic": semantic_config})})
     config = curate.model_copy(update={"select": select_config})
     extra = {k: v for k, v in source.items() if k != "curate"}
     extra["selected_from"] = {"input_dir": input_dir, "select": curate.select.model_dump(mode="json"), **(run_info or {})}
@@ -161,17 +200,29 @@ def build_select(
         carried = old_rejects
     carried = carried | "CountNotReadmittable" >> beam.ParDo(_NotReadmittable(select_config))
 
+    rows = pipeline | "ReadEmbeddings" >> ReadEmbeddings(input_dir) if embedded else None
+    semantic_rejects = []
+    if semantic is not None:
+        records, rejected = (records, rows) | "SemanticDedup" >> semantic
+        semantic_rejects.append(rejected)
     kept, select_rejects, dropped = apply_select(
         records, "Select", select_config, emit_unselected=select_config.keep_unselected
     )
     written, manifests, shard_rejects = kept | "Shards" >> WriteShards(output_dir, curate.shards, run_config)
     done = []
+    if rows is not None:
+        embeddings_config = curate.embeddings.model_copy(update={"text": has_text_embeddings(input_dir)})
+        # Samples re-admitted from unselected/ have no stored embedding: written without one.
+        embeddings_written = (written, rows) | "Embeddings" >> WriteEmbeddings(
+            output_dir, embeddings_config, require_all=False
+        )
+        done.append(embeddings_written | "CountEmbeddings" >> beam.combiners.Count.Globally())
     if dropped is not None:
         unselected_written, _, _ = dropped | "UnselectedShards" >> WriteShards(
             FileSystems.join(output_dir, UNSELECTED_DIR), curate.shards, run_config
         )
         done.append(unselected_written | "CountUnselected" >> beam.combiners.Count.Globally())
-    all_rejects = (carried, select_rejects, shard_rejects) | "AllRejects" >> beam.Flatten()
+    all_rejects = (carried, *semantic_rejects, select_rejects, shard_rejects) | "AllRejects" >> beam.Flatten()
     input_rows = pipeline | "InputRows" >> beam.Create([report_in.input_rows])
     # The source's unreadable input files are still missing from this dataset.
     input_errors = pipeline | "InputErrors" >> beam.Create(report_in.input_errors)
@@ -213,6 +264,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with a `select:` mapping (or the select keys at top level).")
     for name, text in _FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=_threshold, default=argparse.SUPPRESS, metavar="X", help=text)
+    parser.add_argument(
+        "--semantic-threshold",
+        type=float,
+        default=None,
+        metavar="X",
+        help="Re-run semantic dedup at cosine X from the input's saved embeddings (no model needed).",
+    )
+    parser.add_argument(
+        "--semantic-clusters",
+        type=int,
+        default=None,
+        metavar="K",
+        help="With --semantic-threshold: fit K k-means clusters anew instead of the input's saved centroids.",
+    )
     parser.add_argument(
         "--keep-unselected",
         action="store_true",
@@ -263,7 +328,15 @@ def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
         select_config = resolve_select_config(args.input, args)
         _, source_config = load_source(args.input)
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
-        _, run_config = build_select(p, args.input, args.output, select_config, {"beam_args": beam_argv})
+        _, run_config = build_select(
+            p,
+            args.input,
+            args.output,
+            select_config,
+            {"beam_args": beam_argv},
+            semantic_threshold=args.semantic_threshold,
+            semantic_clusters=args.semantic_clusters,
+        )
     except (SelectError, ValueError) as err:
         raise runs.RunRefused(str(err)) from err
     runs.claim_output(args.output, overwrite=args.overwrite, command="select", details={"input": args.input})

@@ -128,14 +128,18 @@ def _written_row(record: SampleRecord) -> tuple:
 class WritePartitionDoFn(beam.DoFn):
     """(partition, [("written", meta) | ("embedding", EmbeddingRow)]) -> the
     number of rows written. A written record without an embedding is an error
-    (every scored sample has one); embeddings of samples that were not written
-    (dropped later) are skipped."""
+    with `require_all` (in curate every scored sample has one), else counted
+    (`written_without_embedding`: `beam run select` re-admitting samples from
+    `unselected/`, whose embeddings were not kept); embeddings of samples that
+    were not written (dropped later) are skipped."""
 
-    def __init__(self, output_dir: str, text: bool):
+    def __init__(self, output_dir: str, text: bool, require_all: bool = True):
         self.output_dir = output_dir
         self.text = text
+        self.require_all = require_all
         self.rows = Metrics.counter(NAMESPACE, "rows_written")
         self.files = Metrics.counter(NAMESPACE, "files_written")
+        self.missing = Metrics.counter(NAMESPACE, "written_without_embedding")
 
     def process(self, element) -> Iterator[int]:
         partition, tagged = element
@@ -146,9 +150,12 @@ class WritePartitionDoFn(beam.DoFn):
         if not written:
             return
         missing = sorted(set(written) - set(rows))
-        if missing:
+        if missing and self.require_all:
             raise ValueError(f"embeddings: written samples without an embedding: {missing[:5]}")
-        keys = sorted(written)
+        self.missing.inc(len(missing))
+        keys = sorted(set(written) & set(rows))
+        if not keys:
+            return
         image = vectors([rows[k][3] for k in keys])
         folder = FileSystems.join(self.output_dir, EMBEDDINGS_DIR)
         metadata = {
@@ -176,10 +183,11 @@ class WriteEmbeddings(beam.PTransform):
     """(written records, EmbeddingRows) -> PCollection of row counts, one per
     file written. See the module docstring for the layout."""
 
-    def __init__(self, output_dir: str, config: EmbeddingsConfig):
+    def __init__(self, output_dir: str, config: EmbeddingsConfig, require_all: bool = True):
         super().__init__()
         self.output_dir = output_dir
         self.config = config
+        self.require_all = require_all
 
     def expand(self, inputs):
         written, rows = inputs
@@ -194,10 +202,21 @@ class WriteEmbeddings(beam.PTransform):
             | "Flatten" >> beam.Flatten()
             | "GroupByPartition" >> beam.GroupByKey()
         )
-        return by_partition | "Write" >> beam.ParDo(WritePartitionDoFn(self.output_dir, self.config.text))
+        return by_partition | "Write" >> beam.ParDo(
+            WritePartitionDoFn(self.output_dir, self.config.text, self.require_all)
+        )
 
 
 # ---------------------------------------------------------------- reading them back
+
+
+def has_embeddings(output_dir: str) -> bool:
+    return bool(embedding_files(output_dir))
+
+
+def has_text_embeddings(output_dir: str) -> bool:
+    folder = FileSystems.join(output_dir, EMBEDDINGS_DIR, TEXT_DIR)
+    return bool(FileSystems.match([FileSystems.join(folder, "text_emb_*.npy")])[0].metadata_list)
 
 
 def embedding_files(output_dir: str) -> list[tuple[str, str]]:
@@ -212,7 +231,8 @@ def embedding_files(output_dir: str) -> list[tuple[str, str]]:
 
 
 def read_embedding_file(paths: tuple[str, str]) -> Iterator[tuple]:
-    """(img_emb path, metadata path) -> EmbeddingRow tuples (no text)."""
+    """(img_emb path, metadata path) -> EmbeddingRow tuples (with the text
+    embeddings when text_emb/ holds the matching file)."""
     import pyarrow.parquet as pq
 
     npy_path, parquet_path = paths
@@ -223,9 +243,16 @@ def read_embedding_file(paths: tuple[str, str]) -> Iterator[tuple]:
     if table.num_rows != len(image):
         raise ValueError(f"{npy_path} has {len(image)} rows but {parquet_path} has {table.num_rows}")
     image = image.astype(DTYPE, copy=False)
+    folder, name = npy_path.rsplit("/", 1)
+    text_path = FileSystems.join(folder, TEXT_DIR, name.replace("img_emb_", "text_emb_", 1))
+    text = None
+    if FileSystems.exists(text_path):
+        with FileSystems.open(text_path, compression_type="uncompressed") as f:
+            text = np.load(io.BytesIO(f.read()), allow_pickle=False).astype(DTYPE, copy=False)
     columns = table.to_pydict()
     for i, key in enumerate(columns["key"]):
-        yield (key, columns["clip_similarity"][i], int(columns["pixels"][i] or 0), image[i].tobytes(), b"")
+        text_bytes = b"" if text is None else text[i].tobytes()
+        yield (key, columns["clip_similarity"][i], int(columns["pixels"][i] or 0), image[i].tobytes(), text_bytes)
 
 
 class ReadEmbeddings(beam.PTransform):

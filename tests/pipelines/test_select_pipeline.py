@@ -209,3 +209,54 @@ def test_bad_requests_fail_before_running(curated, tmp_path, capsys):
     assert "select.max_punsafe needs punsafe" in capsys.readouterr().err
     assert main(["run", "select", "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "y")]) == 2
     assert "config.json: cannot read" in capsys.readouterr().err
+
+
+def test_semantic_dedup_reruns_from_the_saved_embeddings_without_models(curated, tmp_path, no_models):
+    """The curate output has its CLIP embeddings (DIR/embeddings/); select
+    re-runs semantic dedup on them at a new threshold, with no model: the drops
+    equal the in-memory method on the same files, the funnel still adds up,
+    and DIR2/embeddings/ holds exactly the samples DIR2 keeps."""
+    import numpy as np
+
+    from schemas.config import SemanticDedupConfig
+    from stages.core.semantic import kmeans, semantic_duplicates
+    from stages.embeddings import embedding_files, read_embedding_file
+
+    rows = [row for paths in embedding_files(str(curated)) for row in read_embedding_file(paths)]
+    before = index_rows(curated)
+    assert sorted(r[0] for r in rows) == sorted(before)  # one embedding per kept sample
+    keys = [r[0] for r in rows]
+    x = np.stack([np.frombuffer(r[3], dtype=np.float16) for r in rows]).astype(np.float32)
+    # A threshold between the images' nearest-neighbour cosines, so some go and some stay.
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1)
+    threshold = float(np.round(np.median(sims.max(axis=1)), 4))
+    cfg = SemanticDedupConfig(clusters=2)
+    order = np.argsort(keys)  # the stage fits its k-means on the sample sorted by key
+    centroids = kmeans(x[order], cfg.clusters, iterations=cfg.iterations, seed=cfg.seed)
+    want = {d.key: d.survivor for d in semantic_duplicates(keys, x, [r[1] for r in rows], [r[2] for r in rows], threshold, centroids)}
+    assert 0 < len(want) < len(keys)
+
+    out = tmp_path / "semantic"
+    run_select(curated, out, "--semantic-threshold", str(threshold), "--semantic-clusters", "2")
+    after = index_rows(out)
+    assert set(after) == set(before) - set(want)
+    new = {r["key"]: r for r in reject_rows(out) if r["reason"] == "semantic_duplicate"}
+    assert {k: r["duplicate_of"] for k, r in new.items()} == want
+    assert all(r["stage"] == "dedup" and r["score"] >= threshold - 1e-3 for r in new.values())
+    assert report(out)["accounting_ok"] and report(out)["input_rows"] == report(curated)["input_rows"]
+    written = [row[0] for paths in embedding_files(str(out)) for row in read_embedding_file(paths)]
+    assert sorted(written) == sorted(after)
+    assert (out / "semantic" / "centroids.npy").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["curate"]["dedup"]["semantic"]["threshold"] == threshold
+
+
+def test_semantic_rerun_needs_embeddings(curated, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(curated, bare)
+    shutil.rmtree(bare / "embeddings")
+    code = main(["run", "select", "--input", str(bare), "--output", str(tmp_path / "x"), "--semantic-threshold", "0.9"])
+    assert code == 2 and "needs" in capsys.readouterr().err
