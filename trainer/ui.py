@@ -359,7 +359,7 @@ def build_app(workspace: Workspace, device: str | None = None):
 
     def refresh():
         losses = workspace.losses()
-        frame = pd.DataFrame(losses or [], columns=["step", "loss", "series"])
+        frame = pd.DataFrame(losses or [], columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64", "series": "str"})
         return workspace.status(), frame, workspace.previews(), workspace.adapters() or None, workspace.log_tail()
 
     with gr.Blocks(title="imagemill: train a LoRA") as app:

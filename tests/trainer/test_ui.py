@@ -75,12 +75,18 @@ def set_text(driver, elem_id: str, text: str) -> None:
 
 
 def open_tab(driver, label: str) -> None:
-    tab = next(b for b in css(driver, "button[role=tab]") if b.text.strip() == label)
-    tab.click()
+    tabs = wait_for(driver, lambda d: [b for b in css(d, "button[role=tab]") if b.text.strip() == label], 60, f"the tab {label!r}")
+    tabs[0].click()
 
 
 def status(driver) -> str:
     return css(driver, "#status textarea")[0].get_attribute("value")
+
+
+def curve_drawn(driver) -> bool:
+    """The loss plot's SVG holds a line with at least one segment."""
+    paths = css(driver, "#loss-plot .mark-line path")
+    return any("L" in (p.get_attribute("d") or "") for p in paths)
 
 
 def set_up_and_start(driver, url: str, images_dir: Path, steps: int) -> None:
@@ -126,7 +132,8 @@ def test_train_a_lora_from_the_browser(tmp_path, served, browser):
     assert len(list((workspace.root / "images").glob("*.png"))) == 15
 
     # The loss curve and a preview appear while it trains (or by the time it finishes).
-    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 300, "the loss curve")
+    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 300, "the loss plot")
+    wait_for(browser, curve_drawn, 300, "the loss curve to be drawn")
     wait_for(browser, lambda d: css(d, "#previews img"), 300, "a preview image")
     wait_for(browser, lambda d: status(d).startswith("finished"), 600, "training to finish")
     assert workspace.losses() and [r for r in workspace.losses() if r["series"] == "train"][-1]["step"] == 6
@@ -168,7 +175,7 @@ def test_closing_the_page_leaves_training_running_and_a_new_page_reconnects(tmp_
     browser.get(url)
     open_tab(browser, "3. Train")
     wait_for(browser, lambda d: status(d).startswith(f"training (pid {pid})"), 60, "the running job")
-    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 60, "the loss curve")
+    wait_for(browser, curve_drawn, 60, "the loss curve")
     wait_for(browser, lambda d: max(r["step"] for r in workspace.losses()) > steps_before, 300, "training to go on")
 
     css(browser, "#stop")[0].click()
