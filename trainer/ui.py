@@ -357,10 +357,32 @@ def build_app(workspace: Workspace, device: str | None = None):
             raise gr.Error(str(err)) from err
         return workspace.status()
 
-    def refresh():
-        losses = workspace.losses()
-        frame = pd.DataFrame(losses or [], columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64", "series": "str"})
-        return workspace.status(), frame, workspace.previews(), workspace.adapters() or None, workspace.log_tail()
+    def refresh(seen):
+        """Status and log every tick; the plot, gallery and files only when they changed
+        (re-sending them would redraw them every second)."""
+        losses, previews, adapters = workspace.losses(), workspace.previews(), workspace.adapters()
+        train = [r for r in losses if r["series"] == "train"]
+        evals = [r for r in losses if r["series"] == "held-out"]
+        now = {"train": len(train), "heldout": len(evals), "previews": previews, "adapters": adapters, "run": str(workspace.run_dir())}
+        seen = seen or {}
+
+        def frame(rows):
+            return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+
+        def changed(key, value):
+            if key in ("train", "heldout") and not now[key]:
+                return gr.skip()
+            return value if seen.get(key) != now[key] or seen.get("run") != now["run"] else gr.skip()
+
+        return (
+            workspace.status(),
+            changed("train", frame(train)),
+            changed("heldout", frame(evals)),
+            changed("previews", previews),
+            changed("adapters", adapters or None),
+            workspace.log_tail(),
+            now,
+        )
 
     with gr.Blocks(title="imagemill: train a LoRA") as app:
         gr.Markdown("## Train a LoRA\nThe same training as `trainer lora`; it keeps running if you close this page.")
@@ -391,7 +413,10 @@ def build_app(workspace: Workspace, device: str | None = None):
                 stop_button = gr.Button("Stop", elem_id="stop")
                 resume_button = gr.Button("Resume", elem_id="resume")
             status = gr.Textbox(label="Status", elem_id="status")
-            loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=260)
+            with gr.Row():
+                # One series per plot: Gradio's LinePlot loses series added by later updates.
+                loss = gr.LinePlot(x="step", y="loss", label="Training loss", elem_id="loss-plot", height=240)
+                heldout = gr.LinePlot(x="step", y="loss", label="Held-out loss", elem_id="heldout-plot", height=240)
             gallery = gr.Gallery(label="Previews (newest first)", columns=4, elem_id="previews")
             adapters = gr.File(label="Adapter (diffusers, ComfyUI)", file_count="multiple", interactive=False, elem_id="adapters")
             log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log")
@@ -404,9 +429,11 @@ def build_app(workspace: Workspace, device: str | None = None):
         start_button.click(start, [folder, trigger, rank, steps, lr, overrides, comfyui], [status])
         stop_button.click(stop, [], [status])
         resume_button.click(resume, [], [status])
+        seen = gr.State({})
         timer = gr.Timer(1.0)
-        timer.tick(refresh, [], [status, loss, gallery, adapters, log])
-        app.load(refresh, [], [status, loss, gallery, adapters, log])
+        outputs = [status, loss, heldout, gallery, adapters, log, seen]
+        timer.tick(refresh, [seen], outputs)
+        app.load(refresh, [gr.State({})], outputs)
         app.load(table, [folder], [captions, image_name])
     return app
 

@@ -59,9 +59,12 @@ def browser(tmp_path):
 
 
 def wait_for(driver, predicate, timeout: float = 120, what: str = "condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: predicate(d), message=f"timed out waiting for {what}")
+    # Gradio re-renders components as they update: an element found may be replaced before it is read.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: predicate(d), message=f"timed out waiting for {what}")
 
 
 def css(driver, selector: str):
@@ -84,9 +87,13 @@ def status(driver) -> str:
 
 
 def curve_drawn(driver) -> bool:
-    """The loss plot's SVG holds a line with at least one segment."""
+    """The loss plot's SVG holds a visible line with at least one segment."""
     paths = css(driver, "#loss-plot .mark-line path")
-    return any("L" in (p.get_attribute("d") or "") for p in paths)
+    return any(
+        "L" in (p.get_attribute("d") or "") and (p.get_attribute("stroke") or "none") not in ("none", "transparent")
+        and p.get_attribute("stroke-opacity") not in ("0",)
+        for p in paths
+    )
 
 
 def set_up_and_start(driver, url: str, images_dir: Path, steps: int) -> None:
@@ -137,6 +144,8 @@ def test_train_a_lora_from_the_browser(tmp_path, served, browser):
     wait_for(browser, lambda d: css(d, "#previews img"), 300, "a preview image")
     wait_for(browser, lambda d: status(d).startswith("finished"), 600, "training to finish")
     assert workspace.losses() and [r for r in workspace.losses() if r["series"] == "train"][-1]["step"] == 6
+    wait_for(browser, curve_drawn, 60, "the final loss curve")
+    time.sleep(2)  # let the last redraw settle before the screenshot
     screenshot(browser, "lora_ui", tmp_path)
 
     # Download the diffusers adapter through the page and load it.
