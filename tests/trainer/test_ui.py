@@ -214,3 +214,19 @@ def test_binding_elsewhere_warns(tmp_path, capsys, monkeypatch):
     assert args.host == "127.0.0.1"
     assert ui.cmd_ui(args) == 0
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_page_settings_become_trainer_lora_flags(tmp_path):
+    """What Start runs is `trainer lora` with the page's settings, parsed by its own parser."""
+    import argparse
+
+    from trainer.lora import add_lora_arguments, config_from_args
+
+    workspace = Workspace(tmp_path / "work", str(tmp_path / "base"))
+    args = workspace._lora_args(None, tmp_path / "run", "zxq", 4.0, 6.0, 0.003, ["holdout.patience=5", ""], True, "models/llava")
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    config = config_from_args(parser.parse_args(args))
+    assert (config.trigger, config.adapter.rank, config.optim.steps, config.optim.lr) == ("zxq", 4, 6, 0.003)
+    assert config.output.comfyui and config.holdout.patience == 5 and config.data.recaption.model == "models/llava"
+    assert args[args.index("--images") + 1] == str(tmp_path / "work" / "images")
