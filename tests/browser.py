@@ -56,5 +56,11 @@ def screenshot(driver, name: str, tmp_path: Path) -> Path:
     folder = Path(os.environ.get("IMAGEMILL_SCREENSHOTS") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    assert driver.save_screenshot(str(path)), f"could not save {path}"
+    import io
+
+    from PIL import Image
+
+    # 128 colours keep the committed screenshots small; text and charts stay legible.
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     return path

@@ -11,7 +11,8 @@ What it does, all under the work folder DIR (default `./lora-ui`):
 
 - images: upload files into `DIR/images/`, or point it at an existing folder; captions
   are the `IMAGE.txt` files `trainer lora` reads, listed in a table and edited one at a
-  time (pick the image, change the text, save);
+  time (pick the image, change the text, save); images without one can be captioned by
+  the recaption model (`--recaption-model`) when one is named;
 - pre-flight: `trainer.lora_data.prepare_dataset` on the folder, shown with
   `trainer.lora_report.format_data_report`: exactly what `trainer lora` prints before
   training (counts, buckets, what is set aside and why);
@@ -112,14 +113,14 @@ class Workspace:
 
     # -- pre-flight
 
-    def preflight(self, folder: str | None, trigger: str | None, overrides: list[str]) -> str:
+    def preflight(self, folder: str | None, trigger: str | None, overrides: list[str], recaption_model: str | None = None) -> str:
         """What `trainer lora` prints about the folder before training (its own functions)."""
         from trainer.export import export_dir, load_exported_pipeline
         from trainer.lora import add_lora_arguments, config_from_args
         from trainer.lora_data import load_recaptioner, prepare_dataset
         from trainer.lora_report import format_data_report
 
-        args = self._lora_args(folder, self.root / "runs" / "preflight", trigger, None, None, None, overrides)
+        args = self._lora_args(folder, self.root / "runs" / "preflight", trigger, None, None, None, overrides, recaption_model=recaption_model)
         parser = argparse.ArgumentParser()
         add_lora_arguments(parser)
         config = config_from_args(parser.parse_args(args))
@@ -135,13 +136,15 @@ class Workspace:
 
     # -- the training job
 
-    def _lora_args(self, folder, output, trigger, rank, steps, lr, overrides, comfyui=False) -> list[str]:
+    def _lora_args(self, folder, output, trigger, rank, steps, lr, overrides, comfyui=False, recaption_model=None) -> list[str]:
         args = ["--images", str(self.images_dir(folder)), "--base", str(self.base), "--output", str(output)]
         for flag, value in (("--trigger", trigger), ("--rank", rank), ("--steps", steps), ("--lr", lr)):
             if value not in (None, ""):
                 args += [flag, str(int(value) if flag in ("--rank", "--steps") else value)]
         if comfyui:
             args.append("--comfyui")
+        if recaption_model:
+            args += ["--recaption-model", recaption_model]
         for line in overrides:
             if line.strip():
                 args += ["--set", line.strip()]
@@ -175,7 +178,10 @@ class Workspace:
             return False
         return True
 
-    def start(self, folder, trigger, rank, steps, lr, overrides: list[str], comfyui: bool = False, resume: bool = False, device: str | None = None) -> dict:
+    def start(
+        self, folder, trigger, rank, steps, lr, overrides: list[str], comfyui: bool = False, resume: bool = False,
+        device: str | None = None, recaption_model: str | None = None,
+    ) -> dict:  # fmt: skip
         if self.running():
             raise RuntimeError("a training job is already running; stop it first")
         previous = self.job()
@@ -189,7 +195,7 @@ class Workspace:
         else:
             runs = sorted(self.root.glob("runs/run-*"))
             run_dir = self.root / "runs" / f"run-{len(runs) + 1:03d}"
-            command = [sys.executable, "-m", "trainer", "lora", *self._lora_args(folder, run_dir, trigger, rank, steps, lr, overrides, comfyui)]
+            command = [sys.executable, "-m", "trainer", "lora", *self._lora_args(folder, run_dir, trigger, rank, steps, lr, overrides, comfyui, recaption_model)]
             if device:
                 command += ["--device", device]
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -333,15 +339,18 @@ def build_app(workspace: Workspace, device: str | None = None):
         frame, _ = table(folder)
         return frame, f"saved {Path(name).with_suffix('.txt').name}"
 
-    def preflight(folder, trigger, overrides):
+    def preflight(folder, trigger, overrides, recaption_model):
         try:
-            return workspace.preflight(folder or None, trigger or None, overrides.splitlines())
+            return workspace.preflight(folder or None, trigger or None, overrides.splitlines(), recaption_model or None)
         except Exception as err:  # shown in the page, not as a traceback
             raise gr.Error(f"pre-flight failed: {err}") from err
 
-    def start(folder, trigger, rank, steps, lr, overrides, comfyui):
+    def start(folder, trigger, rank, steps, lr, overrides, comfyui, recaption_model):
         try:
-            workspace.start(folder or None, trigger or None, rank, steps, lr, overrides.splitlines(), comfyui=comfyui, device=device)
+            workspace.start(
+                folder or None, trigger or None, rank, steps, lr, overrides.splitlines(), comfyui=comfyui, device=device,
+                recaption_model=recaption_model or None,
+            )  # fmt: skip
         except (RuntimeError, OSError) as err:
             raise gr.Error(str(err)) from err
         return workspace.status()
@@ -357,10 +366,32 @@ def build_app(workspace: Workspace, device: str | None = None):
             raise gr.Error(str(err)) from err
         return workspace.status()
 
-    def refresh():
-        losses = workspace.losses()
-        frame = pd.DataFrame(losses or [], columns=["step", "loss", "series"])
-        return workspace.status(), frame, workspace.previews(), workspace.adapters() or None, workspace.log_tail()
+    def refresh(seen):
+        """Status and log every tick; the plot, gallery and files only when they changed
+        (re-sending them would redraw them every second)."""
+        losses, previews, adapters = workspace.losses(), workspace.previews(), workspace.adapters()
+        train = [r for r in losses if r["series"] == "train"]
+        evals = [r for r in losses if r["series"] == "held-out"]
+        now = {"train": len(train), "heldout": len(evals), "previews": previews, "adapters": adapters, "run": str(workspace.run_dir())}
+        seen = seen or {}
+
+        def frame(rows):
+            return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+
+        def changed(key, value):
+            if key in ("train", "heldout") and not now[key]:
+                return gr.skip()
+            return value if seen.get(key) != now[key] or seen.get("run") != now["run"] else gr.skip()
+
+        return (
+            workspace.status(),
+            changed("train", frame(train)),
+            changed("heldout", frame(evals)),
+            changed("previews", previews),
+            changed("adapters", adapters or None),
+            workspace.log_tail(),
+            now,
+        )
 
     with gr.Blocks(title="imagemill: train a LoRA") as app:
         gr.Markdown("## Train a LoRA\nThe same training as `trainer lora`; it keeps running if you close this page.")
@@ -382,6 +413,10 @@ def build_app(workspace: Workspace, device: str | None = None):
                 steps = gr.Number(label="Steps", value=1000, precision=0, elem_id="steps")
                 lr = gr.Number(label="Learning rate", value=1e-4, elem_id="lr")
             comfyui = gr.Checkbox(label="Also write a ComfyUI file", value=True, elem_id="comfyui")
+            recaption_model = gr.Textbox(
+                label="Recaption model (optional): captions images that have no caption with this VLM, as `trainer lora --recaption-model`",
+                elem_id="recaption-model",
+            )
             overrides = gr.Textbox(label="Advanced: `--set KEY=VALUE` overrides, one per line", lines=3, elem_id="overrides")
             preflight_button = gr.Button("Pre-flight check", elem_id="preflight")
             report = gr.Textbox(label="Pre-flight report (what trainer lora will train on)", lines=14, elem_id="preflight-report")
@@ -391,7 +426,10 @@ def build_app(workspace: Workspace, device: str | None = None):
                 stop_button = gr.Button("Stop", elem_id="stop")
                 resume_button = gr.Button("Resume", elem_id="resume")
             status = gr.Textbox(label="Status", elem_id="status")
-            loss = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=260)
+            with gr.Row():
+                # One series per plot: Gradio's LinePlot loses series added by later updates.
+                loss = gr.LinePlot(x="step", y="loss", label="Training loss", elem_id="loss-plot", height=240)
+                heldout = gr.LinePlot(x="step", y="loss", label="Held-out loss", elem_id="heldout-plot", height=240)
             gallery = gr.Gallery(label="Previews (newest first)", columns=4, elem_id="previews")
             adapters = gr.File(label="Adapter (diffusers, ComfyUI)", file_count="multiple", interactive=False, elem_id="adapters")
             log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="log")
@@ -400,13 +438,15 @@ def build_app(workspace: Workspace, device: str | None = None):
         reload_button.click(table, [folder], [captions, image_name])
         image_name.change(pick, [image_name, folder], [caption_text])
         save_button.click(save, [image_name, caption_text, folder], [captions, saved])
-        preflight_button.click(preflight, [folder, trigger, overrides], [report])
-        start_button.click(start, [folder, trigger, rank, steps, lr, overrides, comfyui], [status])
+        preflight_button.click(preflight, [folder, trigger, overrides, recaption_model], [report])
+        start_button.click(start, [folder, trigger, rank, steps, lr, overrides, comfyui, recaption_model], [status])
         stop_button.click(stop, [], [status])
         resume_button.click(resume, [], [status])
+        seen = gr.State({})
         timer = gr.Timer(1.0)
-        timer.tick(refresh, [], [status, loss, gallery, adapters, log])
-        app.load(refresh, [], [status, loss, gallery, adapters, log])
+        outputs = [status, loss, heldout, gallery, adapters, log, seen]
+        timer.tick(refresh, [seen], outputs)
+        app.load(refresh, [gr.State({})], outputs)
         app.load(table, [folder], [captions, image_name])
     return app
 
@@ -441,6 +481,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "and download adapters; there is no authentication. Use 127.0.0.1 and an SSH tunnel instead.",
             file=sys.stderr,
         )
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("trainer ui: error: the UI needs Gradio: pip install 'imagemill[ui]'", file=sys.stderr)
+        return 2
     base = Path(args.base)
     if not base.exists():
         print(f"trainer ui: error: --base {args.base}: no such folder", file=sys.stderr)

@@ -59,9 +59,12 @@ def browser(tmp_path):
 
 
 def wait_for(driver, predicate, timeout: float = 120, what: str = "condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: predicate(d), message=f"timed out waiting for {what}")
+    # Gradio re-renders components as they update: an element found may be replaced before it is read.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: predicate(d), message=f"timed out waiting for {what}")
 
 
 def css(driver, selector: str):
@@ -75,12 +78,22 @@ def set_text(driver, elem_id: str, text: str) -> None:
 
 
 def open_tab(driver, label: str) -> None:
-    tab = next(b for b in css(driver, "button[role=tab]") if b.text.strip() == label)
-    tab.click()
+    tabs = wait_for(driver, lambda d: [b for b in css(d, "button[role=tab]") if b.text.strip() == label], 60, f"the tab {label!r}")
+    tabs[0].click()
 
 
 def status(driver) -> str:
     return css(driver, "#status textarea")[0].get_attribute("value")
+
+
+def curve_drawn(driver) -> bool:
+    """The loss plot's SVG holds a visible line with at least one segment."""
+    paths = css(driver, "#loss-plot .mark-line path")
+    return any(
+        "L" in (p.get_attribute("d") or "") and (p.get_attribute("stroke") or "none") not in ("none", "transparent")
+        and p.get_attribute("stroke-opacity") not in ("0",)
+        for p in paths
+    )
 
 
 def set_up_and_start(driver, url: str, images_dir: Path, steps: int) -> None:
@@ -126,10 +139,13 @@ def test_train_a_lora_from_the_browser(tmp_path, served, browser):
     assert len(list((workspace.root / "images").glob("*.png"))) == 15
 
     # The loss curve and a preview appear while it trains (or by the time it finishes).
-    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 300, "the loss curve")
+    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 300, "the loss plot")
+    wait_for(browser, curve_drawn, 300, "the loss curve to be drawn")
     wait_for(browser, lambda d: css(d, "#previews img"), 300, "a preview image")
     wait_for(browser, lambda d: status(d).startswith("finished"), 600, "training to finish")
     assert workspace.losses() and [r for r in workspace.losses() if r["series"] == "train"][-1]["step"] == 6
+    wait_for(browser, curve_drawn, 60, "the final loss curve")
+    time.sleep(2)  # let the last redraw settle before the screenshot
     screenshot(browser, "lora_ui", tmp_path)
 
     # Download the diffusers adapter through the page and load it.
@@ -168,7 +184,7 @@ def test_closing_the_page_leaves_training_running_and_a_new_page_reconnects(tmp_
     browser.get(url)
     open_tab(browser, "3. Train")
     wait_for(browser, lambda d: status(d).startswith(f"training (pid {pid})"), 60, "the running job")
-    wait_for(browser, lambda d: css(d, "#loss-plot canvas, #loss-plot svg"), 60, "the loss curve")
+    wait_for(browser, curve_drawn, 60, "the loss curve")
     wait_for(browser, lambda d: max(r["step"] for r in workspace.losses()) > steps_before, 300, "training to go on")
 
     css(browser, "#stop")[0].click()
@@ -198,3 +214,19 @@ def test_binding_elsewhere_warns(tmp_path, capsys, monkeypatch):
     assert args.host == "127.0.0.1"
     assert ui.cmd_ui(args) == 0
     assert "WARNING" not in capsys.readouterr().err
+
+
+def test_page_settings_become_trainer_lora_flags(tmp_path):
+    """What Start runs is `trainer lora` with the page's settings, parsed by its own parser."""
+    import argparse
+
+    from trainer.lora import add_lora_arguments, config_from_args
+
+    workspace = Workspace(tmp_path / "work", str(tmp_path / "base"))
+    args = workspace._lora_args(None, tmp_path / "run", "zxq", 4.0, 6.0, 0.003, ["holdout.patience=5", ""], True, "models/llava")
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    config = config_from_args(parser.parse_args(args))
+    assert (config.trigger, config.adapter.rank, config.optim.steps, config.optim.lr) == ("zxq", 4, 6, 0.003)
+    assert config.output.comfyui and config.holdout.patience == 5 and config.data.recaption.model == "models/llava"
+    assert args[args.index("--images") + 1] == str(tmp_path / "work" / "images")
