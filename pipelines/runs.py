@@ -48,6 +48,7 @@ OWNED_NAMES = (
     "shards",
     "unselected",
     "embeddings",
+    "semantic",
     "_staging",
 )
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import struct
@@ -56,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.records import SampleRecord, ShardManifest
 from schemas.trainer import LatentCacheManifest
+from stages.core.decode import decode_rgb
 from stages.core.tario import (
     OpenFiles,
     RangeReader,
@@ -155,17 +155,17 @@ def read_member(handle, offset: int, size: int) -> bytes:
 
 
 def load_rgb(data: bytes, resolution: int) -> np.ndarray:
-    """Decode, resize the shorter side to `resolution` (bicubic) and center-crop: (R, R, 3) uint8."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        scale = resolution / min(width, height)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left = (size[0] - resolution) // 2
-        top = (size[1] - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
+    """Decode (the stages' one decoder), resize the shorter side to `resolution`
+    (bicubic) and center-crop: (R, R, 3) uint8."""
+    image = decode_rgb(data)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left = (size[0] - resolution) // 2
+    top = (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
 
 
 def captions_of(sample: TarSample, read: Callable[[str], bytes], where: str) -> tuple[str, str | None]:
