@@ -253,7 +253,7 @@ def run_extract(argv: list[str], test_pipeline=None) -> int:
 def run_extract_curate(argv: list[str], test_pipeline=None) -> int:
     """extract and curate in one pipeline: no intermediate pairs folder."""
     args, beam_argv = _parser("beam run extract-curate", curate=True).parse_known_args(argv)
-    from pipelines.cli import print_funnel
+    from pipelines.funnel import print_funnel
     from pipelines.curate import build_curate
     from pipelines.curate import load_config as load_curate_config
     from pipelines.runner import create_runner, make_pipeline_options

@@ -204,7 +204,7 @@ class ModelStages(beam.PTransform):
                 eval_items(config.dedup),
                 scoring.clip,
                 scoring,
-                clip_score.preprocess_config(scoring.clip),
+                preprocess_config(scoring.clip),
             )
         emit = config.embeddings.enabled or self.semantic is not None or self.decontaminate is not None
         self.score = (

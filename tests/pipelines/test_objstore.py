@@ -37,7 +37,7 @@ from tests.objstore import environment, object_store
 from tests.portable import portable_runner
 
 SAMPLES_PER_SHARD = 3
-FINAL_TOP = {"config.json", "index.parquet", "rejects.parquet", "report.json"}
+FINAL_TOP = {"config.json", "index.parquet", "rejects.parquet", "report.json", "run.json", "report.html", "report_files/samples.json"}
 
 
 @pytest.fixture(scope="module")
