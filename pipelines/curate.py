@@ -19,7 +19,6 @@ import argparse
 import logging
 
 import apache_beam as beam
-import yaml
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs, runs
@@ -50,17 +49,7 @@ class ConfigError(ValueError):
 def load_config(path: str | None, overrides: dict | None = None) -> CurateConfig:
     """Read a YAML config (every key optional) and apply CLI overrides
     (dotted keys, e.g. {"crawl.allow_private_network": True})."""
-    data: dict = {}
-    if path:
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                data = yaml.safe_load(f.read().decode("utf-8")) or {}
-        except (OSError, beam.io.filesystem.BeamIOError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = runs.read_yaml_mapping(path, ConfigError) if path else {}
     try:
         for dotted, value in (overrides or {}).items():
             set_dotted(data, dotted, value)
@@ -189,10 +178,9 @@ def _curate_parser() -> argparse.ArgumentParser:
 def run_curate(argv: list[str], test_pipeline=None) -> int:
     """`beam run curate ...` (after `--print-config`/`--help-beam`, which the CLI
     answers itself); returns the exit status (see `pipelines/runs.py`)."""
-    args, beam_argv = _curate_parser().parse_known_args(argv)
-    if args.verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
-    return runs.guarded("beam run curate", args.verbose, lambda: _run_curate(args, beam_argv, test_pipeline))
+    return runs.run_main(
+        "beam run curate", _curate_parser(), argv, lambda args, beam_argv: _run_curate(args, beam_argv, test_pipeline)
+    )
 
 
 def _run_curate(args, beam_argv: list[str], test_pipeline) -> int:

@@ -19,11 +19,10 @@ import logging
 import sys
 
 import apache_beam as beam
-import yaml
 from apache_beam.io.filesystems import FileSystems
 from pydantic import BaseModel, ValidationError
 
-from pipelines import outputs
+from pipelines import outputs, runs
 from schemas import Provenance, SampleRecord
 from schemas.extract import DEDUP_REASONS, IMAGE_REASONS, PAGE_REASONS, ExtractConfig, ExtractRejection, ExtractReport, ImagePair
 from stages.extract import DedupPairs, ReadSources
@@ -46,17 +45,7 @@ class AccountingError(RuntimeError):
 
 def load_config(path: str | None) -> ExtractConfig:
     """Read a YAML extract config (every key optional)."""
-    data: dict = {}
-    if path:
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                data = yaml.safe_load(f.read().decode("utf-8")) or {}
-        except (OSError, beam.io.filesystem.BeamIOError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = runs.read_yaml_mapping(path, ConfigError) if path else {}
     try:
         return ExtractConfig.model_validate(data)
     except ValidationError as err:
@@ -217,6 +206,7 @@ def _parser(prog: str, curate: bool) -> argparse.ArgumentParser:
         parser.add_argument("--allow-private-network", action="store_true", help="As for `beam run curate`.")
     else:
         parser.add_argument("--config", help="YAML config; every key optional (see --print-config).")
+    runs.add_run_arguments(parser)
     return parser
 
 
@@ -228,42 +218,63 @@ def _print_config() -> int:
 
 
 def run_extract(argv: list[str], test_pipeline=None) -> int:
+    """`beam run extract ...`; returns the exit status (see `pipelines/runs.py`)."""
     if "--print-config" in argv:
         return _print_config()
-    args, beam_argv = _parser("beam run extract", curate=False).parse_known_args(argv)
+    return runs.run_main(
+        "beam run extract", _parser("beam run extract", curate=False), argv,
+        lambda args, beam_argv: _run_extract(args, beam_argv, test_pipeline),
+    )  # fmt: skip
+
+
+def _run_extract(args, beam_argv: list[str], test_pipeline) -> int:
+    from pipelines.progress import run_with_progress
     from pipelines.runner import create_runner, make_pipeline_options
 
+    runs.check_options("beam run extract", beam_argv)
     try:
-        config = load_config(args.config)
         options = make_pipeline_options(beam_argv)
+        FileSystems.set_options(options)  # the config may live on gs:// or s3://
+        config = load_config(args.config)
         p = test_pipeline or beam.Pipeline(runner=create_runner(options), options=options)
         build_extract(p, args.input, args.output, config)
-        write_config(args.output, {"extract": config.model_dump(mode="json"), "input": args.input, "beam_args": beam_argv})
     except ValueError as err:
         LOG.debug("pipeline construction failed", exc_info=True)
-        print(f"beam run extract: error: {err}", file=sys.stderr)
-        return 2
-    p.run().wait_until_finish()
+        raise runs.RunRefused(str(err)) from err
+    runs.claim_output(args.output, overwrite=args.overwrite, command="extract", details={"input": args.input})
+    write_config(args.output, {"extract": config.model_dump(mode="json"), "input": args.input, "beam_args": beam_argv})
+    # The progress line follows curate's counters; extract's own are in its report.
+    run_with_progress(p, "extract", enabled=False)
     report = read_report(args.output)
+    runs.finish_run(args.output, "finished")
     print_report(report)
     print(f"pairs: {args.output.rstrip('/')}/{PAIRS_PREFIX}-*.parquet  (beam run curate --input '{args.output.rstrip('/')}/*.parquet')")
-    return 0 if report.accounting_ok else 1
+    return runs.EXIT_OK if report.accounting_ok else runs.EXIT_ACCOUNTING
 
 
 def run_extract_curate(argv: list[str], test_pipeline=None) -> int:
     """extract and curate in one pipeline: no intermediate pairs folder."""
-    args, beam_argv = _parser("beam run extract-curate", curate=True).parse_known_args(argv)
-    from pipelines.funnel import print_funnel
+    return runs.run_main(
+        "beam run extract-curate", _parser("beam run extract-curate", curate=True), argv,
+        lambda args, beam_argv: _run_extract_curate(args, beam_argv, test_pipeline),
+    )  # fmt: skip
+
+
+def _run_extract_curate(args, beam_argv: list[str], test_pipeline) -> int:
     from pipelines.curate import build_curate
     from pipelines.curate import load_config as load_curate_config
+    from pipelines.funnel import print_funnel
+    from pipelines.progress import run_with_progress
     from pipelines.runner import create_runner, make_pipeline_options
 
+    runs.check_options("beam run extract-curate", beam_argv)
     extract_dir = FileSystems.join(args.output, "extract")
     overrides = {"crawl.allow_private_network": True} if args.allow_private_network else {}
     try:
+        options = make_pipeline_options(beam_argv)
+        FileSystems.set_options(options)  # the configs may live on gs:// or s3://
         extract_config = load_config(args.extract_config)
         curate_config = load_curate_config(args.config, overrides)
-        options = make_pipeline_options(beam_argv)
         run_config = outputs.resolved_config(
             curate_config, {"extract": extract_config.model_dump(mode="json"), "input": args.input, "beam_args": beam_argv}
         )
@@ -272,14 +283,17 @@ def run_extract_curate(argv: list[str], test_pipeline=None) -> int:
         records = pairs | "ToCurateRecords" >> beam.Map(to_sample_record)
         no_read_rejects = p | "NoReadRejects" >> beam.Create([])
         build_curate(p, args.input, args.output, curate_config, run_config, source=(records, no_read_rejects))
-        outputs.write_config(args.output, run_config)
     except ValueError as err:
         LOG.debug("pipeline construction failed", exc_info=True)
-        print(f"beam run extract-curate: error: {err}", file=sys.stderr)
-        return 2
-    p.run().wait_until_finish()
+        raise runs.RunRefused(str(err)) from err
+    runs.claim_output(args.output, overwrite=args.overwrite, command="extract-curate", details={"input": args.input})
+    outputs.write_config(args.output, run_config)
+    run_with_progress(p, "extract-curate", enabled=args.progress_interval > 0, log_interval=args.progress_interval)
     extract_report = read_report(extract_dir)
     print_report(extract_report)
     report = outputs.read_report(args.output)
+    runs.finish_run(args.output, "finished")
     print_funnel(report)
-    return 0 if report.accounting_ok and extract_report.accounting_ok else 1
+    if not extract_report.accounting_ok:
+        return runs.EXIT_ACCOUNTING
+    return runs.exit_status(report, curate_config.max_error_rate)

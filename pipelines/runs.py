@@ -21,6 +21,7 @@ an imagemill output (no `run.json` or `config.json`) is never deleted from.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import sys
@@ -36,7 +37,8 @@ EXIT_INPUT_ERRORS = 3
 EXIT_FAILED = 4
 
 RUN_FILE = "run.json"
-# Everything a curate or select run writes at the top of its output folder.
+# Everything a curate, select or extract run writes at the top of its output
+# folder (fnmatch patterns).
 OWNED_NAMES = (
     RUN_FILE,
     "config.json",
@@ -50,6 +52,9 @@ OWNED_NAMES = (
     "embeddings",
     "semantic",
     "_staging",
+    "pairs-*.parquet",  # beam run extract
+    "rejects",  # beam run extract
+    "extract",  # beam run extract-curate
 )
 
 logger = logging.getLogger(__name__)
@@ -158,7 +163,11 @@ def claim_output(output_dir: str, *, overwrite: bool, command: str, details: dic
                 f"{output_dir} is not an imagemill output (no {RUN_FILE} or config.json); --overwrite only deletes "
                 "what an earlier run wrote, so choose an empty folder"
             )
-        owned = [FileSystems.join(output_dir, name) for name in names if name in OWNED_NAMES]
+        owned = [
+            FileSystems.join(output_dir, name)
+            for name in names
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_NAMES)
+        ]
         logger.warning("--overwrite: deleting %s", ", ".join(owned))
         try:
             FileSystems.delete(owned)
@@ -195,7 +204,35 @@ def finish_run(output_dir: str, status: str) -> None:
     write_run_file(output_dir, content)
 
 
+def read_yaml_mapping(path: str, error: type[Exception]) -> dict:
+    """A YAML config file (any Beam FileSystems path) as a mapping; `error`
+    (a ValueError subclass) names the file and what is wrong with it."""
+    import apache_beam as beam
+    import yaml
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            data = yaml.safe_load(f.read().decode("utf-8")) or {}
+    except (OSError, beam.io.filesystem.BeamIOError) as err:
+        raise error(f"{path}: cannot read config: {err}") from err
+    except yaml.YAMLError as err:
+        raise error(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return data
+
+
 # -- exit statuses and errors -------------------------------------------------------
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: list[str], body: Callable[..., int]) -> int:
+    """Parse `argv` (what the parser does not know goes to Beam), then run
+    `body(args, beam_argv)` under `guarded`."""
+    args, beam_argv = parser.parse_known_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return guarded(prog, args.verbose, lambda: body(args, beam_argv))
 
 
 def exit_status(report, max_error_rate: float) -> int:

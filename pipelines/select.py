@@ -312,10 +312,9 @@ def resolve_select_config(input_dir: str, args: argparse.Namespace) -> SelectCon
 
 def run_select(argv: list[str], test_pipeline=None) -> int:
     """`beam run select ...`; returns the exit status (see `pipelines/runs.py`)."""
-    args, beam_argv = _parser().parse_known_args(argv)
-    if args.verbose:
-        logging.getLogger().setLevel(logging.DEBUG)
-    return runs.guarded("beam run select", args.verbose, lambda: _run_select(args, beam_argv, test_pipeline))
+    return runs.run_main(
+        "beam run select", _parser(), argv, lambda args, beam_argv: _run_select(args, beam_argv, test_pipeline)
+    )
 
 
 def _run_select(args, beam_argv: list[str], test_pipeline) -> int:
