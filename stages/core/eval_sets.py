@@ -124,7 +124,16 @@ def read_item(item: EvalItem) -> bytes:
     row, column = item.where.split(":", 1)
     import pyarrow.parquet as pq
 
-    value = pq.read_table(item.path, columns=[column])[column][int(row)].as_py()
+    # Only the row group that holds the row: reading the whole image column per
+    # item would make a large parquet eval set quadratic.
+    parquet = pq.ParquetFile(item.path)
+    index = int(row)
+    for group in range(parquet.num_row_groups):
+        rows_in_group = parquet.metadata.row_group(group).num_rows
+        if index < rows_in_group:
+            break
+        index -= rows_in_group
+    value = parquet.read_row_group(group, columns=[column])[column][index].as_py()
     if isinstance(value, dict):
         value = value.get("bytes")
     if not isinstance(value, (bytes, bytearray)):
