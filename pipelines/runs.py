@@ -126,15 +126,14 @@ def check_options(prog: str, beam_argv: Sequence[str]) -> None:
 
 
 def _entries(output_dir: str) -> list[str]:
+    """Every file under `output_dir` (`**`: in subfolders too). No `exists()`
+    first: on GCS and S3 a prefix with objects under it does not "exist"."""
     from apache_beam.io.filesystems import FileSystems
 
-    if not FileSystems.exists(output_dir):
-        return []
     try:
-        # `**`: files in subfolders too (a bare `*` misses `shards/` on a local disk).
         matches = FileSystems.match([FileSystems.join(output_dir, "**")])
-    except Exception:  # noqa: BLE001 - some filesystems refuse a glob on an empty prefix
-        return []
+    except Exception as err:  # noqa: BLE001 - shown as one line; never taken for "empty"
+        raise RunRefused(f"{output_dir}: cannot list the output folder: {err}") from err
     return [m.path for r in matches for m in r.metadata_list]
 
 
@@ -163,12 +162,10 @@ def claim_output(output_dir: str, *, overwrite: bool, command: str, details: dic
                 f"{output_dir} is not an imagemill output (no {RUN_FILE} or config.json); --overwrite only deletes "
                 "what an earlier run wrote, so choose an empty folder"
             )
-        owned = [
-            FileSystems.join(output_dir, name)
-            for name in names
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_NAMES)
-        ]
-        logger.warning("--overwrite: deleting %s", ", ".join(owned))
+        owned_names = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_NAMES)]
+        # File by file: object stores have no folders to delete, only objects.
+        owned = [path for path in entries if _top_level_name(output_dir, path) in owned_names]
+        logger.warning("--overwrite: deleting %d files of an earlier run (%s)", len(owned), ", ".join(owned_names))
         try:
             FileSystems.delete(owned)
         except Exception as err:  # noqa: BLE001 - shown as one line

@@ -271,3 +271,27 @@ def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs,
                 manifest = f"{key[:-4]}.json"
                 if manifest in objects:
                     assert ShardManifest.model_validate_json(store.read(manifest)).tar_bytes == objects[key]
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_used_output_prefix_is_refused_and_overwrite_deletes_only_the_runs_objects(kind, servers):
+    """On GCS and S3 a "folder" is a prefix that never `exists()`: ownership must
+    see the objects under it, and --overwrite must delete them object by object."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import runs
+
+    store = servers[kind]
+    FileSystems.set_options(PipelineOptions(store.beam_args))
+    out = f"used-{kind}/out"
+    for name in ("config.json", "run.json", "shards/000000.tar", "shards/000099.tar", "notes/mine.txt"):
+        store.fs.pipe(f"data/{out}/{name}", b"x")
+
+    with pytest.raises(runs.RunRefused, match="not empty"):
+        runs.claim_output(store.url(out), overwrite=False, command="curate", details={})
+    assert set(store.objects(out)) == {f"{out}/{n}" for n in ("config.json", "run.json", "shards/000000.tar", "shards/000099.tar", "notes/mine.txt")}
+
+    runs.claim_output(store.url(out), overwrite=True, command="curate", details={})
+    assert set(store.objects(out)) == {f"{out}/notes/mine.txt", f"{out}/run.json"}
+    assert json.loads(store.read(f"{out}/run.json"))["status"] == "running"
