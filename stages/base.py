@@ -95,9 +95,8 @@ class FilterDoFn(beam.DoFn):
 
     def unexpected(self, element, err: Exception) -> Drop:
         """Count an unexpected exception on one row; raise if they are systematic."""
-        # DoFns restored from a pickle made by an older base skip __init__'s counters.
-        self._seen = getattr(self, "_seen", 0) + 1
-        self._errors = getattr(self, "_errors", 0) + 1
+        self._seen += 1
+        self._errors += 1
         record = element.record if isinstance(element, WithImage) else element
         logger.warning("%s: row %s raised %s: %s", self.stage.value, getattr(record, "key", "?"), type(err).__name__, err)
         if self._seen >= MIN_ROWS_FOR_ERROR_RATE and self._errors > self.max_error_rate * self._seen:

@@ -43,7 +43,8 @@ from apache_beam.metrics import Metrics
 from schemas import Provenance, RejectReason, SampleRecord, Stage
 from schemas.config import DedupConfig
 from stages.base import REJECTS, Drop, rejection
-from stages.core.eval_sets import EvalItem, EvalSetError, decode_rgb, list_items, nearest_hash, read_item
+from stages.core.decode import decode_rgb
+from stages.core.eval_sets import EvalItem, EvalSetError, list_items, nearest_hash, read_item
 from stages.core.hamming_search import band_layout, band_values
 from stages.core.phash import compute_phash, phash_to_int, phashes_to_array
 

@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stages.core.decode import decode_rgb  # noqa: F401 - the one decoder; stages/decontaminate.py reads it from here
 from stages.core.tario import index_tar, read_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")

@@ -155,7 +155,8 @@ def test_copies_of_eval_images_are_rejected_and_nothing_else(world, tmp_path):
     )
     # Precondition, from open_clip directly: exactly the planted copies are above the cosine threshold.
     items = eval_items(config.dedup)
-    from stages.core.eval_sets import decode_rgb, read_item
+    from stages.core.decode import decode_rgb
+    from stages.core.eval_sets import read_item
 
     eval_images = [decode_rgb(read_item(i)) for i in items]
     _, eval_emb, _ = reference_embeddings(clip, eval_images, ["x"] * len(items))
