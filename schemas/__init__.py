@@ -3,6 +3,7 @@
 from schemas.config import (
     CaptionConfig,
     CrawlConfig,
+    HostBudget,
     CurateConfig,
     DecodeConfig,
     DedupConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CaptionConfig",
     "CrawlConfig",
+    "HostBudget",
     "CurateConfig",
     "DecodeConfig",
     "DedupConfig",

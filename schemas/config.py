@@ -59,6 +59,14 @@ class CaptionConfig(_StageConfig):
     )
 
 
+class HostBudget(_StageConfig):
+    """A per-host budget for hosts matching `pattern` (fnmatch on the host name, e.g. `*.cdn.example.com`)."""
+
+    pattern: str
+    max_per_host: int | None = Field(None, ge=1, description="Concurrent connections; None keeps the default.")
+    max_host_rate: float | None = Field(None, gt=0, description="Requests per second; None keeps the default.")
+
+
 class CrawlConfig(_StageConfig):
     """Fetching, as img2dataset does it, plus the address checks it lacks."""
 
@@ -71,7 +79,59 @@ class CrawlConfig(_StageConfig):
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0, description="Larger bodies are rejected as `too_large`.")
     max_redirects: int = Field(5, ge=0)
     threads: int = Field(32, ge=1, description="Concurrent fetches per worker process.")
-    max_per_host: int = Field(8, ge=1, description="Concurrent fetches per host per worker process.")
+    max_per_host: int = Field(
+        8,
+        ge=1,
+        description="Concurrent connections to one host across the whole job (all workers together); "
+        "per-pattern values in `host_budgets`.",
+    )
+    max_host_rate: float = Field(
+        10.0,
+        gt=0,
+        description="Requests per second to one host across the whole job (robots.txt included); per-pattern "
+        "values in `host_budgets`. 10/s with 8 connections is polite to a small site and costs a CDN nothing.",
+    )
+    host_budgets: list[HostBudget] = Field(
+        default_factory=list,
+        description="Per-host-pattern budgets (first match wins), e.g. a partner CDN that allows more.",
+    )
+    host_down_after: int = Field(
+        5,
+        ge=1,
+        description="Consecutive connection failures (refused, DNS, timeout) after which a host is declared down "
+        "and its remaining rows are rejected as `host_unreachable` without a request.",
+    )
+    max_retry_after_s: float = Field(
+        300.0,
+        ge=0,
+        description="Longest `Retry-After` (429/503) honoured; a host asking for longer is declared down.",
+    )
+    hot_host_rows: int = Field(
+        2000,
+        ge=1,
+        description="A host with more rows than this is split over sub-keys (at most `max_per_host`) that "
+        "share its budget, so one big host is crawled by several workers at once.",
+    )
+    host_groups: int = Field(
+        256,
+        ge=1,
+        description="Small hosts are hashed into this many crawl keys (each crawled by one worker at a time); "
+        "more keys spread a run over more workers.",
+    )
+    dns_cache_ttl_s: float = Field(300.0, ge=0, description="Upper bound on how long a DNS answer is reused.")
+    robots_txt: bool = Field(True, description="Fetch robots.txt once per host and honour it (RFC 9309).")
+    robots_user_agents: list[str] = Field(
+        default_factory=lambda: [
+            "GPTBot", "CCBot", "Google-Extended", "anthropic-ai", "ClaudeBot", "Applebot-Extended",
+            "Bytespider", "cohere-ai", "PerplexityBot", "Meta-ExternalAgent", "Diffbot", "omgili",
+        ],
+        description="AI-crawler tokens whose robots.txt rules are honoured besides `user_agent_token` (a "
+        "disallow for any of them rejects the row); empty to honour only our own token and `*`.",
+    )
+    max_robots_bytes: int = Field(512 * 1024, gt=0, description="robots.txt is read up to this size (RFC 9309: at least 500 KiB).")
+    tdmrep: bool = Field(
+        True, description="Honour W3C TDMRep: the `tdm-reservation: 1` header and `/.well-known/tdmrep.json`."
+    )
     batch_size: int = Field(64, ge=1, description="Rows fetched together in one DoFn call.")
     allow_private_network: bool = Field(
         False,

@@ -61,6 +61,9 @@ class RejectReason(str, enum.Enum):
     TOO_LARGE = "too_large"
     OPT_OUT = "opt_out"
     TOO_MANY_REDIRECTS = "too_many_redirects"
+    HOST_UNREACHABLE = "host_unreachable"
+    ROBOTS_DISALLOWED = "robots_disallowed"
+    TDM_RESERVED = "tdm_reserved"
     # decode and resolution
     EMPTY_BODY = "empty_body"
     NOT_AN_IMAGE = "not_an_image"
