@@ -95,11 +95,36 @@ def to_row(item: BaseModel) -> dict:
     return row
 
 
-def write_table(pcoll: beam.PCollection, output_dir: str, name: str, model: type[BaseModel], label: str):
-    """Write a PCollection of `model` instances as one parquet file `DIR/name`."""
+def from_row(row: dict, model: type[BaseModel]) -> BaseModel:
+    """The inverse of `to_row`: a flat parquet row back to a `model` instance."""
+    data: dict = {}
+    for column, parent, _ in _flat_fields(model):
+        if column not in row:
+            continue
+        if parent:
+            data.setdefault(parent, {})[column] = row[column]
+        else:
+            data[column] = row[column]
+    return model.model_validate(data)
+
+
+def read_table(p: beam.Pipeline, path: str, label: str, columns: list[str] | None = None) -> beam.PCollection:
+    """A parquet table as a PCollection of flat row dicts. Not checked while
+    the graph is built: the table may be written between then and the run."""
+    return p | label >> beam.io.ReadFromParquet(path, columns=columns, validate=False)
+
+
+def write_table(
+    pcoll: beam.PCollection, output_dir: str, name: str, model: type[BaseModel], label: str, base_rows=None
+):
+    """Write a PCollection of `model` instances as one parquet file `DIR/name`;
+    `base_rows` (flat row dicts, e.g. the dataset's earlier rows on `--append`)
+    are written with them."""
+    rows = pcoll | f"{label}/ToRows" >> beam.Map(to_row)
+    if base_rows is not None:
+        rows = (base_rows, rows) | f"{label}/WithBase" >> beam.Flatten()
     return (
-        pcoll
-        | f"{label}/ToRows" >> beam.Map(to_row)
+        rows
         | f"{label}/Write"
         >> beam.io.WriteToParquet(
             FileSystems.join(output_dir, name),
@@ -156,17 +181,24 @@ def write_outputs(
     manifests: beam.PCollection,
     rejects: beam.PCollection,
     input_errors: beam.PCollection | None = None,
+    base: str | None = None,
 ) -> beam.PCollection:
     """Write index.parquet, rejects.parquet and report.json.
 
     `input_rows` is a singleton PCollection with the number of input rows;
     `input_errors` holds an `InputFileError` per file that failed part-way.
+    `base`: on `--append`, the folder holding the dataset's tables before this
+    run; their rows are written with the new ones (the report counts this run's).
     Returns a PCollection that holds the `Report` once everything is written.
     """
     if input_errors is None:
         input_errors = rejects.pipeline | "NoInputErrors" >> beam.Create([])
-    index_done = write_table(kept, output_dir, INDEX, SampleRecord, "Index")
-    rejects_done = write_table(rejects, output_dir, REJECTS_TABLE, Rejection, "Rejects")
+    base_index = base_rejects = None
+    if base is not None:
+        base_index = read_table(kept.pipeline, FileSystems.join(base, INDEX), "BaseIndex")
+        base_rejects = read_table(kept.pipeline, FileSystems.join(base, REJECTS_TABLE), "BaseRejects")
+    index_done = write_table(kept, output_dir, INDEX, SampleRecord, "Index", base_index)
+    rejects_done = write_table(rejects, output_dir, REJECTS_TABLE, Rejection, "Rejects", base_rejects)
     kept_count = kept | "CountKept" >> beam.combiners.Count.Globally()
     shard_count = manifests | "CountShards" >> beam.combiners.Count.Globally()
     reject_counts = (

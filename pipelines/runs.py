@@ -10,12 +10,22 @@ Exit statuses of `beam run curate` and `beam run select`:
     4  the run failed (a worker error, or more unexpected row errors than
        `max_error_rate`); the output folder holds no complete dataset
 
-**An output folder belongs to one run.** A run writes `DIR/run.json` first
-(its id, command, input and start time) and marks it finished at the end. A
-run into a folder that already holds anything is refused unless
-`--overwrite` is given, which deletes what an earlier imagemill run wrote
-there (`OWNED_NAMES`, and only those) and nothing else; a folder that is not
-an imagemill output (no `run.json` or `config.json`) is never deleted from.
+**An output folder belongs to one dataset.** A run writes `DIR/run.json`
+first (its id, command, input and start time) and marks it finished at the
+end. A run into a folder that already holds anything is refused unless one of:
+
+- `--overwrite`: delete what an earlier imagemill run wrote there
+  (`OWNED_NAMES`, and only those) and start afresh; a folder that is not an
+  imagemill output (no `run.json` or `config.json`) is never deleted from;
+- `--resume` (curate): continue the killed or failed run in the folder. The
+  config and input must be the same (differences are named). Its committed
+  parts (`stages/units.py`) are kept and not fetched again; everything its
+  finalize steps wrote is deleted and written again from all committed rows;
+- `--append` (curate): add new URL lists to the finished dataset in the
+  folder, under the same config. Rows whose URL or image is already in the
+  dataset are rejected naming the existing sample; new keys and shard numbers
+  follow the dataset's; existing shards are not touched. `run.json` keeps the
+  history of the runs that made the dataset.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ OWNED_NAMES = (
     "embeddings",
     "semantic",
     "_staging",
+    "_parts",
+    "_append_base",
     "pairs-*.parquet",  # beam run extract
     "rejects",  # beam run extract
     "extract",  # beam run extract-curate
@@ -174,6 +186,184 @@ def claim_output(output_dir: str, *, overwrite: bool, command: str, details: dic
     write_run_file(output_dir, {"run_id": run_id, "command": command, "status": "running",
                                 "started_at": datetime.now(timezone.utc).isoformat(), **details})
     return run_id
+
+
+# What a resumed run keeps of the killed one: its identity and config, and the
+# committed parts with the staged bytes they refer to (`stages/units.py`).
+# Everything else it owned is rewritten by the finalize steps.
+APPEND_BASE = "_append_base"
+MAX_INPUT_FILES = 100_000
+KEPT_ON_RESUME = (RUN_FILE, "config.json", "_parts", "_staging", APPEND_BASE)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            found += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _describe_differences(old: dict, new: dict, keys: Sequence[str]) -> list[str]:
+    return [name for key in keys for name in config_differences(old.get(key), new.get(key), f"{key}.")]
+
+
+def _read_json(path: str) -> dict:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return json.loads(f.read())
+
+
+def _earlier_run(output_dir: str, flag: str) -> tuple[dict, dict]:
+    """(run.json, config.json) of the run in `output_dir`; refuses if there is none."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return read_run_file(output_dir), _read_json(FileSystems.join(output_dir, "config.json"))
+    except Exception as err:  # noqa: BLE001 - one line: there is nothing to continue
+        raise RunRefused(f"{flag}: {output_dir} holds no earlier curate run ({RUN_FILE} or config.json unreadable: {err})") from err
+
+
+def _delete_entries(output_dir: str, paths: list[str], why: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    if not paths:
+        return
+    logger.info("%s: deleting %d files", why, len(paths))
+    try:
+        FileSystems.delete(paths)
+    except Exception as err:  # noqa: BLE001 - shown as one line
+        raise RunRefused(f"{output_dir}: cannot delete {why}: {err}") from err
+
+
+def check_resume(output_dir: str, run_config: dict) -> dict:
+    """The run.json of the killed or failed run in `output_dir` that `--resume`
+    continues; refuses (naming the differences) unless the config and input
+    are the earlier run's. Reads only; `start_resume` changes the folder."""
+    run, config = _earlier_run(output_dir, "--resume")
+    if run.get("command") != "curate":
+        raise RunRefused(f"--resume: {output_dir} holds a `{run.get('command')}` run; only curate runs resume")
+    if run.get("status") == "finished":
+        raise RunRefused(
+            f"--resume: the run in {output_dir} already finished; nothing to resume (--append adds new URL lists)"
+        )
+    differences = _describe_differences(config, run_config, ("curate", "input"))
+    if differences:
+        raise RunRefused(
+            f"--resume: the config differs from the run being resumed in {', '.join(differences[:8])}"
+            f"{', ...' if len(differences) > 8 else ''}; resume with the same --config and --input"
+        )
+    return run
+
+
+def start_resume(output_dir: str, run: dict) -> None:
+    """Delete what the killed run's finalize steps wrote (shards, tables,
+    reports...; for an `--append` run only what it added), keep the committed
+    parts and their staged bytes, and mark the run running again."""
+    stale = []
+    for path in _entries(output_dir):
+        name = _top_level_name(output_dir, path)
+        if name in KEPT_ON_RESUME or not any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_NAMES):
+            continue
+        if run.get("append") and not _added_by_append(output_dir, path, run["append"]):
+            continue
+        stale.append(path)
+    _delete_entries(output_dir, stale, "the killed run's unfinished outputs")
+    run.update(status="running", resumed_at=[*run.get("resumed_at", []), datetime.now(timezone.utc).isoformat()])
+    write_run_file(output_dir, run)
+
+
+def _shard_number(output_dir: str, path: str, folder: str) -> int | None:
+    """The shard number of `DIR/<folder>/shards/NNNNNN.(tar|json)`, else None."""
+    rest = path[len(output_dir.rstrip("/")) :].lstrip("/")
+    prefix = f"{folder}/shards/" if folder else "shards/"
+    if not rest.startswith(prefix):
+        return None
+    name = rest[len(prefix) :]
+    stem = name.split(".", 1)[0]
+    return int(stem) if "/" not in name and stem.isdigit() else None
+
+
+def _added_by_append(output_dir: str, path: str, append: dict) -> bool:
+    """Whether `path` is an output the append run writes (so a resumed append may delete it)."""
+    name = _top_level_name(output_dir, path)
+    if name in ("shards", "unselected"):
+        folder = "" if name == "shards" else "unselected"
+        number = _shard_number(output_dir, path, folder)
+        first = append["first_shard"] if name == "shards" else append["first_unselected_shard"]
+        return number is None or number >= first
+    # Tables and reports are rewritten whole from the snapshot in _append_base.
+    return name not in ("embeddings", "semantic")
+
+
+def next_shard(output_dir: str, folder: str = "") -> int:
+    """One past the highest shard number under `DIR[/folder]/shards/` (0 if none)."""
+    numbers = [n for path in _entries(output_dir) if (n := _shard_number(output_dir, path, folder)) is not None]
+    return max(numbers) + 1 if numbers else 0
+
+
+def check_append(output_dir: str, run_config: dict, input_files: int) -> dict:
+    """The run.json of an `--append` run into `output_dir`'s finished dataset:
+    where its keys and shard numbers start. The config must be the dataset's
+    (the input may differ). Reads only; `start_append` changes the folder."""
+    run, config = _earlier_run(output_dir, "--append")
+    if run.get("command") != "curate":
+        raise RunRefused(f"--append: {output_dir} holds a `{run.get('command')}` run; only curate datasets take --append")
+    if run.get("status") != "finished":
+        raise RunRefused(
+            f"--append: the run in {output_dir} did not finish (status {run.get('status')!r}); "
+            "finish it with --resume first"
+        )
+    if "next_file_ordinal" not in run:
+        raise RunRefused(f"--append: {output_dir} was written before --append existed; curate it again to append to it")
+    if run["next_file_ordinal"] + input_files > MAX_INPUT_FILES:
+        raise RunRefused(f"--append: a dataset holds at most {MAX_INPUT_FILES} input files in all (keys have 5 digits for the file)")
+    differences = _describe_differences(config, run_config, ("curate",))
+    if differences:
+        raise RunRefused(
+            f"--append: the config differs from the dataset's in {', '.join(differences[:8])}"
+            f"{', ...' if len(differences) > 8 else ''}; a dataset is curated under one config"
+        )
+    from apache_beam.io.filesystems import FileSystems
+
+    history = [*run.get("history", []), {k: run.get(k) for k in ("run_id", "input", "started_at", "finished_at", "append")}]
+    return {
+        "run_id": uuid.uuid4().hex,
+        "command": "curate",
+        "status": "running",
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "input": run_config.get("input"),
+        "next_file_ordinal": run["next_file_ordinal"] + input_files,
+        "append": {
+            "first_file_ordinal": run["next_file_ordinal"],
+            "first_shard": next_shard(output_dir),
+            "first_unselected_shard": next_shard(output_dir, "unselected"),
+            "base": FileSystems.join(output_dir, APPEND_BASE),
+        },
+        "history": history,
+    }
+
+
+def start_append(output_dir: str, run: dict) -> None:
+    """Copy the dataset's index and rejects tables to `_append_base/` (the run
+    reads the dataset from there, so a killed append resumes against the same
+    base) and write the append run's run.json."""
+    from apache_beam.io.filesystems import FileSystems
+
+    base = run["append"]["base"]
+    try:
+        if "://" not in base and not FileSystems.exists(base):
+            FileSystems.mkdirs(base)  # object stores have no folders to make
+        FileSystems.copy(
+            [FileSystems.join(output_dir, "index.parquet"), FileSystems.join(output_dir, "rejects.parquet")],
+            [FileSystems.join(base, "index.parquet"), FileSystems.join(base, "rejects.parquet")],
+        )
+    except Exception as err:  # noqa: BLE001 - shown as one line
+        raise RunRefused(f"--append: cannot copy the dataset's tables in {output_dir}: {err}") from err
+    write_run_file(output_dir, run)
 
 
 def write_run_file(output_dir: str, content: dict) -> None:

@@ -2,6 +2,7 @@
 
 from schemas.config import (
     CaptionConfig,
+    CheckpointConfig,
     CrawlConfig,
     HostBudget,
     CurateConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "JSON_SCHEMA_MODELS",
     "SCHEMA_VERSION",
     "CaptionConfig",
+    "CheckpointConfig",
     "CrawlConfig",
     "HostBudget",
     "CurateConfig",

@@ -132,7 +132,6 @@ class CrawlConfig(_StageConfig):
     tdmrep: bool = Field(
         True, description="Honour W3C TDMRep: the `tdm-reservation: 1` header and `/.well-known/tdmrep.json`."
     )
-    batch_size: int = Field(64, ge=1, description="Rows fetched together in one DoFn call.")
     allow_private_network: bool = Field(
         False,
         description="Allow loopback, private, link-local and reserved addresses. Off by default: "
@@ -271,6 +270,15 @@ class ShardsConfig(_StageConfig):
     )
 
 
+class CheckpointConfig(_StageConfig):
+    """Committed work units (`stages/units.py`): how often finished rows are
+    committed, so that `--resume` after a kill fetches none of them again."""
+
+    enabled: bool = Field(True, description="Commit finished rows under DIR/_parts/; off: a killed run starts over.")
+    rows: int = Field(1000, ge=1, description="Rows per committed part (one small JSON-lines file each).")
+    seconds: float = Field(60.0, gt=0, description="A part is also committed once it is this old, so slow hosts lose little.")
+
+
 class CurateConfig(_StageConfig):
     """The whole `beam run curate` config (YAML file or defaults)."""
 
@@ -278,6 +286,7 @@ class CurateConfig(_StageConfig):
     url: UrlConfig = UrlConfig()
     caption: CaptionConfig = CaptionConfig()
     crawl: CrawlConfig = CrawlConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     decode: DecodeConfig = DecodeConfig()
     dedup: DedupConfig = DedupConfig()
     shards: ShardsConfig = ShardsConfig()

@@ -1,110 +1,192 @@
-"""The crawl stage: the Beam adapter over `stages/core/fetch.py` (which says
-what is kept and dropped, and how fetching is kept safe). Records are batched
-and each batch is fetched concurrently; fetched records leave as
-`WithImage(record, data)` with `record.provenance` filled in (`final_url`,
-`http_status`, `content_type`, `fetched_at`), failures as one `Rejection` each
-(stage `crawl`).
+"""The crawl stage: the Beam adapter over `stages/core/fetch.py` (what is kept
+and dropped, how fetching is kept safe) and `stages/core/host_schedule.py`
+(per-host rate, connections, back-off, host down).
+
+**Politeness for the whole job comes from how rows are grouped.** Each row is
+keyed by its host into a crawl key, and one key is fetched by one DoFn call
+(one worker at a time), so the per-host budget the scheduler enforces inside
+the call is the host's budget for the job, on any runner and any number of
+workers. Hosts are hashed into `host_groups` keys, so a long tail of hosts
+with a URL or two each does not become one tiny element per host; a key's
+scheduler works on all its hosts at once. A hot host (more than
+`hot_host_rows` rows) gets keys of its own: up to `max_per_host` sub-keys,
+each with its share of the host's budget, so several workers can crawl it
+when its budget allows. Only row metadata is grouped; bytes are fetched after.
+
+Fetched records leave as `WithImage(record, data)` with `record.provenance`
+filled in (`final_url`, `http_status`, `content_type`, `fetched_at`);
+failures as one `Rejection` each (stage `crawl`), including
+`host_unreachable` for rows of a host the scheduler declared down.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import fnmatch
 import logging
+import math
+import zlib
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import CrawlConfig, RejectReason, Stage
+from schemas import CrawlConfig, RejectReason, SampleRecord, Stage
 from stages.base import REJECTS, StageMetrics, WithImage, internal_error, rejection
-from stages.core.fetch import Fetcher
+from stages.core.fetch import Fetcher, FetchResult
+from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
+from stages.core.verdict import Drop
 
 logger = logging.getLogger(__name__)
 
+_HOST_FAILURES = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR, RejectReason.DNS_FAILURE})
+
+
+def host_budget(config: CrawlConfig, host: str, splits: int = 1) -> Budget:
+    """The budget of `host` (first matching `host_budgets` pattern, else the
+    defaults), divided among the `splits` sub-keys of a hot host."""
+    connections, rate = config.max_per_host, config.max_host_rate
+    for budget in config.host_budgets:
+        if fnmatch.fnmatchcase(host, budget.pattern.lower()):
+            connections = budget.max_per_host or connections
+            rate = budget.max_host_rate or rate
+            break
+    return Budget(connections=max(1, connections // splits), rate=rate / splits)
+
+
+def host_splits(config: CrawlConfig, host: str, rows: int) -> int:
+    """How many sub-keys a host with `rows` rows is crawled under (1: not hot)."""
+    if rows <= config.hot_host_rows:
+        return 1
+    return max(1, min(math.ceil(rows / config.hot_host_rows), host_budget(config, host).connections))
+
+
+def crawl_key(config: CrawlConfig, host: str, row_key: str, hot: dict[str, int]) -> str:
+    """The crawl key of a row: `h<host hash>-<sub-key>` for a hot host, else
+    `g<group>`. Stable across runs (crc32, not Python's salted hash), so a
+    resumed run finds its committed parts under the same keys."""
+    splits = hot.get(host, 1)
+    if splits > 1:
+        return f"h{zlib.crc32(host.encode()):08x}-{zlib.crc32(row_key.encode()) % splits}"
+    return f"g{zlib.crc32(host.encode()) % config.host_groups:05d}"
+
+
+def fetch_outcome(result) -> Outcome:
+    """What the scheduler reads from a `FetchResult`."""
+    drop = result.drop
+    return Outcome(
+        requests=getattr(result, "requests", result.attempts),
+        host_failure=getattr(result, "host_failure", drop is not None and drop.reason in _HOST_FAILURES),
+        retry_after_s=getattr(result, "retry_after_s", None),
+        status=result.http_status,
+    )
+
+
+class KeyByHost(beam.PTransform):
+    """records -> (crawl key, record), and the hot hosts' split counts as a side input."""
+
+    def __init__(self, config: CrawlConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, records):
+        config = self.config
+        hot = (
+            records
+            | "Host" >> beam.Map(lambda r: (host_of(r.url), 1))
+            | "RowsPerHost" >> beam.CombinePerKey(sum)
+            | "HotHosts" >> beam.Filter(lambda kv: kv[1] > config.hot_host_rows)
+            | "Splits" >> beam.Map(lambda kv: (kv[0], host_splits(config, kv[0], kv[1])))
+        )
+        hot_view = beam.pvalue.AsDict(hot)
+        keyed = records | "CrawlKey" >> beam.Map(
+            lambda r, hot: (crawl_key(config, host_of(r.url), r.key, hot), r), hot_view
+        )
+        return keyed, hot_view
+
 
 class CrawlDoFn(beam.DoFn):
-    """Fetches a batch of records concurrently (`config.threads` threads).
+    """(crawl key, records) -> `WithImage` per fetched record, and one
+    `Rejection` per failure on `rejects`.
 
-    Input: `list[SampleRecord]` (from `beam.BatchElements`). Main output:
-    `WithImage` per fetched record; `rejects` output: one `Rejection` per
-    failure. Metrics (namespace `crawl`): `kept`, `dropped_<reason>`, and the
-    distributions `fetch_ms` (wall time per record, retries included) and
+    Metrics (namespace `crawl`): `kept`, `dropped_<reason>`, `hosts_down`, and
+    the distributions `fetch_ms` (wall time per fetch, retries included) and
     `fetch_bytes` (body size of kept records).
     """
 
     def __init__(self, config: CrawlConfig) -> None:
         self.config = config
         self._fetcher: Fetcher | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._metrics: StageMetrics | None = None
-        self._fetch_ms = None
-        self._fetch_bytes = None
 
     def setup(self) -> None:
         self._fetcher = Fetcher(self.config)
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.threads, thread_name_prefix="crawl")
         self._metrics = StageMetrics(Stage.CRAWL)
         self._fetch_ms = Metrics.distribution(Stage.CRAWL.value, "fetch_ms")
         self._fetch_bytes = Metrics.distribution(Stage.CRAWL.value, "fetch_bytes")
+        self._hosts_down = Metrics.counter(Stage.CRAWL.value, "hosts_down")
 
-    def process(self, batch):
-        """`batch`: list[SampleRecord]. Yields `WithImage` or `TaggedOutput(REJECTS, Rejection)`."""
-        assert self._pool is not None and self._fetcher is not None and self._metrics is not None
-        # Yield each result as soon as it arrives: the fused decode step then
-        # works on finished downloads while the rest of the batch is in flight.
-        pending = {self._pool.submit(self._fetcher.fetch, record.url): record for record in batch}
-        for future in concurrent.futures.as_completed(pending):
-            record = pending.pop(future)
-            try:
-                result = future.result()
-            except Exception as err:  # noqa: BLE001 - a fetch bug loses its row to rejects, not the run
-                logger.warning("crawl: %s raised %s: %s", record.url, type(err).__name__, err)
-                self._metrics.dropped(RejectReason.INTERNAL_ERROR).inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.CRAWL, internal_error(err)))
-                continue
-            self._fetch_ms.update(int(result.elapsed_s * 1000))
-            if result.drop is not None:
-                self._metrics.dropped(result.drop.reason).inc()
-                yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.CRAWL, result.drop))
-                continue
-            assert result.data is not None
-            self._metrics.kept.inc()
-            self._fetch_bytes.update(len(result.data))
-            provenance = record.provenance.model_copy(
-                update={
-                    "final_url": result.final_url,
-                    "http_status": result.http_status,
-                    "content_type": result.content_type,
-                    "fetched_at": datetime.now(timezone.utc),
-                }
-            )
-            yield WithImage(record.model_copy(update={"provenance": provenance}), result.data)
+    def process(self, element, hot=None):
+        _, records = element
+        yield from self.crawl(records, hot or {})
 
-    def teardown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def crawl(self, records: Iterable[SampleRecord], hot: dict[str, int]) -> Iterator:
+        """Fetch `records` under the per-host budgets; yields `WithImage` or `TaggedOutput(REJECTS, Rejection)`."""
+        assert self._fetcher is not None and self._metrics is not None
+        fetcher = self._fetcher
+        scheduler = HostScheduler(
+            fetch=lambda record: fetcher.fetch(record.url),
+            outcome=fetch_outcome,
+            url_of=lambda record: record.url,
+            budget_of=lambda host: host_budget(self.config, host, hot.get(host, 1)),
+            threads=self.config.threads,
+            down_after=self.config.host_down_after,
+            max_retry_after_s=self.config.max_retry_after_s,
+        )
+        for record, result in scheduler.run(records):
+            yield self._emit(record, result)
+        if scheduler.hosts_declared_down:
+            self._hosts_down.inc(scheduler.hosts_declared_down)
+
+    def _emit(self, record: SampleRecord, result):
+        if isinstance(result, Exception):
+            logger.warning("crawl: %s raised %s: %s", record.url, type(result).__name__, result)
+            result = internal_error(result)
+        if isinstance(result, Drop):
+            self._metrics.dropped(result.reason).inc()
+            return beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.CRAWL, result))
+        assert isinstance(result, FetchResult)
+        self._fetch_ms.update(int(result.elapsed_s * 1000))
+        if result.drop is not None:
+            self._metrics.dropped(result.drop.reason).inc()
+            return beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.CRAWL, result.drop))
+        assert result.data is not None
+        self._metrics.kept.inc()
+        self._fetch_bytes.update(len(result.data))
+        provenance = record.provenance.model_copy(
+            update={
+                "final_url": result.final_url,
+                "http_status": result.http_status,
+                "content_type": result.content_type,
+                "fetched_at": datetime.now(timezone.utc),
+            }
+        )
+        return WithImage(record.model_copy(update={"provenance": provenance}), result.data)
 
 
 class Crawl(beam.PTransform):
-    """`records | Crawl(config)` -> `(fetched, rejects)`.
-
-    Batches records (`config.batch_size` per batch) and fetches each batch
-    concurrently. The result unpacks as a pair and also has `.fetched` and
-    `[REJECTS]`. Adds no Reshuffle: the pipeline spreads rows over workers
-    before this step.
-    """
+    """`records | Crawl(config)` -> `(fetched, rejects)`: rows grouped by host
+    into crawl keys (metadata only), each key fetched by one `CrawlDoFn` call.
+    The result unpacks as a pair and also has `.fetched` and `[REJECTS]`."""
 
     def __init__(self, config: CrawlConfig, label: str | None = None) -> None:
         super().__init__(label)
         self.config = config
 
     def expand(self, records: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        # Fixed-size batches: a batch costs about its slowest fetch, whatever its
-        # length, so BatchElements' adaptive sizing would only start too small.
-        size = self.config.batch_size
+        keyed, hot = records | "KeyByHost" >> KeyByHost(self.config)
         return (
-            records
-            | "Batch" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
-            | "Fetch" >> beam.ParDo(CrawlDoFn(self.config)).with_outputs(REJECTS, main="fetched")
+            keyed
+            | "GroupByCrawlKey" >> beam.GroupByKey()
+            | "Fetch" >> beam.ParDo(CrawlDoFn(self.config), hot).with_outputs(REJECTS, main="fetched")
         )

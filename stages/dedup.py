@@ -75,6 +75,9 @@ from stages.core.phash import (
 
 logger = logging.getLogger(__name__)
 
+# Added to the pixel count of samples already in the dataset: more than any image has.
+EXISTING_PRIORITY = 1 << 48
+
 # --------------------------------------------------------------------------- Beam
 
 
@@ -150,7 +153,10 @@ def _row(record: SampleRecord) -> tuple[str, bytes, str | None, int, str | None]
             raise ValueError(f"dedup: record {record.key!r}: {error}") from None
     # exclude_defaults: validation restores every default, so the round trip is exact.
     record_json = record.model_dump_json(exclude_defaults=True).encode()
-    return record.key, record_json, record.image_sha256, -record.pixels, record.phash
+    # A sample already in the dataset (`--append`: status "kept") outranks every new
+    # one, so a new copy of it is the one dropped, naming it.
+    priority = EXISTING_PRIORITY if record.status == "kept" else 0
+    return record.key, record_json, record.image_sha256, -(record.pixels + priority), record.phash
 
 
 class _Split(beam.DoFn):

@@ -15,8 +15,9 @@ failure and becomes one `InputFileError` on the `input_errors` output, naming
 the file and the number of rows read: the run goes on and reports it.
 
 Keys are `FFFFFRRRRRRRRR`: the input file's ordinal in the sorted match list
-(5 digits) and the row number in that file (9 digits), so they are stable
-across runs and sort in input order.
+(5 digits; an `--append` run's files are numbered after the dataset's earlier
+ones) and the row number in that file (9 digits), so they are stable across
+runs and sort in input order.
 """
 
 from __future__ import annotations
@@ -245,17 +246,21 @@ class ReadUrlLists(beam.PTransform):
     missing column fails before any work starts.
     """
 
-    def __init__(self, pattern: str, config: ReadConfig):
+    def __init__(self, pattern: str, config: ReadConfig, first_ordinal: int = 0):
         super().__init__()
         self.paths = match_inputs(pattern)
+        if first_ordinal + len(self.paths) > MAX_FILES:
+            raise InputError(f"{pattern}: with the dataset's earlier inputs, over {MAX_FILES} input files")
         for path in self.paths:
             check_input(path, config)
         self.config = config
+        # An --append run numbers its files after the dataset's earlier inputs, so keys stay unique.
+        self.first_ordinal = first_ordinal
 
     def expand(self, pbegin):
         outputs = (
             pbegin
-            | "Files" >> beam.Create(list(enumerate(self.paths)))
+            | "Files" >> beam.Create(list(enumerate(self.paths, start=self.first_ordinal)))
             | "Rows" >> beam.ParDo(ReadRowsDoFn(self.config)).with_outputs(REJECTS, INPUT_ERRORS, main="records")
         )
         return outputs.records, outputs[REJECTS], outputs[INPUT_ERRORS]

@@ -215,19 +215,22 @@ def _name_batch(element) -> tuple[str, list[SampleRecord]]:
     return min(r.key for r in records), records
 
 
-def _number_batches(names: list[str]):
-    for index, name in enumerate(sorted(names)):
+def _number_batches(names: list[str], first: int = 0):
+    for index, name in enumerate(sorted(names), start=first):
         yield name, index
 
 
 class WriteShards(beam.PTransform):
     """PCollection[SampleRecord with image_ref] -> (written records, manifests, rejects)."""
 
-    def __init__(self, output_dir: str, config: ShardsConfig, run_config: dict):
+    def __init__(self, output_dir: str, config: ShardsConfig, run_config: dict, first_shard: int = 0):
+        """`first_shard`: the number of the first shard written (an `--append`
+        run numbers its shards after the dataset's)."""
         super().__init__()
         self.output_dir = output_dir
         self.config = config
         self.run_config = run_config
+        self.first_shard = first_shard
 
     def expand(self, records):
         batches = (
@@ -245,7 +248,7 @@ class WriteShards(beam.PTransform):
             batches
             | "BatchNames" >> beam.Map(lambda b: b[0])
             | "AllNames" >> beam.combiners.ToList()
-            | "Number" >> beam.FlatMap(_number_batches)
+            | "Number" >> beam.FlatMap(_number_batches, self.first_shard)
         )
         outputs = batches | "Write" >> beam.ParDo(
             WriteShardDoFn(self.output_dir, self.config, self.run_config), beam.pvalue.AsDict(numbering)

@@ -102,6 +102,35 @@ class ImageReader:
         self._ranges.close()
 
 
+class StagingFile:
+    """One staging file being written: `append(bytes) -> ImageRef`. The file
+    is created on the first append, under a fresh name (a retried bundle never
+    writes into a file another attempt may have published refs to). Refs into
+    it may be handed out only after `close()`."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self._file = None
+        self.path: str | None = None
+        self._offset = 0
+
+    def append(self, data: bytes) -> ImageRef:
+        if self._file is None:
+            self.path = FileSystems.join(staging_dir(self.output_dir), f"{uuid.uuid4().hex}.bin")
+            self._file = FileSystems.create(self.path, mime_type="application/octet-stream", compression_type="uncompressed")
+            self._offset = 0
+        self._file.write(data)
+        ref = ImageRef(path=self.path, offset=self._offset, length=len(data))
+        self._offset += len(data)
+        return ref
+
+    def close(self) -> None:
+        """Close the file (on GCS/S3 this finalises the upload: only then can refs be read)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class StageImagesDoFn(beam.DoFn):
     """Appends each `WithImage`'s bytes to a staging file; emits the record
     with `image_ref` set.
@@ -118,33 +147,21 @@ class StageImagesDoFn(beam.DoFn):
         self.staged_bytes = Metrics.counter("staging", "bytes")
 
     def start_bundle(self):
-        self._file = None
-        self._path = None
-        self._offset = 0
+        self._file = StagingFile(self.output_dir)
         self._pending: list[SampleRecord] = []
 
-    def _open(self):
-        self._path = FileSystems.join(staging_dir(self.output_dir), f"{uuid.uuid4().hex}.bin")
-        self._file = FileSystems.create(self._path, mime_type="application/octet-stream", compression_type="uncompressed")
-        self._offset = 0
-
     def _close(self) -> list[SampleRecord]:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._file.close()
         done, self._pending = self._pending, []
         return done
 
     def process(self, element: WithImage) -> Iterator[SampleRecord]:
-        if self._file is None:
-            self._open()
-        self._file.write(element.data)
-        ref = ImageRef(path=self._path, offset=self._offset, length=len(element.data))
-        self._offset += len(element.data)
+        ref = self._file.append(element.data)
         self.staged_bytes.inc(len(element.data))
         self._pending.append(element.record.model_copy(update={"image_ref": ref}))
         if len(self._pending) >= self.max_file_records:
             yield from self._close()
+            self._file = StagingFile(self.output_dir)
 
     def finish_bundle(self):
         for record in self._close():

@@ -5,6 +5,8 @@ by URL: the row with the smallest key is kept and named in `duplicate_of`.
 
 from __future__ import annotations
 
+import typing
+
 import apache_beam as beam
 
 from schemas import DecodeConfig, RejectReason, SampleRecord, Stage, UrlConfig
@@ -33,10 +35,14 @@ class UrlHygieneDoFn(FilterDoFn):
 class UrlHygiene(beam.PTransform):
     """PCollection[SampleRecord] -> (records, rejects)."""
 
-    def __init__(self, config: UrlConfig, decode: DecodeConfig):
+    def __init__(self, config: UrlConfig, decode: DecodeConfig, existing=None):
+        """`existing`: a PCollection of `(url, key)` of samples already in the
+        dataset (`--append`); rows with one of those URLs are `duplicate_url`
+        rejects naming the existing sample."""
         super().__init__()
         self.config = config
         self.decode = decode
+        self.existing = existing
 
     def expand(self, records):
         checked = records | "Normalize" >> beam.ParDo(UrlHygieneDoFn(self.config, self.decode)).with_outputs(
@@ -44,9 +50,12 @@ class UrlHygiene(beam.PTransform):
         )
         if not self.config.dedup_urls:
             return checked.kept, checked[REJECTS]
+        keyed = [checked.kept | "KeyByUrl" >> beam.Map(lambda r: (r.url, r))]
+        if self.existing is not None:
+            keyed.append(self.existing | "ExistingUrls" >> beam.Map(lambda kv: (kv[0], _Existing(kv[1]))))
         deduped = (
-            checked.kept
-            | "KeyByUrl" >> beam.Map(lambda r: (r.url, r))
+            keyed
+            | "FlattenUrls" >> beam.Flatten()
             | "GroupByUrl" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(DedupUrlsDoFn()).with_outputs(REJECTS, main="kept")
         )
@@ -64,12 +73,22 @@ class DedupUrlsDoFn(beam.DoFn):
 
     def process(self, element):
         _, records = element
-        survivor = min(records, key=lambda r: r.key)
+        existing = next((r.key for r in records if isinstance(r, _Existing)), None)
+        survivor = existing or min(r.key for r in records)
+        detail = f"already in the dataset as {survivor}" if existing else f"same URL as {survivor}"
         for record in records:  # grouped values are re-iterable: two passes, nothing held
-            if record.key == survivor.key:
+            if isinstance(record, _Existing):
+                continue
+            if record.key == survivor:
+                self.metrics.kept.inc()
+                yield record
                 continue
             self.metrics.dropped(RejectReason.DUPLICATE_URL).inc()
-            drop = Drop(RejectReason.DUPLICATE_URL, f"same URL as {survivor.key}", duplicate_of=survivor.key)
+            drop = Drop(RejectReason.DUPLICATE_URL, detail, duplicate_of=survivor)
             yield beam.pvalue.TaggedOutput(REJECTS, rejection(record, Stage.URL, drop))
-        self.metrics.kept.inc()
-        yield survivor
+
+
+class _Existing(typing.NamedTuple):
+    """A URL's sample already in the dataset (`--append`)."""
+
+    key: str

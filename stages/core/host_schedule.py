@@ -1,0 +1,268 @@
+"""Per-host politeness for one crawl key: the fetch scheduler (no Beam).
+
+The crawl stage (`stages/crawl.py`) groups rows by host into crawl keys, so
+every row of a host is fetched inside one key, by one worker at a time (a hot
+host is split over a few sub-keys that share its budget). Limits enforced
+here therefore hold for the whole job, whatever the runner and the number of
+workers, and need no counters shared between processes.
+
+`HostScheduler.run(rows)` fetches rows with a pool of threads and, per host:
+
+- **connections**: at most `budget.connections` fetches in flight;
+- **rate**: requests start at least `1 / budget.rate` seconds apart (every
+  request a fetch sent, redirects and robots.txt included, is charged), so any
+  window of T seconds holds at most `T * rate + 1` requests to the host;
+- **back-off**: a `429` or `503` with `Retry-After` (the fetcher parses
+  seconds or an HTTP date) holds the host's next request until then and puts
+  the row back in its queue (at most `MAX_RETRY_AFTER_ATTEMPTS` times); each
+  `429` also halves the host's rate (down to 1/16 of its budget). A
+  `Retry-After` longer than `max_retry_after_s` declares the host down;
+- **host down**: `down_after` consecutive host failures (connection refused
+  or reset, DNS failure, timeout) declare the host down: its queued rows and
+  every later row are answered `host_unreachable` at once, with no request.
+
+Rows are read from the input lazily, a window at a time (`window`), and kept
+in per-host queues, so a slow or rate-limited host holds back only its own
+rows while the threads serve the others (the long tail of small hosts keeps
+the pool busy). Results are yielded in completion order.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+from schemas import RejectReason
+from stages.core.verdict import Drop
+
+Row = TypeVar("Row")
+
+MAX_RETRY_AFTER_ATTEMPTS = 3
+# A host's rate never drops below its budget divided by this, however many 429s it sends.
+MIN_RATE_FRACTION = 1 / 16
+
+
+def host_of(url: str) -> str:
+    """The politeness key of a URL: its lower-cased host name (ports and
+    schemes of one host share its budget); '' when the URL has none."""
+    try:
+        return (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What one host may receive from this scheduler: connections in flight and requests per second."""
+
+    connections: int
+    rate: float
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the scheduler needs to know of a finished fetch.
+
+    `requests`: requests sent to the host; `host_failure`: the host could not
+    be reached (counts towards `down_after`); `retry_after_s`: the server asked
+    to wait (429/503 with Retry-After); `status`: the final HTTP status, if any."""
+
+    requests: int = 1
+    host_failure: bool = False
+    retry_after_s: float | None = None
+    status: int | None = None
+
+
+class _Host:
+    __slots__ = ("queue", "in_flight", "next_start", "rate", "failures", "down", "down_detail")
+
+    def __init__(self, rate: float):
+        self.queue: collections.deque = collections.deque()
+        self.in_flight = 0
+        self.next_start = 0.0
+        self.rate = rate
+        self.failures = 0
+        self.down = False
+        self.down_detail = ""
+
+
+class HostScheduler(Generic[Row]):
+    """Fetches rows under per-host budgets; see the module docstring.
+
+    `fetch(row)` runs on the pool's threads and returns any result;
+    `outcome(result)` reads what the scheduler needs from it. `run` yields
+    `(row, result)` for fetched rows and `(row, Drop)` for rows of a host
+    declared down.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[Row], object],
+        outcome: Callable[[object], Outcome],
+        url_of: Callable[[Row], str],
+        budget_of: Callable[[str], Budget],
+        *,
+        threads: int,
+        down_after: int,
+        max_retry_after_s: float,
+        window: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.fetch = fetch
+        self.outcome = outcome
+        self.url_of = url_of
+        self.budget_of = budget_of
+        self.threads = threads
+        self.down_after = down_after
+        self.max_retry_after_s = max_retry_after_s
+        self.window = window or max(64, 8 * threads)
+        self.clock = clock
+        self.hosts_declared_down = 0
+
+    def run(self, rows: Iterable[Row]) -> Iterator[tuple[Row, object]]:
+        source = iter(rows)
+        exhausted = False
+        hosts: dict[str, _Host] = {}
+        budgets: dict[str, Budget] = {}
+        buffered = 0
+        max_buffered = 8 * self.window
+        answered: collections.deque = collections.deque()  # rows of down hosts, answered without a fetch
+        retries: dict[int, int] = {}
+        in_flight: dict[concurrent.futures.Future, tuple[str, Row]] = {}
+
+        def can_start(host: str, state: _Host, now: float) -> bool:
+            return (
+                bool(state.queue)
+                and not state.down
+                and state.in_flight < budgets[host].connections
+                and state.next_start <= now
+            )
+
+        def take(row: Row) -> str | None:
+            """Queue a row under its host (or answer it if the host is down); returns the host if queued."""
+            nonlocal buffered
+            host = host_of(self.url_of(row))
+            state = hosts.get(host)
+            if state is None:
+                budgets[host] = self.budget_of(host)
+                state = hosts[host] = _Host(budgets[host].rate)
+            if state.down:
+                answered.append((row, Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)))
+                return None
+            state.queue.append(row)
+            buffered += 1
+            return host
+
+        def declare_down(host: str, state: _Host, detail: str) -> None:
+            nonlocal buffered
+            state.down = True
+            state.down_detail = detail
+            self.hosts_declared_down += 1
+            while state.queue:
+                buffered -= 1
+                answered.append((state.queue.popleft(), Drop(RejectReason.HOST_UNREACHABLE, detail)))
+
+        with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="crawl") as pool:
+            while True:
+                # 1. Read ahead until the window is full.
+                while not exhausted and buffered < self.window:
+                    try:
+                        take(next(source))
+                    except StopIteration:
+                        exhausted = True
+                while answered:
+                    yield answered.popleft()
+
+                # 2. Start every fetch the budgets allow.
+                now = self.clock()
+                for host, state in hosts.items():
+                    while len(in_flight) < self.threads and can_start(host, state, now):
+                        row = state.queue.popleft()
+                        buffered -= 1
+                        state.in_flight += 1
+                        state.next_start = max(state.next_start, now) + 1.0 / state.rate
+                        in_flight[pool.submit(self.fetch, row)] = (host, row)
+                    if len(in_flight) >= self.threads:
+                        break
+
+                if not in_flight and buffered == 0:
+                    if exhausted:
+                        return
+                    continue
+                # Threads idle while every buffered row waits on its host: read
+                # further ahead, so a few slow or rate-limited hosts do not starve the rest.
+                if len(in_flight) < self.threads and not exhausted and buffered < max_buffered:
+                    found = False
+                    while not found and not exhausted and buffered < max_buffered:
+                        try:
+                            host = take(next(source))
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        found = host is not None and can_start(host, hosts[host], now)
+                    if found or answered:
+                        continue
+
+                # 3. Wait for a fetch to finish, or for the first host whose next request is due.
+                waits = [
+                    state.next_start
+                    for host, state in hosts.items()
+                    if state.queue and not state.down and state.in_flight < budgets[host].connections
+                ]
+                timeout = max(0.0, min(waits) - self.clock()) if waits else None
+                if not in_flight:
+                    time.sleep(timeout or 0.0)
+                    continue
+                done, _ = concurrent.futures.wait(in_flight, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    host, row = in_flight.pop(future)
+                    state = hosts[host]
+                    state.in_flight -= 1
+                    try:
+                        result = future.result()
+                    except Exception as err:  # noqa: BLE001 - handed to the caller as the row's result
+                        yield row, err
+                        continue
+                    if self._settle(host, state, budgets[host], row, self.outcome(result), retries, declare_down):
+                        buffered += 1  # the row went back to its host's queue
+                        continue
+                    yield row, result
+                while answered:
+                    yield answered.popleft()
+
+    def _settle(self, host, state: _Host, budget: Budget, row, outcome: Outcome, retries: dict, declare_down) -> bool:
+        """Apply a finished fetch to its host's state; True if the row was queued again (Retry-After)."""
+        now = self.clock()
+        # The first request was charged when the fetch started; charge the others (redirects, robots.txt).
+        if outcome.requests > 1:
+            state.next_start = max(state.next_start, now) + (outcome.requests - 1) / state.rate
+        if outcome.status == 429:
+            state.rate = max(budget.rate * MIN_RATE_FRACTION, state.rate / 2)
+        if outcome.host_failure:
+            state.failures += 1
+            if state.failures >= self.down_after and not state.down:
+                declare_down(host, state, f"{host} failed {state.failures} times in a row (host_down_after={self.down_after})")
+        else:
+            state.failures = 0
+        if outcome.retry_after_s is not None and outcome.status in (429, 503) and not state.down:
+            if outcome.retry_after_s > self.max_retry_after_s:
+                declare_down(
+                    host,
+                    state,
+                    f"{host} asked to wait {outcome.retry_after_s:.0f} s (Retry-After, HTTP {outcome.status}); "
+                    f"over max_retry_after_s={self.max_retry_after_s:g}",
+                )
+                return False
+            state.next_start = max(state.next_start, now + outcome.retry_after_s)
+            attempts = retries.get(id(row), 0)
+            if attempts < MAX_RETRY_AFTER_ATTEMPTS:
+                retries[id(row)] = attempts + 1
+                state.queue.appendleft(row)
+                return True
+        retries.pop(id(row), None)
+        return False
