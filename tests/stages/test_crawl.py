@@ -44,7 +44,7 @@ def test_dofn_setup_process_teardown(web):
     dofn = CrawlDoFn(LOCAL)
     dofn.setup()
     try:
-        out = list(dofn.process([record("k0", web.url("/a.jpg")), record("k1", web.url("/missing"))]))
+        out = list(dofn.process(("g00000", [record("k0", web.url("/a.jpg")), record("k1", web.url("/missing"))])))
     finally:
         dofn.teardown()
     # Results come out as downloads finish, not in input order.
@@ -69,7 +69,7 @@ def test_crawl_transform_on_the_fn_api_runner(web):
         record("k4", web.url("/optout.jpg"), 4),
         record("k5", "http://nonexistent.invalid/x.jpg", 5),
     ]
-    config = LOCAL.model_copy(update={"batch_size": 4, "threads": 3, "max_body_bytes": 1000})
+    config = LOCAL.model_copy(update={"threads": 3, "max_body_bytes": 1000})
 
     pipeline = BeamTestPipeline(runner=FnApiRunner())
     fetched, rejects = pipeline | beam.Create(rows) | Crawl(config)
@@ -135,7 +135,7 @@ def test_a_fetch_that_raises_unexpectedly_is_an_internal_error_reject(web, monke
     dofn = CrawlDoFn(LOCAL)
     dofn.setup()
     try:
-        out = list(dofn.process([record("k0", web.url("/a.jpg")), record("k1", web.url("/bug"))]))
+        out = list(dofn.process(("g00000", [record("k0", web.url("/a.jpg")), record("k1", web.url("/bug"))])))
     finally:
         dofn.teardown()
     rejects = [o.value for o in out if isinstance(o, TaggedOutput)]

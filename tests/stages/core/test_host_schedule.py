@@ -1,0 +1,156 @@
+"""stages.core.host_schedule: per-host connections, rate, Retry-After and host
+down, measured from what a fake fetch saw (start times and overlap per host)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import pytest
+
+from schemas import CrawlConfig, HostBudget, RejectReason
+from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
+from stages.core.verdict import Drop
+from stages.crawl import crawl_key, host_budget, host_splits
+
+
+class FakeWeb:
+    """A fetch function that records, per host, when each request started and
+    how many were in flight; `answers` maps a host to a function of the
+    request's ordinal on that host returning an Outcome (default: 200)."""
+
+    def __init__(self, delay_s: float = 0.01, answers=None):
+        self.delay_s = delay_s
+        self.answers = answers or {}
+        self.lock = threading.Lock()
+        self.starts: dict[str, list[float]] = collections.defaultdict(list)
+        self.in_flight: collections.Counter = collections.Counter()
+        self.max_in_flight: collections.Counter = collections.Counter()
+
+    def fetch(self, url: str) -> Outcome:
+        host = host_of(url)
+        with self.lock:
+            ordinal = len(self.starts[host])
+            self.starts[host].append(time.monotonic())
+            self.in_flight[host] += 1
+            self.max_in_flight[host] = max(self.max_in_flight[host], self.in_flight[host])
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.in_flight[host] -= 1
+        answer = self.answers.get(host)
+        return answer(ordinal) if answer else Outcome(status=200)
+
+
+def scheduler(web: FakeWeb, budgets: dict[str, Budget], default=Budget(4, 1000.0), **kwargs) -> HostScheduler:
+    options = {"threads": 16, "down_after": 3, "max_retry_after_s": 60.0, **kwargs}
+    return HostScheduler(
+        fetch=web.fetch, outcome=lambda o: o, url_of=lambda url: url, budget_of=lambda h: budgets.get(h, default), **options
+    )
+
+
+def max_in_window(starts: list[float], window_s: float) -> int:
+    starts = sorted(starts)
+    best, j = 0, 0
+    for i, t in enumerate(starts):
+        while starts[j] < t - window_s + 1e-9:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def test_connections_and_rate_per_host_hold_while_other_hosts_run_freely():
+    web = FakeWeb(delay_s=0.02)
+    urls = [f"http://hot.test/{i}" for i in range(30)] + [f"http://h{i}.test/x" for i in range(60)]
+    budgets = {"hot.test": Budget(connections=2, rate=20.0)}
+    started = time.monotonic()
+    results = list(scheduler(web, budgets).run(urls))
+    assert sorted(url for url, _ in results) == sorted(urls)
+    assert web.max_in_flight["hot.test"] <= 2
+    # 30 requests at 20/s: at least 29 intervals of 50 ms, and no 1 s window holds more than 21.
+    hot = sorted(web.starts["hot.test"])
+    assert hot[-1] - hot[0] >= 29 / 20.0 - 0.01
+    assert max_in_window(hot, 1.0) <= 21
+    # The tail of small hosts was not held behind the hot one: all of it started early.
+    tail_last_start = max(t for h, s in web.starts.items() if h != "hot.test" for t in s)
+    assert tail_last_start - started < 1.0
+
+
+def test_a_host_failing_n_times_in_a_row_is_declared_down_and_its_other_rows_get_no_request():
+    web = FakeWeb(answers={"dead.test": lambda n: Outcome(host_failure=True)})
+    urls = [f"http://dead.test/{i}" for i in range(20)] + [f"http://ok.test/{i}" for i in range(5)]
+    sched = scheduler(web, {"dead.test": Budget(1, 1000.0)})
+    results = dict(sched.run(urls))
+    assert len(web.starts["dead.test"]) == 3  # down_after
+    unreachable = [u for u, r in results.items() if isinstance(r, Drop)]
+    assert len(unreachable) == 17 and all(results[u].reason == RejectReason.HOST_UNREACHABLE for u in unreachable)
+    assert "3 times in a row" in results[unreachable[0]].detail
+    assert len(web.starts["ok.test"]) == 5 and sched.hosts_declared_down == 1
+
+
+def test_a_success_resets_the_failure_count():
+    web = FakeWeb(answers={"flaky.test": lambda n: Outcome(host_failure=n % 2 == 0)})
+    results = list(scheduler(web, {"flaky.test": Budget(1, 1000.0)}).run([f"http://flaky.test/{i}" for i in range(12)]))
+    assert len(web.starts["flaky.test"]) == 12
+    assert not any(isinstance(r, Drop) for _, r in results)
+
+
+def test_retry_after_delays_the_host_and_the_row_is_tried_again():
+    web = FakeWeb(answers={"busy.test": lambda n: Outcome(status=429, retry_after_s=0.5) if n == 0 else Outcome(status=200)})
+    results = list(scheduler(web, {"busy.test": Budget(1, 1000.0)}).run([f"http://busy.test/{i}" for i in range(4)]))
+    starts = sorted(web.starts["busy.test"])
+    assert len(starts) == 5  # the first row twice
+    # Every request after the 429 (answered after delay_s) waited for the Retry-After.
+    assert all(t - starts[0] >= web.delay_s + 0.5 for t in starts[1:])
+    assert all(r.status == 200 for _, r in results)
+
+
+def test_repeated_429s_lower_the_hosts_rate():
+    web = FakeWeb(delay_s=0.0, answers={"busy.test": lambda n: Outcome(status=429)})
+    list(scheduler(web, {"busy.test": Budget(1, 100.0)}).run([f"http://busy.test/{i}" for i in range(8)]))
+    starts = sorted(web.starts["busy.test"])
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    # 10 ms at the budget's rate; halved after each 429 down to 1/16 of it (160 ms).
+    assert gaps[-1] >= 0.16 - 0.005 and gaps[-1] > 4 * gaps[0]
+
+
+def test_a_retry_after_over_the_bound_declares_the_host_down():
+    web = FakeWeb(answers={"slow.test": lambda n: Outcome(status=503, retry_after_s=3600.0)})
+    results = dict(scheduler(web, {}).run([f"http://slow.test/{i}" for i in range(6)]))
+    assert len(web.starts["slow.test"]) <= 4  # those in flight when the first answer came
+    assert any(isinstance(r, Drop) and "Retry-After" in r.detail for r in results.values())
+
+
+def test_a_fetch_that_raises_is_returned_as_the_rows_result():
+    def fetch(url):
+        raise ZeroDivisionError("bug")
+
+    sched = HostScheduler(fetch=fetch, outcome=lambda o: o, url_of=lambda u: u, budget_of=lambda h: Budget(1, 100.0),
+                          threads=2, down_after=3, max_retry_after_s=1.0)
+    [(url, result)] = list(sched.run(["http://x.test/a"]))
+    assert isinstance(result, ZeroDivisionError)
+
+
+def test_host_budgets_patterns_and_hot_host_splits():
+    config = CrawlConfig(
+        max_per_host=8, max_host_rate=10.0, hot_host_rows=100,
+        host_budgets=[HostBudget(pattern="*.cdn.test", max_per_host=32, max_host_rate=400.0)],
+    )
+    assert host_budget(config, "img.cdn.test") == Budget(32, 400.0)
+    assert host_budget(config, "small.test") == Budget(8, 10.0)
+    assert host_splits(config, "small.test", 100) == 1
+    assert host_splits(config, "small.test", 10_000) == 8  # capped by its connections
+    assert host_splits(config, "img.cdn.test", 1000) == 10
+    # Sub-keys share the budget: their sum is the host's.
+    assert host_budget(config, "img.cdn.test", 4) == Budget(8, 100.0)
+    hot = {"img.cdn.test": 4}
+    keys = {crawl_key(config, "img.cdn.test", f"{i:014d}", hot) for i in range(200)}
+    assert len(keys) == 4
+    # Small hosts: one key per host, stable across calls (no salted hash).
+    assert crawl_key(config, "small.test", "a", {}) == crawl_key(config, "small.test", "b", {})
+    assert crawl_key(config, "small.test", "a", {}).startswith("g")
+
+
+@pytest.mark.parametrize("url, host", [("http://Example.COM:8080/x", "example.com"), ("not a url", ""), ("http://[::1]/", "::1")])
+def test_host_of(url, host):
+    assert host_of(url) == host
