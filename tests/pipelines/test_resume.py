@@ -26,7 +26,7 @@ from pipelines.testing.localweb import LocalWeb
 from tests.portable import portable_runner
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROWS = 90
+ROWS = 48
 SAMPLES_PER_SHARD = 8
 
 
@@ -143,7 +143,7 @@ def inputs(web, tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume-inputs")
     paths = [f"/img{i}.jpg" for i in range(ROWS)] + [f"/copy{i}.jpg" for i in range(3)] + ["/missing.jpg"]
     urls = _write_input(folder, "urls.parquet", _rows(web, paths))
-    return urls, _config(folder, rate=40.0), paths
+    return urls, _config(folder, rate=20.0), paths
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +154,35 @@ def uninterrupted(web, inputs, tmp_path_factory):
     return _outcome(out)
 
 
-@pytest.mark.parametrize("point", ["during_crawl", "after_crawl", "during_shards"])
+def _resume_and_check(web, urls, config, out: Path, paths, uninterrupted, beam_args=()) -> None:
+    """After a kill: the folder is refused without --resume, --resume ends with
+    the uninterrupted run's outcome, and no committed row was fetched twice."""
+    committed = _committed_keys(out)
+    assert committed, "nothing was committed before the kill"
+    before = {path: web.requests_to(path) for path in paths}
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert main(_curate_argv(urls, str(out), config)) == 2
+    assert main(_curate_argv(urls, str(out), config, "--resume", *beam_args)) == 0
+
+    assert _outcome(out) == uninterrupted
+    tables = pq.read_table(out / "index.parquet").to_pylist() + pq.read_table(out / "rejects.parquet").to_pylist()
+    key_to_path = {r["key"]: r["url"].split(str(web.port), 1)[1] for r in tables}
+    for key in committed:
+        path = key_to_path[key]
+        assert web.requests_to(path) == before[path] == 1, f"{path} (committed as {key}) was fetched again on resume"
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "during_crawl",
+        pytest.param("after_crawl", marks=pytest.mark.slow),  # same resume path as during_crawl, more parts
+        "during_shards",
+    ],
+)
 def test_sigkill_then_resume_matches_an_uninterrupted_run_and_refetches_nothing_committed(
-    web, inputs, uninterrupted, tmp_path, point
+    web, inputs, uninterrupted, tmp_path, point, capsys
 ):
     urls, config, paths = inputs
     out = tmp_path / "out"
@@ -166,45 +192,37 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_and_refetches_nothing_
         "during_shards": _during_shards(out),
     }[point]
     web.reset_counts()
-    how = _kill_when(_curate_argv(urls, str(out), config), ready)
-    assert how == "killed", "the run finished before the kill point; make the crawl slower"
-    committed = _committed_keys(out)
-    assert committed, "nothing was committed before the kill"
-    before = {path: web.requests_to(path) for path in paths}
-    run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "running"
-
-    # A plain rerun into the killed run's folder is refused; --resume continues it.
-    assert main(_curate_argv(urls, str(out), config)) == 2
-    assert main(_curate_argv(urls, str(out), config, "--resume")) == 0
-
-    assert _outcome(out) == uninterrupted
-    key_to_path = {r["key"]: r["url"].split(str(web.port), 1)[1] for r in pq.read_table(out / "index.parquet").to_pylist()}
-    key_to_path.update({r["key"]: r["url"].split(str(web.port), 1)[1] for r in pq.read_table(out / "rejects.parquet").to_pylist()})
-    for key in committed:
-        path = key_to_path[key]
-        assert web.requests_to(path) == before[path] == 1, f"{path} (committed as {key}) was fetched again on resume"
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert _kill_when(_curate_argv(urls, str(out), config), ready) == "killed", "the run ended before the kill point"
+    if point == "during_crawl":
+        # --resume refuses a changed config, naming the difference, and --resume with --overwrite.
+        changed = Path(config).parent / "changed.yaml"
+        data = yaml.safe_load(Path(config).read_text())
+        data["decode"] = {"min_side": 256}
+        changed.write_text(yaml.safe_dump(data))
+        capsys.readouterr()
+        assert main(_curate_argv(urls, str(out), str(changed), "--resume")) == 2
+        assert "decode.min_side" in capsys.readouterr().err
+        assert main(_curate_argv(urls, str(out), config, "--resume", "--overwrite")) == 2
+    _resume_and_check(web, urls, config, out, paths, uninterrupted)
+    if point == "during_crawl":
+        capsys.readouterr()
+        assert main(_curate_argv(urls, str(out), config, "--resume")) == 2
+        assert "already finished" in capsys.readouterr().err
+        assert main(_curate_argv(urls, str(tmp_path / "never-run"), config, "--resume")) == 2
 
 
-def test_resume_refuses_a_changed_config_and_a_finished_run(web, inputs, tmp_path, capsys):
-    urls, config, _ = inputs
+@pytest.mark.portable
+def test_sigkill_on_the_portable_runner_then_resume_on_new_services(web, inputs, uninterrupted, tmp_path):
+    """The driver, the job service and the external workers all die; a new job
+    on new services resumes from the parts in the output folder."""
+    urls, config, paths = inputs
     out = tmp_path / "out"
-    how = _kill_when(_curate_argv(urls, str(out), config), _during_crawl(out))
-    assert how == "killed"
-    changed = Path(config).parent / "changed.yaml"
-    data = yaml.safe_load(Path(config).read_text())
-    data["decode"] = {"min_side": 256}
-    changed.write_text(yaml.safe_dump(data))
-    capsys.readouterr()
-    assert main(_curate_argv(urls, str(out), str(changed), "--resume")) == 2
-    assert "decode.min_side" in capsys.readouterr().err
-    assert main(_curate_argv(urls, str(out), config, "--resume")) == 0
-    capsys.readouterr()
-    assert main(_curate_argv(urls, str(out), config, "--resume")) == 2
-    assert "already finished" in capsys.readouterr().err
-    assert main(_curate_argv(urls, str(tmp_path / "never-run"), config, "--resume")) == 2
-    assert main(_curate_argv(urls, str(out), config, "--resume", "--overwrite")) == 2
+    web.reset_counts()
+    with portable_runner(tmp_path / "services-1") as argv:
+        how = _kill_when(_curate_argv(urls, str(out), config, *argv), _during_crawl(out))
+    assert how == "killed", "the run ended before the kill point"
+    with portable_runner(tmp_path / "services-2") as argv:
+        _resume_and_check(web, urls, config, out, paths, uninterrupted, argv)
 
 
 def _digests(folder: Path) -> dict[str, str]:
