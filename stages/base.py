@@ -88,7 +88,14 @@ class FilterDoFn(beam.DoFn):
         try:
             result = self.apply(element)
         except Exception as err:  # noqa: BLE001 - every row must end somewhere; see the class docstring
-            result = self.unexpected(element, err)
+            result = err
+        yield from self.settle(element, result)
+
+    def settle(self, element, result) -> Iterator[Any]:
+        """Count and emit what `apply(element)` gave (or the exception it
+        raised), also when it ran elsewhere, e.g. on a fetching thread."""
+        if isinstance(result, Exception):
+            result = self.unexpected(element, result)
         else:
             self._seen += 1
         yield from self.emit(element, result)

@@ -128,23 +128,43 @@ class CrawlDoFn(beam.DoFn):
 
     def process(self, element, hot=None):
         _, records = element
-        yield from self.crawl(records, hot or {})
+        for emitted, _ in self.crawl(records, hot or {}):
+            yield emitted
 
-    def crawl(self, records: Iterable[SampleRecord], hot: dict[str, int]) -> Iterator:
-        """Fetch `records` under the per-host budgets; yields `WithImage` or `TaggedOutput(REJECTS, Rejection)`."""
+    def crawl(self, records: Iterable[SampleRecord], hot: dict[str, int], then=None) -> Iterator:
+        """Fetch `records` under the per-host budgets. Yields `(output, then_result)`:
+        the output is a `WithImage` or `TaggedOutput(REJECTS, Rejection)`;
+        `then(fetched: WithImage)`, if given, runs on the fetching thread right
+        after a successful fetch (decoding there uses every core while the GIL is
+        released), and its result (or the exception it raised) comes along."""
         assert self._fetcher is not None and self._metrics is not None
         fetcher = self._fetcher
+
+        def work(record: SampleRecord):
+            result = fetcher.fetch(record.url)
+            after = None
+            if then is not None and result.drop is None and result.data is not None:
+                try:
+                    after = then(WithImage(with_fetch_provenance(record, result), result.data))
+                except Exception as err:  # noqa: BLE001 - handed back with the row; the caller decides
+                    after = err
+            return result, after
+
         scheduler = HostScheduler(
-            fetch=lambda record: fetcher.fetch(record.url),
-            outcome=fetch_outcome,
+            fetch=work,
+            outcome=lambda done: fetch_outcome(done[0]),
             url_of=lambda record: record.url,
             budget_of=lambda host: host_budget(self.config, host, hot.get(host, 1)),
             threads=self.config.threads,
             down_after=self.config.host_down_after,
             max_retry_after_s=self.config.max_retry_after_s,
         )
-        for record, result in scheduler.run(records):
-            yield self._emit(record, result)
+        for record, done in scheduler.run(records):
+            if isinstance(done, tuple):
+                result, after = done
+                yield self._emit(record, result), after
+            else:
+                yield self._emit(record, done), None
         if scheduler.hosts_declared_down:
             self._hosts_down.inc(scheduler.hosts_declared_down)
 
@@ -163,15 +183,19 @@ class CrawlDoFn(beam.DoFn):
         assert result.data is not None
         self._metrics.kept.inc()
         self._fetch_bytes.update(len(result.data))
-        provenance = record.provenance.model_copy(
-            update={
-                "final_url": result.final_url,
-                "http_status": result.http_status,
-                "content_type": result.content_type,
-                "fetched_at": datetime.now(timezone.utc),
-            }
-        )
-        return WithImage(record.model_copy(update={"provenance": provenance}), result.data)
+        return WithImage(with_fetch_provenance(record, result), result.data)
+
+
+def with_fetch_provenance(record: SampleRecord, result: FetchResult) -> SampleRecord:
+    provenance = record.provenance.model_copy(
+        update={
+            "final_url": result.final_url,
+            "http_status": result.http_status,
+            "content_type": result.content_type,
+            "fetched_at": datetime.now(timezone.utc),
+        }
+    )
+    return record.model_copy(update={"provenance": provenance})
 
 
 class Crawl(beam.PTransform):

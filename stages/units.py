@@ -131,17 +131,19 @@ class CrawlUnitsDoFn(CrawlDoFn):
                 self._rows_resumed.inc(len(done))
         todo = (record for record in records if record.key not in done)
         part = _Part(self.output_dir)
-        for fetched in self.crawl(todo, hot or {}):
+        # Decoding (and hashing) runs on the fetching threads (`then`); counting
+        # and staging here, on the DoFn's thread, where Beam's metrics are recorded.
+        for fetched, decoded in self.crawl(todo, hot or {}, then=self._decoder.apply):
             if isinstance(fetched, beam.pvalue.TaggedOutput):
                 part.rejects.append(fetched.value)
-            else:
-                for decoded in self._decoder.process(fetched):
-                    if isinstance(decoded, beam.pvalue.TaggedOutput):
-                        part.rejects.append(decoded.value)
-                        continue
-                    ref = part.staging.append(decoded.data)
-                    self._staged_bytes.inc(len(decoded.data))
-                    part.records.append(decoded.record.model_copy(update={"image_ref": ref}))
+                continue
+            for out in self._decoder.settle(fetched, decoded):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    part.rejects.append(out.value)
+                    continue
+                ref = part.staging.append(out.data)
+                self._staged_bytes.inc(len(out.data))
+                part.records.append(out.record.model_copy(update={"image_ref": ref}))
             if len(part) >= self.checkpoint.rows or time.monotonic() - part.started >= self.checkpoint.seconds:
                 yield from self._commit(crawl_key, part)
                 part = _Part(self.output_dir)
