@@ -50,22 +50,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import datetime
+import email.utils
 import http.client
 import ipaddress
 import logging
+import math
 import os
 import socket
-import ssl
 import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 
 from schemas import CrawlConfig, RejectReason
+from stages.core import connections
 from stages.core.address import IPAddress, non_public_reason, resolve
+from stages.core.connections import ConnectionPool, PoolKey, dns_cache_for, new_connection
+from stages.core.robots import (
+    MAX_ROBOTS_REDIRECTS,
+    OPT_OUT_CACHE,
+    ROBOTS_PATH,
+    TDMREP_PATH,
+    Document,
+    OptOutCache,
+    RobotsRules,
+    TdmRules,
+    Unresolved,
+    header_reservation,
+    robots_from,
+    tdmrep_from,
+)
 from stages.core.verdict import Drop
 
 # img2dataset's package import pulls in albumentations, which otherwise checks
@@ -133,74 +149,6 @@ class _HostSlots:
 HOST_SLOTS = _HostSlots()
 
 
-# -- connections pinned to a checked address --------------------------------------
-
-
-class _PinnedConnectionMixin:
-    """An http.client connection that connects to addresses checked beforehand
-    instead of resolving its host again; the host name still goes into the
-    Host header and, for HTTPS, into SNI and certificate verification."""
-
-    def __init__(self, *args, addresses: list[str], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._pinned_addresses = addresses
-        # HTTPConnection.connect() (and HTTPSConnection's, through super())
-        # opens its socket with this hook.
-        self._create_connection = self._connect_pinned
-
-    def _connect_pinned(self, address, timeout, source_address=None):
-        _host, port = address
-        error: OSError | None = None
-        for ip in self._pinned_addresses:
-            try:
-                return socket.create_connection((ip, port), timeout, source_address)
-            except OSError as exc:  # try the next address, as create_connection does
-                error = exc
-        assert error is not None
-        raise error
-
-
-class _PinnedHTTPConnection(_PinnedConnectionMixin, http.client.HTTPConnection):
-    pass
-
-
-class _PinnedHTTPSConnection(_PinnedConnectionMixin, http.client.HTTPSConnection):
-    pass
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    # One per process: loading the CA store is not free, and a context is
-    # thread-safe for wrap_socket. Never pickled (module state).
-    return ssl.create_default_context()
-
-
-class _PinnedHandler(urllib.request.AbstractHTTPHandler):
-    """urllib handler for http and https that connects to `addresses` only."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__()
-        self.addresses = addresses
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PinnedHTTPConnection, req, addresses=self.addresses)
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PinnedHTTPSConnection, req, addresses=self.addresses, context=_tls_context())
-
-    http_request = urllib.request.AbstractHTTPHandler.do_request_
-    https_request = urllib.request.AbstractHTTPHandler.do_request_
-
-
-def _open(url: str, addresses: list[str], headers: dict[str, str], timeout_s: float) -> http.client.HTTPResponse:
-    """GET `url` from one of `addresses`, returning the response whatever its
-    status. The opener has no redirect, error or proxy handlers: the caller
-    sees 3xx and 4xx as they are and decides."""
-    opener = urllib.request.OpenerDirector()
-    opener.add_handler(_PinnedHandler(addresses))
-    return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s)
-
-
 # -- the fetcher --------------------------------------------------------------------
 
 
@@ -210,6 +158,21 @@ class FetchResult:
 
     `final_url` is the last URL requested (after redirects), `http_status` and
     `content_type` those of the last response (None when none came back).
+    For the host scheduler:
+
+    - `retry_after_s`: the delay a 429 or 503 asked for (its `Retry-After`,
+      delta-seconds or an HTTP-date, as seconds from now, negative clamped to
+      0); None otherwise, and for a 429/503 without a usable `Retry-After`.
+      The row is still an `http_error` drop: re-queuing is the scheduler's call.
+    - `host_failure`: the fetch failed talking to the row's own host in a way
+      that counts towards declaring it down (DNS failure, timeout, connection
+      refused, reset or closed, TLS failure), also when that happened fetching
+      its robots.txt or tdmrep.json; False for HTTP errors, `too_large`,
+      opt-outs, refused addresses and failures on other hosts a redirect led to.
+    - `requests`: HTTP requests this call sent to the row's host (by name):
+      retries, redirect hops and the robots.txt / tdmrep.json fetches it made
+      included, so they can be charged to the host's rate budget. A row
+      refused before any request has 0.
     """
 
     data: bytes | None = dataclasses.field(repr=False)
@@ -219,6 +182,9 @@ class FetchResult:
     content_type: str | None = None
     attempts: int = 1
     elapsed_s: float = 0.0
+    retry_after_s: float | None = None
+    host_failure: bool = False
+    requests: int = 0
 
     @property
     def ok(self) -> bool:
@@ -227,26 +193,53 @@ class FetchResult:
 
 @dataclasses.dataclass(frozen=True)
 class CheckedUrl:
-    """A URL checked and ready to connect to."""
+    """A URL checked and ready to connect to: `url` normalised, `target` the
+    request target (path and query)."""
 
     url: str
     host: str
     addresses: list[str]
+    scheme: str = "http"
+    port: int = 80
+    target: str = "/"
+
+    @property
+    def origin(self) -> str:
+        return self.url[: len(self.url) - len(self.target)]
+
+    @property
+    def pool_key(self) -> PoolKey:
+        return PoolKey(self.scheme, self.host, self.port, tuple(self.addresses))
+
+
+@dataclasses.dataclass
+class _Call:
+    """Bookkeeping of one `fetch` call: the row's host and the requests sent to it."""
+
+    row_host: str | None
+    requests: int = 0
 
 
 _RETRYABLE = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR})
+HOST_FAILURE_REASONS = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR, RejectReason.DNS_FAILURE})
+THROTTLE_STATUSES = frozenset({429, 503})
+_DRAIN_BYTES = 64 * 1024  # an error or redirect body up to this size is read so its connection can be reused
 
 
 class Fetcher:
-    """Fetches one URL at a time, following `CrawlConfig`; thread-safe, picklable.
+    """Fetches one URL at a time, following `CrawlConfig`; thread-safe (call
+    `fetch` from any number of threads), picklable.
 
     Args:
         config: The crawl stage config.
         resolver: `(host, port) -> [ip, ...]`, raising `socket.gaierror` when
-            the host does not resolve. Default: `resolve` (getaddrinfo).
+            the host does not resolve. Default: `resolve` (getaddrinfo). Its
+            answers are cached per process for `config.dns_cache_ttl_s`.
         address_check: `ip -> reason or None`; an address with a reason is
             refused unless `config.allow_private_network`. Default:
             `non_public_reason`. Injectable so tests can treat loopback as public.
+        opt_outs: Where robots.txt and tdmrep.json verdicts are kept; default
+            the process's `OPT_OUT_CACHE`.
     """
 
     def __init__(
@@ -255,53 +248,76 @@ class Fetcher:
         *,
         resolver: Callable[[str, int], list[str]] = resolve,
         address_check: Callable[[IPAddress], str | None] = non_public_reason,
+        opt_outs: OptOutCache | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.address_check = address_check
+        self.opt_outs = opt_outs
         # Normalised as img2dataset's Downloader does before calling is_disallowed.
         self.user_agent_token = None if config.user_agent_token is None else config.user_agent_token.strip().lower()
         self.disallowed_directives = {d.strip().lower() for d in config.disallowed_header_directives}
         self.headers = {"User-Agent": user_agent(self.user_agent_token)}
+        # robots.txt tokens: ours first, so a detail names it when both disallow.
+        tokens = [config.user_agent_token or "", *config.robots_user_agents]
+        self.robots_tokens = list(dict.fromkeys(t.strip() for t in tokens if t and t.strip())) or ["*"]
+        self._setup()
+
+    def _setup(self) -> None:
+        self._dns = dns_cache_for(self.resolver)
+        self._opt_outs = OPT_OUT_CACHE if self.opt_outs is None else self.opt_outs
+        self._pool = ConnectionPool(max_idle=max(16, self.config.threads), max_idle_per_key=self.config.max_per_host)
+
+    def __getstate__(self) -> dict:
+        # Caches and idle connections belong to the process; a copy gets its own.
+        state = dict(self.__dict__)
+        for name in ("_dns", "_opt_outs", "_pool"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def close(self) -> None:
+        """Close the idle keep-alive connections (the Fetcher stays usable)."""
+        self._pool.close()
 
     def fetch(self, url: str) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to
         `config.retries` times. Never raises for a bad URL or response."""
         start = time.monotonic()
+        split = _split(url)
+        call = _Call(row_host=None if isinstance(split, Drop) else split[1])
         attempt = 0
         while True:
             attempt += 1
             try:
-                result, retryable = self._attempt(url)
+                result, retryable = self._attempt(url, call)
             except Exception as exc:  # a bug or an exotic failure must not kill the bundle
                 logger.exception("unexpected error fetching %s", url)
                 result, retryable = FetchResult(None, Drop(RejectReason.CONNECTION_ERROR, f"unexpected: {exc!r}")), False
             if not retryable or attempt > self.config.retries:
-                return dataclasses.replace(result, attempts=attempt, elapsed_s=time.monotonic() - start)
+                return dataclasses.replace(
+                    result, attempts=attempt, elapsed_s=time.monotonic() - start, requests=call.requests
+                )
             logger.debug("retrying %s after %s (attempt %d)", url, result.drop, attempt)
 
     def check_url(self, url: str) -> CheckedUrl | Drop:
         """Parse, normalise and resolve `url`, and check every address it
-        resolves to. Applied to the first URL and to every redirect target."""
+        resolves to. Applied to the first URL, to every redirect target and
+        to every robots.txt / tdmrep.json request."""
+        split = _split(url)
+        if isinstance(split, Drop):
+            return split
+        parts, ascii_host, port = split
+        scheme = parts.scheme.lower()
         try:
-            parts = urllib.parse.urlsplit(url.strip())
-            scheme = parts.scheme.lower()
-            if scheme not in SCHEMES:
-                return Drop(RejectReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme!r} in {url!r}")
-            host = parts.hostname
-            port = parts.port or SCHEMES[scheme]
-            if not host:
-                return Drop(RejectReason.MALFORMED_URL, f"no host in {url!r}")
-            ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
-        except (ValueError, UnicodeError) as exc:
-            return Drop(RejectReason.MALFORMED_URL, f"{url!r}: {exc}")
-
-        try:
-            addresses = self.resolver(ascii_host, port)
+            addresses = self._dns.resolve(ascii_host, port, self.config.dns_cache_ttl_s)
         except (socket.gaierror, socket.herror) as exc:
             return Drop(RejectReason.DNS_FAILURE, f"{ascii_host}: {exc}")
         except UnicodeError as exc:
-            return Drop(RejectReason.MALFORMED_URL, f"host {host!r}: {exc}")
+            return Drop(RejectReason.MALFORMED_URL, f"host {parts.hostname!r}: {exc}")
         if not addresses:
             return Drop(RejectReason.DNS_FAILURE, f"{ascii_host}: no addresses")
 
@@ -320,17 +336,26 @@ class Fetcher:
         path = _quote(parts.path) or "/"
         query = _quote(parts.query)
         normalised = urllib.parse.urlunsplit((scheme, netloc, path, query, ""))
-        return CheckedUrl(url=normalised, host=ascii_host.lower(), addresses=addresses)
+        target = path + (f"?{query}" if query else "")
+        return CheckedUrl(
+            url=normalised, host=ascii_host, addresses=addresses, scheme=scheme, port=port, target=target
+        )
 
-    def _attempt(self, url: str) -> tuple[FetchResult, bool]:
+    # -- one attempt: opt-outs, then the image, hop by hop -------------------------------
+
+    def _attempt(self, url: str, call: _Call) -> tuple[FetchResult, bool]:
         """One attempt: follow redirects hop by hop. Returns the result and
         whether it is worth retrying."""
-        for hop in range(self.config.max_redirects + 1):
+        for _hop in range(self.config.max_redirects + 1):
             target = self.check_url(url)
             if isinstance(target, Drop):
-                return FetchResult(None, target, final_url=url), False
+                failed = target.reason in HOST_FAILURE_REASONS and _host_of(url) == call.row_host
+                return FetchResult(None, target, final_url=url, host_failure=failed), False
+            opted_out = self._opt_outs_of(target, call)
+            if opted_out is not None:
+                return opted_out
             with HOST_SLOTS.hold(target.host, self.config.max_per_host):
-                outcome = self._get(target)
+                outcome = self._get(target, call)
             if isinstance(outcome, str):  # a redirect: the next hop
                 url = outcome
                 continue
@@ -344,20 +369,137 @@ class Fetcher:
             False,
         )
 
-    def _get(self, target: CheckedUrl) -> tuple[FetchResult, bool] | str:
+    def _opt_outs_of(self, target: CheckedUrl, call: _Call) -> tuple[FetchResult, bool] | None:
+        """robots.txt and tdmrep.json of `target`'s host: the drop when either
+        rejects `target`, or None. Each is fetched once per host per process."""
+        checks = []
+        if self.config.robots_txt:
+            checks.append(("robots", ROBOTS_PATH, RejectReason.ROBOTS_DISALLOWED))
+        if self.config.tdmrep:
+            checks.append(("tdmrep", TDMREP_PATH, RejectReason.TDM_RESERVED))
+        for kind, path, reason in checks:
+            key = (kind, target.scheme, target.host, target.port)
+            verdicts, _loaded = self._opt_outs.get(key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call))
+            if isinstance(verdicts, Unresolved):
+                drop = Drop(RejectReason(verdicts.reason), verdicts.detail)
+                result = FetchResult(
+                    None,
+                    drop,
+                    final_url=target.url,
+                    retry_after_s=verdicts.retry_after_s,
+                    host_failure=verdicts.host_failure and target.host == call.row_host,
+                )
+                return result, drop.reason in _RETRYABLE
+            detail = (
+                verdicts.disallowed(target.url, self.robots_tokens)
+                if isinstance(verdicts, RobotsRules)
+                else verdicts.reserved(target.url)
+            )
+            if detail is not None:
+                return FetchResult(None, Drop(reason, detail), final_url=target.url), False
+        return None
+
+    def _load_opt_out(self, kind: str, target: CheckedUrl, path: str, call: _Call) -> RobotsRules | TdmRules | Unresolved:
+        document = self._document(target, path, call)
+        if kind == "robots":
+            return robots_from(target.origin, document, self.config.max_robots_bytes)
+        return tdmrep_from(target.origin, document)
+
+    def _document(self, origin: CheckedUrl, path: str, call: _Call) -> Document:
+        """GET `path` on `origin`'s host (robots.txt, tdmrep.json): redirects
+        followed up to MAX_ROBOTS_REDIRECTS hops, each checked like any request;
+        at most `max_robots_bytes` + 1 bytes read."""
+        url = origin.origin + path
+        limit = self.config.max_robots_bytes
+        for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
+            target = self.check_url(url)
+            if isinstance(target, Drop):
+                on_origin = target.reason in HOST_FAILURE_REASONS and _host_of(url) == origin.host
+                return Document(url, failure=(target.reason.value, target.detail), on_origin_host=on_origin)
+            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
+                try:
+                    conn, response = self._request(target, call)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    drop = _classify(exc)
+                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
+                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
+                reusable = False
+                try:
+                    status = response.status
+                    location = response.headers.get("Location")
+                    if status in REDIRECT_STATUSES and location:
+                        reusable = _drain(response)
+                        url = urllib.parse.urljoin(target.url, location.strip())
+                        continue
+                    if not 200 <= status < 300:
+                        reusable = _drain(response)
+                        return Document(url, status, retry_after_s=_retry_after(response))
+                    body = response.read(limit + 1)
+                    reusable = response.isclosed()
+                    return Document(url, status, body)
+                except Exception as exc:  # noqa: BLE001 - a body that fails to arrive
+                    drop = _classify(exc)
+                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
+                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
+                finally:
+                    self._release(target, conn, response, reusable)
+        return Document(url, too_many_redirects=True)
+
+    # -- one request ---------------------------------------------------------------------
+
+    def _request(self, target: CheckedUrl, call: _Call) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send GET `target` on an idle keep-alive connection to its checked
+        addresses, or a new one. A reused connection the server closed in the
+        meantime is replaced once, transparently (the request never arrived)."""
+        if target.host == call.row_host:
+            call.requests += 1
+        key = target.pool_key
+        conn = self._pool.take(key)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = new_connection(key, self.config.timeout_s, connections.tls_context() if key.scheme == "https" else None)
+            try:
+                conn.request("GET", target.target, headers=self.headers)
+                return conn, conn.getresponse()
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+                conn.close()
+                if not reused:
+                    raise
+                reused, conn = False, None
+            except BaseException:
+                conn.close()
+                raise
+
+    def _release(
+        self, target: CheckedUrl, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, reusable: bool
+    ) -> None:
+        """Back to the pool if the response was read to its end and the server keeps the connection open."""
+        if reusable and response.isclosed() and not response.will_close and conn.sock is not None:
+            self._pool.give(target.pool_key, conn)
+        else:
+            response.close()
+            conn.close()
+
+    def _get(self, target: CheckedUrl, call: _Call) -> tuple[FetchResult, bool] | str:
         """One request. Returns the redirect target URL, or the result."""
+        on_row_host = target.host == call.row_host
         try:
-            response = _open(target.url, target.addresses, self.headers, self.config.timeout_s)
+            conn, response = self._request(target, call)
         except Exception as exc:  # noqa: BLE001 - classified below
             drop = _classify(exc)
-            return FetchResult(None, drop, final_url=target.url), drop.reason in _RETRYABLE
+            failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
+            return FetchResult(None, drop, final_url=target.url, host_failure=failed), drop.reason in _RETRYABLE
 
-        with contextlib.closing(response):
+        reusable = False
+        try:
             status = response.status
             content_type = response.headers.get("Content-Type")
 
-            def result(data: bytes | None, drop: Drop | None) -> FetchResult:
-                return FetchResult(data, drop, final_url=target.url, http_status=status, content_type=content_type)
+            def result(data: bytes | None, drop: Drop | None, **extra) -> FetchResult:
+                return FetchResult(
+                    data, drop, final_url=target.url, http_status=status, content_type=content_type, **extra
+                )
 
             if self.disallowed_directives and is_disallowed(
                 response.headers, self.user_agent_token, self.disallowed_directives
@@ -365,23 +507,33 @@ class Fetcher:
                 tags = "; ".join(response.headers.get_all("X-Robots-Tag", []))
                 return result(None, Drop(RejectReason.OPT_OUT, f"X-Robots-Tag: {tags}")), False
 
+            if self.config.tdmrep and (reserved := header_reservation(response.headers)) is not None:
+                return result(None, Drop(RejectReason.TDM_RESERVED, reserved)), False
+
             if status in REDIRECT_STATUSES:
                 location = response.headers.get("Location")
                 if not location:
                     return result(None, Drop(RejectReason.HTTP_ERROR, f"HTTP {status} without Location")), False
+                reusable = _drain(response)
                 return urllib.parse.urljoin(target.url, location.strip())
 
             if not 200 <= status < 300:
-                return result(None, Drop(RejectReason.HTTP_ERROR, f"HTTP {status} {response.reason}")), False
+                reusable = _drain(response)
+                drop = Drop(RejectReason.HTTP_ERROR, f"HTTP {status} {response.reason}")
+                return result(None, drop, retry_after_s=_retry_after(response)), False
 
             try:
                 body = self._read_body(response)
             except Exception as exc:  # noqa: BLE001 - classified below
                 drop = _classify(exc)
-                return result(None, drop), drop.reason in _RETRYABLE
+                failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
+                return result(None, drop, host_failure=failed), drop.reason in _RETRYABLE
             if isinstance(body, Drop):
                 return result(None, body), False
+            reusable = True
             return result(body, None), False
+        finally:
+            self._release(target, conn, response, reusable)
 
     def _read_body(self, response: http.client.HTTPResponse) -> bytes | Drop:
         limit = self.config.max_body_bytes
@@ -403,6 +555,70 @@ class Fetcher:
                 return Drop(RejectReason.TOO_LARGE, f"body longer than max_body_bytes {limit}")
 
 
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value (RFC 9110 10.2.3): delta-seconds
+    or an HTTP-date (any date format `email.utils` reads; one without a zone is
+    taken as UTC), from `now` (default: the current time). A date in the past,
+    or a negative number, gives 0; an empty, unparseable or non-finite value None."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _retry_after(response: http.client.HTTPResponse) -> float | None:
+    if response.status not in THROTTLE_STATUSES:
+        return None
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def _drain(response: http.client.HTTPResponse) -> bool:
+    """Read a small remaining body (an error page, a redirect's) so the
+    connection can carry the next request; False when it is not worth it."""
+    length = response.length
+    if length is None or length > _DRAIN_BYTES:
+        return False
+    try:
+        response.read()
+    except (OSError, http.client.HTTPException):
+        return False
+    return response.isclosed()
+
+
+def _split(url: str) -> tuple[urllib.parse.SplitResult, str, int] | Drop:
+    """(parts, ASCII lowercase host, port) of an http(s) URL, or why not."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in SCHEMES:
+            return Drop(RejectReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme!r} in {url!r}")
+        host = parts.hostname
+        port = parts.port or SCHEMES[scheme]
+        if not host:
+            return Drop(RejectReason.MALFORMED_URL, f"no host in {url!r}")
+        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        return Drop(RejectReason.MALFORMED_URL, f"{url!r}: {exc}")
+    return parts, ascii_host.lower(), port
+
+
+def _host_of(url: str) -> str | None:
+    split = _split(url)
+    return None if isinstance(split, Drop) else split[1]
+
+
 def _quote(component: str) -> str:
     """Percent-encode what may not appear raw in a request line (spaces,
     controls, non-ASCII as UTF-8); existing escapes and reserved characters
@@ -411,7 +627,7 @@ def _quote(component: str) -> str:
 
 
 def _classify(exc: BaseException) -> Drop:
-    """Map an exception from urllib/http.client to a reject reason."""
+    """Map an exception from http.client/ssl/socket to a reject reason."""
     if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
         exc = exc.reason
     if isinstance(exc, TimeoutError):
