@@ -131,7 +131,8 @@ def robots_from(origin: str, document: Document, limit: int) -> RobotsRules | Un
     if settled is not None:
         return settled
     if document.failure is not None:
-        return RobotsRules(origin, disallow_all=True, why=f"unreachable ({document.failure[1]})")
+        reason, detail = document.failure
+        return RobotsRules(origin, disallow_all=True, why=f"unreachable at {document.url} ({reason}: {detail})")
     status = document.status
     assert status is not None
     if 200 <= status < 300:
