@@ -18,23 +18,40 @@ cache. Plain Python, no Beam.
   of one name wait for a single resolver call. `dns_cache_for(resolver)` is
   the process's cache for a resolver function, so every Fetcher of a worker
   process shares one lookup per host.
+- `HOST_SLOTS` bounds the requests in flight to one host in the process
+  (`CrawlConfig.max_per_host`), whatever the number of threads or Fetchers.
+- `classify_error` maps what http.client, ssl and socket raise to a reject
+  reason; `parse_retry_after` reads a 429/503's `Retry-After`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import datetime
+import email.utils
 import functools
 import http.client
+import math
 import select
 import socket
 import ssl
 import threading
 import time
+import urllib.error
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from schemas import RejectReason
+from stages.core.verdict import Drop
 
 Resolver = Callable[[str, int], list[str]]
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+THROTTLE_STATUSES = frozenset({429, 503})  # the answers whose Retry-After a crawler must honour
+# Failures that say a host is unreachable: they count towards declaring it down.
+HOST_FAILURE_REASONS = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR, RejectReason.DNS_FAILURE})
+DRAIN_BYTES = 64 * 1024  # an error or redirect body up to this size is read so its connection can be reused
 
 
 # -- connections pinned to a checked address --------------------------------------
@@ -176,6 +193,107 @@ class ConnectionPool:
     def __len__(self) -> int:
         with self._lock:
             return len(self._idle)
+
+
+# -- per-host concurrency ---------------------------------------------------------
+
+
+class HostSlots:
+    """A counting semaphore per (host, limit), shared by every thread of the process.
+
+    An entry lives only while some fetch holds or waits for one of its slots,
+    so memory follows the number of fetches in flight, not the number of hosts
+    ever seen. Module state, not instance state: DoFn instances come and go
+    (and are pickled) while the limit is meant for the whole worker process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], tuple[threading.Semaphore, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, host: str, limit: int) -> Iterator[None]:
+        key = (host, limit)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = (threading.Semaphore(limit), [0])
+            semaphore, users = entry
+            users[0] += 1
+        try:
+            with semaphore:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+HOST_SLOTS = HostSlots()
+
+
+# -- reading answers ------------------------------------------------------------------
+
+
+def drain(response: http.client.HTTPResponse) -> bool:
+    """Read a small remaining body (an error page, a redirect's) so the
+    connection can carry the next request; False when it is not worth it."""
+    length = response.length
+    if length is None or length > DRAIN_BYTES:
+        return False
+    try:
+        response.read()
+    except (OSError, http.client.HTTPException):
+        return False
+    return response.isclosed()
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` value (RFC 9110 10.2.3): delta-seconds
+    or an HTTP-date (any date format `email.utils` reads; one without a zone is
+    taken as UTC), from `now` (default: the current time). A date in the past,
+    or a negative number, gives 0; an empty, unparseable or non-finite value None."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def retry_after_of(response: http.client.HTTPResponse) -> float | None:
+    """The Retry-After of a 429 or 503 answer, in seconds (None for other statuses or without one)."""
+    if response.status not in THROTTLE_STATUSES:
+        return None
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def classify_error(exc: BaseException) -> Drop:
+    """Map an exception from http.client/ssl/socket to a reject reason."""
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    if isinstance(exc, TimeoutError):
+        return Drop(RejectReason.TIMEOUT, str(exc) or "timed out")
+    if isinstance(exc, http.client.InvalidURL | UnicodeError):
+        return Drop(RejectReason.MALFORMED_URL, str(exc))
+    if isinstance(exc, socket.gaierror):
+        return Drop(RejectReason.DNS_FAILURE, str(exc))
+    return Drop(RejectReason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 # -- DNS cache ----------------------------------------------------------------------

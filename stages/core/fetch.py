@@ -1,11 +1,12 @@
-"""Fetching one image over HTTP(S), as img2dataset does, safely: the crawl
-stage's plain-Python core (`Fetcher`); `stages/crawl.py` is the Beam adapter
-and `stages/core/address.py` the address policy.
+"""Fetching one image over HTTP(S), as img2dataset does, safely and politely:
+the crawl stage's plain-Python core (`Fetcher`); `stages/crawl.py` is the Beam
+adapter, `stages/core/address.py` the address policy, `stages/core/robots.py`
+the site-wide opt-outs and `stages/core/connections.py` the connections.
 
 Kept: rows whose URL answers 2xx with a body of at most `max_body_bytes`, with
-no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
-`record.provenance` filled in (`final_url`, `http_status`, `content_type`,
-`fetched_at`). Dropped, one `Rejection` each (stage `crawl`):
+no opt-out. They leave as `WithImage(record, data)`, with `record.provenance`
+filled in (`final_url`, `http_status`, `content_type`, `fetched_at`). Dropped,
+one `Rejection` each (stage `crawl`):
 
 - `private_address`: the host (or a redirect's host) resolves to an address
   that is not public unicast: loopback, RFC 1918 private, carrier-grade NAT,
@@ -16,11 +17,16 @@ no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
   `allow_private_network=True` disables it.
 - `dns_failure`: the host does not resolve.
 - `http_error`: a status outside 2xx that is not a followed redirect
-  (the detail says which).
+  (the detail says which; a 429/503 also sets `FetchResult.retry_after_s`).
 - `timeout`: connecting, or waiting for any read, took over `timeout_s`.
 - `connection_error`: refused, reset, closed early, TLS failure.
 - `too_large`: `Content-Length` announces more than `max_body_bytes`, or the
   body turns out longer; at most `max_body_bytes + 1` bytes are read.
+- `robots_disallowed`: the host's robots.txt disallows the URL for
+  `user_agent_token` or one of `robots_user_agents`, or could not be read
+  (5xx); `robots_txt=False` disables it. See `stages/core/robots.py`.
+- `tdm_reserved`: W3C TDMRep: the answer carries `tdm-reservation: 1`, or the
+  host's `/.well-known/tdmrep.json` reserves the path; `tdmrep=False` disables it.
 - `opt_out`: an `X-Robots-Tag` header on any response of the chain carries one
   of `disallowed_header_directives`, either for all agents or for
   `user_agent_token` (img2dataset's `is_disallowed`, reused as is). An empty
@@ -29,17 +35,24 @@ no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
 - `unsupported_scheme` / `malformed_url`: a URL (or redirect target) that is
   not http(s), or that has no usable host or port.
 
-Semantics follow img2dataset's `download_image`: urllib, the same User-Agent
-with the token, the same opt-out rule, `retries` extra attempts. Unlike it,
-only timeouts and connection errors are retried (a 404 stays a 404), and the
+Semantics follow img2dataset's `download_image`: the same User-Agent with the
+token, the same X-Robots-Tag rule, `retries` extra attempts. Unlike it, only
+timeouts and connection errors are retried (a 404 stays a 404), and the
 crawler resolves each host once, checks every address, and connects to exactly
 that address (Host header and TLS SNI keep the name), so a DNS answer that
 changes between check and connect cannot reach an internal service. Redirects
-are followed one hop at a time and each hop is checked the same way.
-Environment proxies are ignored: a proxy would resolve names itself.
+are followed one hop at a time and each hop is checked the same way, opt-outs
+of the hop's host included. Environment proxies are ignored: a proxy would
+resolve names itself.
 
-At most `max_per_host` fetches run against one host at a time in a worker
-process, whatever the number of threads or DoFn instances.
+Per host: robots.txt and tdmrep.json are fetched once per worker process
+(concurrent fetches of a new host wait for that one fetch); a host name is
+resolved once per process and the answer kept for at most `dns_cache_ttl_s`;
+connections are kept alive in a pool per Fetcher (HTTP/1.1); at most
+`max_per_host` requests run against one host at a time in a worker process,
+whatever the number of threads or DoFn instances. The job-wide rate and
+concurrency budgets are the host scheduler's (`stages/core/host_schedule.py`),
+which reads `retry_after_s`, `host_failure` and `requests` off each result.
 
 Not bounded by `timeout_s`: name resolution (the system resolver's own
 timeouts apply) and the total duration of a body that keeps trickling in
@@ -48,39 +61,43 @@ timeouts apply) and the total duration of a body that keeps trickling in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import email.utils
 import http.client
 import ipaddress
 import logging
-import math
 import os
 import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from schemas import CrawlConfig, RejectReason
 from stages.core import connections
-from stages.core.address import IPAddress, non_public_reason, resolve
-from stages.core.connections import ConnectionPool, PoolKey, dns_cache_for, new_connection
+from stages.core.address import IPAddress, host_of, non_public_reason, quote_component, resolve, split_url
+from stages.core.connections import (
+    HOST_FAILURE_REASONS,
+    HOST_SLOTS,
+    REDIRECT_STATUSES,
+    THROTTLE_STATUSES,
+    ConnectionPool,
+    PoolKey,
+    classify_error,
+    dns_cache_for,
+    drain,
+    new_connection,
+    parse_retry_after,
+    retry_after_of,
+)
 from stages.core.robots import (
-    MAX_ROBOTS_REDIRECTS,
     OPT_OUT_CACHE,
     ROBOTS_PATH,
     TDMREP_PATH,
-    Document,
     OptOutCache,
     RobotsRules,
-    TdmRules,
+    SiteFileFetching,
     Unresolved,
     header_reservation,
-    robots_from,
-    tdmrep_from,
 )
 from stages.core.verdict import Drop
 
@@ -89,6 +106,17 @@ from stages.core.verdict import Drop
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import is_disallowed  # noqa: E402
 
+__all__ = [  # what the host scheduler and the Beam adapter use
+    "HOST_FAILURE_REASONS",
+    "HOST_SLOTS",
+    "THROTTLE_STATUSES",
+    "CheckedUrl",
+    "FetchResult",
+    "Fetcher",
+    "parse_retry_after",
+    "user_agent",
+]
+
 logger = logging.getLogger(__name__)
 
 # img2dataset's User-Agent, so that sites which address its token in
@@ -96,8 +124,6 @@ logger = logging.getLogger(__name__)
 BROWSER_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 USER_AGENT_URL = "https://github.com/rom1504/img2dataset"
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-SCHEMES = {"http": 80, "https": 443}
 _READ_CHUNK_BYTES = 64 * 1024
 
 def user_agent(token: str | None) -> str:
@@ -105,48 +131,6 @@ def user_agent(token: str | None) -> str:
     if not token:
         return BROWSER_USER_AGENT
     return f"{BROWSER_USER_AGENT} (compatible; {token}; +{USER_AGENT_URL})"
-
-
-# -- per-host concurrency ---------------------------------------------------------
-
-
-class _HostSlots:
-    """A counting semaphore per (host, limit), shared by every thread of the process.
-
-    An entry lives only while some fetch holds or waits for one of its slots,
-    so memory follows the number of fetches in flight, not the number of hosts
-    ever seen. Module state, not instance state: DoFn instances come and go
-    (and are pickled) while the limit is meant for the whole worker process.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, int], tuple[threading.Semaphore, list[int]]] = {}
-
-    @contextlib.contextmanager
-    def hold(self, host: str, limit: int) -> Iterator[None]:
-        key = (host, limit)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = (threading.Semaphore(limit), [0])
-            semaphore, users = entry
-            users[0] += 1
-        try:
-            with semaphore:
-                yield
-        finally:
-            with self._lock:
-                users[0] -= 1
-                if users[0] == 0:
-                    del self._entries[key]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
-HOST_SLOTS = _HostSlots()
 
 
 # -- the fetcher --------------------------------------------------------------------
@@ -221,12 +205,9 @@ class _Call:
 
 
 _RETRYABLE = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR})
-HOST_FAILURE_REASONS = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR, RejectReason.DNS_FAILURE})
-THROTTLE_STATUSES = frozenset({429, 503})
-_DRAIN_BYTES = 64 * 1024  # an error or redirect body up to this size is read so its connection can be reused
 
 
-class Fetcher:
+class Fetcher(SiteFileFetching):
     """Fetches one URL at a time, following `CrawlConfig`; thread-safe (call
     `fetch` from any number of threads), picklable.
 
@@ -287,7 +268,7 @@ class Fetcher:
         """Fetch `url`, retrying timeouts and connection errors up to
         `config.retries` times. Never raises for a bad URL or response."""
         start = time.monotonic()
-        split = _split(url)
+        split = split_url(url)
         call = _Call(row_host=None if isinstance(split, Drop) else split[1])
         attempt = 0
         while True:
@@ -307,7 +288,7 @@ class Fetcher:
         """Parse, normalise and resolve `url`, and check every address it
         resolves to. Applied to the first URL, to every redirect target and
         to every robots.txt / tdmrep.json request."""
-        split = _split(url)
+        split = split_url(url)
         if isinstance(split, Drop):
             return split
         parts, ascii_host, port = split
@@ -333,8 +314,8 @@ class Fetcher:
         netloc = f"[{ascii_host}]" if ":" in ascii_host else ascii_host
         if parts.port is not None:
             netloc += f":{parts.port}"
-        path = _quote(parts.path) or "/"
-        query = _quote(parts.query)
+        path = quote_component(parts.path) or "/"
+        query = quote_component(parts.query)
         normalised = urllib.parse.urlunsplit((scheme, netloc, path, query, ""))
         target = path + (f"?{query}" if query else "")
         return CheckedUrl(
@@ -349,7 +330,7 @@ class Fetcher:
         for _hop in range(self.config.max_redirects + 1):
             target = self.check_url(url)
             if isinstance(target, Drop):
-                failed = target.reason in HOST_FAILURE_REASONS and _host_of(url) == call.row_host
+                failed = target.reason in HOST_FAILURE_REASONS and host_of(url) == call.row_host
                 return FetchResult(None, target, final_url=url, host_failure=failed), False
             opted_out = self._opt_outs_of(target, call)
             if opted_out is not None:
@@ -399,52 +380,6 @@ class Fetcher:
                 return FetchResult(None, Drop(reason, detail), final_url=target.url), False
         return None
 
-    def _load_opt_out(self, kind: str, target: CheckedUrl, path: str, call: _Call) -> RobotsRules | TdmRules | Unresolved:
-        document = self._document(target, path, call)
-        if kind == "robots":
-            return robots_from(target.origin, document, self.config.max_robots_bytes)
-        return tdmrep_from(target.origin, document)
-
-    def _document(self, origin: CheckedUrl, path: str, call: _Call) -> Document:
-        """GET `path` on `origin`'s host (robots.txt, tdmrep.json): redirects
-        followed up to MAX_ROBOTS_REDIRECTS hops, each checked like any request;
-        at most `max_robots_bytes` + 1 bytes read."""
-        url = origin.origin + path
-        limit = self.config.max_robots_bytes
-        for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
-            target = self.check_url(url)
-            if isinstance(target, Drop):
-                on_origin = target.reason in HOST_FAILURE_REASONS and _host_of(url) == origin.host
-                return Document(url, failure=(target.reason.value, target.detail), on_origin_host=on_origin)
-            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
-                try:
-                    conn, response = self._request(target, call)
-                except Exception as exc:  # noqa: BLE001 - classified below
-                    drop = _classify(exc)
-                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
-                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
-                reusable = False
-                try:
-                    status = response.status
-                    location = response.headers.get("Location")
-                    if status in REDIRECT_STATUSES and location:
-                        reusable = _drain(response)
-                        url = urllib.parse.urljoin(target.url, location.strip())
-                        continue
-                    if not 200 <= status < 300:
-                        reusable = _drain(response)
-                        return Document(url, status, retry_after_s=_retry_after(response))
-                    body = response.read(limit + 1)
-                    reusable = response.isclosed()
-                    return Document(url, status, body)
-                except Exception as exc:  # noqa: BLE001 - a body that fails to arrive
-                    drop = _classify(exc)
-                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
-                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
-                finally:
-                    self._release(target, conn, response, reusable)
-        return Document(url, too_many_redirects=True)
-
     # -- one request ---------------------------------------------------------------------
 
     def _request(self, target: CheckedUrl, call: _Call) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -487,7 +422,7 @@ class Fetcher:
         try:
             conn, response = self._request(target, call)
         except Exception as exc:  # noqa: BLE001 - classified below
-            drop = _classify(exc)
+            drop = classify_error(exc)
             failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
             return FetchResult(None, drop, final_url=target.url, host_failure=failed), drop.reason in _RETRYABLE
 
@@ -514,18 +449,18 @@ class Fetcher:
                 location = response.headers.get("Location")
                 if not location:
                     return result(None, Drop(RejectReason.HTTP_ERROR, f"HTTP {status} without Location")), False
-                reusable = _drain(response)
+                reusable = drain(response)
                 return urllib.parse.urljoin(target.url, location.strip())
 
             if not 200 <= status < 300:
-                reusable = _drain(response)
+                reusable = drain(response)
                 drop = Drop(RejectReason.HTTP_ERROR, f"HTTP {status} {response.reason}")
-                return result(None, drop, retry_after_s=_retry_after(response)), False
+                return result(None, drop, retry_after_s=retry_after_of(response)), False
 
             try:
                 body = self._read_body(response)
             except Exception as exc:  # noqa: BLE001 - classified below
-                drop = _classify(exc)
+                drop = classify_error(exc)
                 failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
                 return result(None, drop, host_failure=failed), drop.reason in _RETRYABLE
             if isinstance(body, Drop):
@@ -553,87 +488,3 @@ class Fetcher:
             size += len(chunk)
             if size > limit:
                 return Drop(RejectReason.TOO_LARGE, f"body longer than max_body_bytes {limit}")
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` value (RFC 9110 10.2.3): delta-seconds
-    or an HTTP-date (any date format `email.utils` reads; one without a zone is
-    taken as UTC), from `now` (default: the current time). A date in the past,
-    or a negative number, gives 0; an empty, unparseable or non-finite value None."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
-
-
-def _retry_after(response: http.client.HTTPResponse) -> float | None:
-    if response.status not in THROTTLE_STATUSES:
-        return None
-    return parse_retry_after(response.headers.get("Retry-After"))
-
-
-def _drain(response: http.client.HTTPResponse) -> bool:
-    """Read a small remaining body (an error page, a redirect's) so the
-    connection can carry the next request; False when it is not worth it."""
-    length = response.length
-    if length is None or length > _DRAIN_BYTES:
-        return False
-    try:
-        response.read()
-    except (OSError, http.client.HTTPException):
-        return False
-    return response.isclosed()
-
-
-def _split(url: str) -> tuple[urllib.parse.SplitResult, str, int] | Drop:
-    """(parts, ASCII lowercase host, port) of an http(s) URL, or why not."""
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        scheme = parts.scheme.lower()
-        if scheme not in SCHEMES:
-            return Drop(RejectReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme!r} in {url!r}")
-        host = parts.hostname
-        port = parts.port or SCHEMES[scheme]
-        if not host:
-            return Drop(RejectReason.MALFORMED_URL, f"no host in {url!r}")
-        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
-    except (ValueError, UnicodeError) as exc:
-        return Drop(RejectReason.MALFORMED_URL, f"{url!r}: {exc}")
-    return parts, ascii_host.lower(), port
-
-
-def _host_of(url: str) -> str | None:
-    split = _split(url)
-    return None if isinstance(split, Drop) else split[1]
-
-
-def _quote(component: str) -> str:
-    """Percent-encode what may not appear raw in a request line (spaces,
-    controls, non-ASCII as UTF-8); existing escapes and reserved characters
-    are kept, so an already valid URL is unchanged."""
-    return urllib.parse.quote(component, safe="/%:@!$&'()*+,;=?[]~")
-
-
-def _classify(exc: BaseException) -> Drop:
-    """Map an exception from http.client/ssl/socket to a reject reason."""
-    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
-        exc = exc.reason
-    if isinstance(exc, TimeoutError):
-        return Drop(RejectReason.TIMEOUT, str(exc) or "timed out")
-    if isinstance(exc, http.client.InvalidURL | UnicodeError):
-        return Drop(RejectReason.MALFORMED_URL, str(exc))
-    if isinstance(exc, socket.gaierror):
-        return Drop(RejectReason.DNS_FAILURE, str(exc))
-    return Drop(RejectReason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

@@ -56,6 +56,18 @@ from collections.abc import Callable, Iterable, Mapping
 
 from protego import Protego
 
+from schemas import CrawlConfig
+from stages.core.address import host_of
+from stages.core.connections import (
+    HOST_FAILURE_REASONS,
+    HOST_SLOTS,
+    REDIRECT_STATUSES,
+    classify_error,
+    drain,
+    retry_after_of,
+)
+from stages.core.verdict import Drop
+
 ROBOTS_PATH = "/robots.txt"
 TDMREP_PATH = "/.well-known/tdmrep.json"
 MAX_ROBOTS_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five
@@ -243,7 +255,67 @@ def _path_of(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+# -- fetching the files -----------------------------------------------------------------
+
+
+class SiteFileFetching:
+    """The part of `stages.core.fetch.Fetcher` that fetches robots.txt and
+    tdmrep.json, with the fetcher's own requests: `check_url` on every hop
+    (address policy, DNS cache), the per-host slots, pinned keep-alive
+    connections, and the requests charged to the fetch call that sent them.
+    The Fetcher provides `config`, `check_url`, `_request` and `_release`."""
+
+    config: CrawlConfig
+
+    def _load_opt_out(self, kind: str, target, path: str, call) -> RobotsRules | TdmRules | Unresolved:
+        document = self._document(target, path, call)
+        if kind == "robots":
+            return robots_from(target.origin, document, self.config.max_robots_bytes)
+        return tdmrep_from(target.origin, document)
+
+    def _document(self, origin, path: str, call) -> Document:
+        """GET `path` on `origin`'s host (robots.txt, tdmrep.json): redirects
+        followed up to MAX_ROBOTS_REDIRECTS hops, each checked like any request;
+        at most `max_robots_bytes` + 1 bytes read."""
+        url = origin.origin + path
+        limit = self.config.max_robots_bytes
+        for _hop in range(MAX_ROBOTS_REDIRECTS + 1):
+            target = self.check_url(url)
+            if isinstance(target, Drop):
+                on_origin = target.reason in HOST_FAILURE_REASONS and host_of(url) == origin.host
+                return Document(url, failure=(target.reason.value, target.detail), on_origin_host=on_origin)
+            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
+                try:
+                    conn, response = self._request(target, call)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    drop = classify_error(exc)
+                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
+                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
+                reusable = False
+                try:
+                    status = response.status
+                    location = response.headers.get("Location")
+                    if status in REDIRECT_STATUSES and location:
+                        reusable = drain(response)
+                        url = urllib.parse.urljoin(target.url, location.strip())
+                        continue
+                    if not 200 <= status < 300:
+                        reusable = drain(response)
+                        return Document(url, status, retry_after_s=retry_after_of(response))
+                    body = response.read(limit + 1)
+                    reusable = response.isclosed()
+                    return Document(url, status, body)
+                except Exception as exc:  # noqa: BLE001 - a body that fails to arrive
+                    drop = classify_error(exc)
+                    on_origin = drop.reason in HOST_FAILURE_REASONS and target.host == origin.host
+                    return Document(url, failure=(drop.reason.value, drop.detail), on_origin_host=on_origin)
+                finally:
+                    self._release(target, conn, response, reusable)
+        return Document(url, too_many_redirects=True)
+
+
 # -- the per-process cache --------------------------------------------------------------
+
 
 class _Entry:
     __slots__ = ("done", "value", "error")

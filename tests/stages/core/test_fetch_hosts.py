@@ -15,8 +15,8 @@ import pytest
 
 from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route, Throttle
 from schemas import RejectReason
-from stages.core.connections import DnsCache
-from stages.core.fetch import HOST_SLOTS, Fetcher, _HostSlots, parse_retry_after
+from stages.core.connections import HOST_SLOTS, DnsCache, HostSlots
+from stages.core.fetch import Fetcher, parse_retry_after
 from stages.core.robots import OptOutCache
 from tests.stages.crawl_helpers import LOCAL, loopback_is_public
 
@@ -278,7 +278,7 @@ def test_without_the_bound_the_server_sees_more_concurrency(web):
 
 
 def test_host_slots_are_per_host():
-    slots = _HostSlots()
+    slots = HostSlots()
     inside = threading.Barrier(2, timeout=5)
 
     def hold(host):

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route, Throttle
+from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route
 from schemas import CrawlConfig, RejectReason
 from stages.core.fetch import Fetcher
 from stages.core.robots import OptOutCache, location_pattern, parse_tdmrep
