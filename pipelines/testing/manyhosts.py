@@ -55,8 +55,10 @@ the request line and headers have been read, before any answer):
   clock for every process of the machine on Linux), `path`, `status` (what the
   answer will be; null for a hang), `user_agent`;
 - `in_flight`: requests this host was answering at that moment, this one
-  included (a request is in flight from its arrival until its answer is
-  written: delays count);
+  included. A request is in flight from its arrival until the server starts
+  writing its answer (delays count), so a client that holds a slot until it
+  has read the answer always holds it longer than the log counts it; a hung
+  request is in flight until the client closes its connection;
 - `connections`: TCP connections open to this host at that moment (idle
   keep-alive connections included); `conn`: the serial number of the
   connection it came on (fewer distinct `conn` than requests: keep-alive).
@@ -335,13 +337,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             delay = state.spec.delay_s + route.delay_s
             if delay > 0:
                 stopping.wait(delay)
-            if status is None:  # hang: never answer
-                stopping.wait()
+            if status is None:  # hang: never answer; in flight until the client gives up
                 self.close_connection = True
+                self._wait_for_client_to_leave()
                 return
-            self._answer(route)
         finally:
+            # Out of flight before the first byte of the answer goes out: a
+            # client that holds a slot until it has read the answer holds it
+            # longer than the server counts it, so the log never over-counts.
             state.leave()
+        self._answer(route)
+
+    def _wait_for_client_to_leave(self) -> None:
+        """Block until the client closes the connection (or `stop()` shuts it down)."""
+        try:
+            self.connection.settimeout(None)
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
 
     def _answer(self, route: Route) -> None:
         try:
