@@ -67,7 +67,10 @@ Servers speak HTTP/1.1 with keep-alive (an idle connection is closed after
 `keepalive_timeout_s`). `peak_rate(entries, window_s)` and `peak_in_flight`
 summarise a host's log; `build_url_list` writes a parquet URL list (columns
 `url`, `caption`) in which `hot_hosts` hosts hold most rows and every other
-host one or two.
+host one or two; `web_specs(60, refuse=6, hang=6)` makes a web with some hosts
+dead. `python -m pipelines.testing.manyhosts --hosts 60 --refuse 6 --log-dir D
+--urls urls.parquet` serves one in its own process (it prints its port as a
+JSON line and serves until SIGTERM).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ __all__ = [
     "read_log",
     "read_logs",
     "url_rows",
+    "web_specs",
     "write_url_list",
 ]
 
@@ -620,3 +624,81 @@ def build_url_list(web: ManyHostWeb, path: str | os.PathLike, **kwargs) -> list[
     rows = url_rows(web, **kwargs)
     write_url_list(rows, path)
     return rows
+
+
+# -- a ready-made web, and the command line ------------------------------------------------
+
+
+def web_specs(
+    hosts: int,
+    *,
+    refuse: int = 0,
+    hang: int = 0,
+    slow: int = 0,
+    slow_delay_s: float = 2.0,
+    throttled: int = 0,
+    throttle: Throttle = Throttle(429, first=3, retry_after=1.0),
+) -> list[HostSpec]:
+    """`hosts` specs: the healthy ones first (so `url_rows`' hot hosts, the
+    first of the list, are healthy), then `throttled`, `slow` (each answer
+    `slow_delay_s` late), `refuse` and `hang` hosts."""
+    unhealthy = refuse + hang + slow + throttled
+    if unhealthy > hosts:
+        raise ValueError(f"{unhealthy} unhealthy hosts asked for among {hosts}")
+    return (
+        [HostSpec() for _ in range(hosts - unhealthy)]
+        + [HostSpec(throttle=throttle) for _ in range(throttled)]
+        + [HostSpec(delay_s=slow_delay_s) for _ in range(slow)]
+        + [HostSpec(refuse=True) for _ in range(refuse)]
+        + [HostSpec(hang=True) for _ in range(hang)]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a web of `web_specs` in this process until SIGTERM or Ctrl-C, for
+    benchmarks that want the servers apart from the crawler. Prints one JSON
+    line: the port, the first and last address, the log folder, the URL list."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.testing.manyhosts", description=main.__doc__)
+    parser.add_argument("--hosts", type=int, default=60)
+    parser.add_argument("--refuse", type=int, default=0)
+    parser.add_argument("--hang", type=int, default=0)
+    parser.add_argument("--slow", type=int, default=0)
+    parser.add_argument("--slow-delay-s", type=float, default=2.0)
+    parser.add_argument("--throttled", type=int, default=0)
+    parser.add_argument("--log-dir", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--image-size", default="640x512", help="WIDTHxHEIGHT of the served images")
+    parser.add_argument("--urls", help="also write a URL list (parquet) here")
+    parser.add_argument("--hot-hosts", type=int, default=3)
+    parser.add_argument("--rows-per-hot-host", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    width, _, height = args.image_size.partition("x")
+    specs = web_specs(
+        args.hosts, refuse=args.refuse, hang=args.hang, slow=args.slow, slow_delay_s=args.slow_delay_s,
+        throttled=args.throttled,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with ManyHostWeb(specs, args.log_dir, port=args.port, image_size=(int(width), int(height)), seed=args.seed) as web:
+        if args.urls:
+            build_url_list(web, args.urls, hot_hosts=args.hot_hosts, rows_per_hot_host=args.rows_per_hot_host, seed=args.seed)
+        print(json.dumps({
+            "port": web.port, "first": web.address(0), "last": web.address(len(web) - 1),
+            "log_dir": str(web.log_dir), "urls": args.urls,
+        }), flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

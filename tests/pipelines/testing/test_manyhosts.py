@@ -8,9 +8,15 @@ import concurrent.futures
 import email.utils
 import http.client
 import io
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +31,10 @@ from pipelines.testing.manyhosts import (
     peak_in_flight,
     peak_rate,
     read_logs,
+    web_specs,
 )
+
+REPO = str(Path(__file__).resolve().parents[3])
 
 
 def get(web: ManyHostWeb, index: int, path: str, timeout: float = 5.0, conn: http.client.HTTPConnection | None = None):
@@ -164,3 +173,29 @@ def test_url_list_has_hot_hosts_and_a_long_tail(tmp_path):
     assert sorted(per_host.values(), reverse=True) == [20, 20, 2, 2, 2, 2, 1, 1, 1, 1]
     assert len({r["url"] for r in rows}) == len(rows) == 2 * 20 + 4 * 2 + 4 * 1
     assert served == 200
+
+
+def test_web_specs_put_healthy_hosts_first():
+    specs = web_specs(10, refuse=2, hang=1, slow=1, throttled=1)
+    assert [s == HostSpec() for s in specs] == [True] * 5 + [False] * 5
+    assert (specs[5].throttle is not None, specs[6].delay_s > 0, specs[7].refuse, specs[9].hang) == (True,) * 4
+    with pytest.raises(ValueError):
+        web_specs(2, refuse=3)
+
+
+def test_serves_from_its_own_process_until_terminated(tmp_path):
+    argv = [sys.executable, "-m", "pipelines.testing.manyhosts", "--hosts", "4", "--refuse", "1",
+            "--log-dir", str(tmp_path / "logs"), "--image-size", "16x16", "--urls", str(tmp_path / "u.parquet"),
+            "--hot-hosts", "1", "--rows-per-hot-host", "5"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        info = json.loads(process.stdout.readline())
+        rows = pq.read_table(info["urls"]).to_pylist()
+        served = [urllib.request.urlopen(rows[0]["url"], timeout=5).status]
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"http://127.0.0.5:{info['port']}/images/0.jpg", timeout=5)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    assert (info["first"], info["last"], len(rows), served) == ("127.0.0.2", "127.0.0.5", 5 + 1 + 2 + 1, [200])
+    assert sum(len(v) for v in read_logs(tmp_path / "logs").values()) == 1
