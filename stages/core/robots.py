@@ -376,5 +376,10 @@ class OptOutCache:
         with self._lock:
             return len(self._entries)
 
+    def __reduce__(self):
+        # Verdicts belong to the process: a pickled copy (a Fetcher shipped to
+        # a worker) starts empty.
+        return (OptOutCache, (self.max_hosts,))
+
 
 OPT_OUT_CACHE: OptOutCache = OptOutCache()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import pickle
 
 import pytest
 
@@ -321,3 +322,13 @@ def test_location_patterns():
     assert location_pattern("/a.b").match("/a.b") and not location_pattern("/a.b").match("/axb")
     rules = parse_tdmrep("http://h", b'[{"location": "images/", "tdm-reservation": "1"}]')
     assert rules.reserved("http://h/images/a.jpg") is not None
+
+
+def test_a_fetcher_with_its_own_cache_pickles_with_an_empty_one(web, fetcher):
+    serve_robots(web, "User-agent: *\nDisallow: /\n", "/a.jpg")
+    f = fetcher()
+    assert f.fetch(web.url("/a.jpg")).drop.reason == RejectReason.ROBOTS_DISALLOWED
+    copy = pickle.loads(pickle.dumps(f))
+    assert len(f._opt_outs) == 1 and len(copy._opt_outs) == 0
+    assert copy.fetch(web.url("/a.jpg")).drop.reason == RejectReason.ROBOTS_DISALLOWED
+    assert web.requests_to("/robots.txt") == 2
