@@ -50,7 +50,8 @@ Per host: robots.txt and tdmrep.json are fetched once per worker process
 resolved once per process and the answer kept for at most `dns_cache_ttl_s`;
 connections are kept alive in a pool per Fetcher (HTTP/1.1); at most
 `max_per_host` requests run against one host at a time in a worker process,
-whatever the number of threads or DoFn instances. The job-wide rate and
+whatever the number of threads or DoFn instances (a `host_budgets` entry's
+`max_per_host` for the hosts it matches). The job-wide rate and
 concurrency budgets are the host scheduler's (`stages/core/host_schedule.py`),
 which reads `retry_after_s`, `host_failure` and `requests` off each result.
 
@@ -62,13 +63,13 @@ timeouts apply) and the total duration of a body that keeps trickling in
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import http.client
 import ipaddress
 import logging
 import os
 import socket
 import time
-import urllib.error
 import urllib.parse
 from collections.abc import Callable
 
@@ -264,6 +265,16 @@ class Fetcher(SiteFileFetching):
         """Close the idle keep-alive connections (the Fetcher stays usable)."""
         self._pool.close()
 
+    def connections_for(self, host: str) -> int:
+        """The most requests in flight to `host` in this process: the
+        `max_per_host` of the first `host_budgets` entry whose pattern matches
+        it (fnmatch; first match wins, and its None keeps the default), else
+        `config.max_per_host`."""
+        for budget in self.config.host_budgets:
+            if fnmatch.fnmatchcase(host, budget.pattern.lower()):
+                return budget.max_per_host or self.config.max_per_host
+        return self.config.max_per_host
+
     def fetch(self, url: str) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to
         `config.retries` times. Never raises for a bad URL or response."""
@@ -335,7 +346,7 @@ class Fetcher(SiteFileFetching):
             opted_out = self._opt_outs_of(target, call)
             if opted_out is not None:
                 return opted_out
-            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
+            with HOST_SLOTS.hold(target.host, self.connections_for(target.host)):
                 outcome = self._get(target, call)
             if isinstance(outcome, str):  # a redirect: the next hop
                 url = outcome

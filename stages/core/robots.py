@@ -263,7 +263,8 @@ class SiteFileFetching:
     tdmrep.json, with the fetcher's own requests: `check_url` on every hop
     (address policy, DNS cache), the per-host slots, pinned keep-alive
     connections, and the requests charged to the fetch call that sent them.
-    The Fetcher provides `config`, `check_url`, `_request` and `_release`."""
+    The Fetcher provides `config`, `check_url`, `connections_for`, `_request`
+    and `_release`."""
 
     config: CrawlConfig
 
@@ -284,7 +285,7 @@ class SiteFileFetching:
             if isinstance(target, Drop):
                 on_origin = target.reason in HOST_FAILURE_REASONS and host_of(url) == origin.host
                 return Document(url, failure=(target.reason.value, target.detail), on_origin_host=on_origin)
-            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
+            with HOST_SLOTS.hold(target.host, self.connections_for(target.host)):
                 try:
                     conn, response = self._request(target, call)
                 except Exception as exc:  # noqa: BLE001 - classified below

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route, Throttle
-from schemas import RejectReason
+from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route, Throttle, peak_in_flight
+from schemas import HostBudget, RejectReason
 from stages.core.connections import HOST_SLOTS, DnsCache, HostSlots
 from stages.core.fetch import Fetcher, parse_retry_after
 from stages.core.robots import OptOutCache
@@ -275,6 +275,23 @@ def test_without_the_bound_the_server_sees_more_concurrency(web):
     results = fetch_many(Fetcher(LOCAL.model_copy(update={"max_per_host": 8})), [web.url("/slow")] * 8, threads=8)
     assert all(r.ok for r in results)
     assert web.max_concurrent > 2
+
+
+def test_a_host_budget_sets_the_bound_for_the_hosts_it_matches(tmp_path):
+    budgets = [
+        HostBudget(pattern="127.0.0.2", max_per_host=4),
+        HostBudget(pattern="127.0.0.3", max_host_rate=5.0),  # first match wins: the default bound
+        HostBudget(pattern="127.0.0.*", max_per_host=8),
+    ]
+    config = PLAIN.model_copy(update={"max_per_host": 1, "host_budgets": budgets})
+    with many(tmp_path, HostSpec(delay_s=0.15), HostSpec(delay_s=0.15)) as web:
+        fetcher = Fetcher(config)
+        urls = [web.image_url(i % 2, i) for i in range(16)]
+        results = fetch_many(fetcher, urls, threads=16)
+        peaks = [peak_in_flight(web.log(i)) for i in range(2)]
+    assert all(r.ok for r in results)
+    assert peaks == [4, 1]
+    assert (fetcher.connections_for("127.0.0.2"), fetcher.connections_for("127.0.0.3")) == (4, 1)
 
 
 def test_host_slots_are_per_host():
