@@ -603,7 +603,8 @@ def url_rows(
     for j, index in enumerate(chosen):
         count = rows_per_hot_host if j < hot_hosts else small_rows[(j - hot_hosts) % len(small_rows)]
         for n in range(count):
-            rows.append({"url": web.image_url(index, n), "caption": f"a smooth blend of colours, picture {n} of site {index}"})
+            caption = f"a smooth blend of colours, picture {n} of site {index}"
+            rows.append({"url": web.image_url(index, n), "caption": caption})
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -686,7 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ManyHostWeb(specs, args.log_dir, port=args.port, image_size=(int(width), int(height)), seed=args.seed) as web:
         if args.urls:
-            build_url_list(web, args.urls, hot_hosts=args.hot_hosts, rows_per_hot_host=args.rows_per_hot_host, seed=args.seed)
+            build_url_list(
+                web, args.urls, hot_hosts=args.hot_hosts, rows_per_hot_host=args.rows_per_hot_host, seed=args.seed
+            )
         print(json.dumps({
             "port": web.port, "first": web.address(0), "last": web.address(len(web) - 1),
             "log_dir": str(web.log_dir), "urls": args.urls,

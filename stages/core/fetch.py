@@ -371,7 +371,9 @@ class Fetcher(SiteFileFetching):
             checks.append(("tdmrep", TDMREP_PATH, RejectReason.TDM_RESERVED))
         for kind, path, reason in checks:
             key = (kind, target.scheme, target.host, target.port)
-            verdicts, _loaded = self._opt_outs.get(key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call))
+            verdicts, _loaded = self._opt_outs.get(
+                key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call)
+            )
             if isinstance(verdicts, Unresolved):
                 drop = Drop(RejectReason(verdicts.reason), verdicts.detail)
                 result = FetchResult(
@@ -404,7 +406,8 @@ class Fetcher(SiteFileFetching):
         reused = conn is not None
         while True:
             if conn is None:
-                conn = new_connection(key, self.config.timeout_s, connections.tls_context() if key.scheme == "https" else None)
+                context = connections.tls_context() if key.scheme == "https" else None
+                conn = new_connection(key, self.config.timeout_s, context)
             try:
                 conn.request("GET", target.target, headers=self.headers)
                 return conn, conn.getresponse()
