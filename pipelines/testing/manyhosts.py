@@ -87,6 +87,7 @@ import os
 import random
 import selectors
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -393,6 +394,8 @@ class ManyHostWeb:
         image_size: (width, height) of the served images.
         seed: Varies the images between webs.
         keepalive_timeout_s: An idle connection is closed after this long.
+        tls: A server-side `ssl.SSLContext`: every host speaks HTTPS with it
+            (the TLS handshake happens on the connection's own thread).
 
     Use as a context manager, or `start()` / `stop()`. One thread accepts for
     every host; each connection is answered on its own daemon thread.
@@ -407,6 +410,7 @@ class ManyHostWeb:
         image_size: tuple[int, int] = (640, 512),
         seed: int = 0,
         keepalive_timeout_s: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not 1 <= len(specs) <= MAX_HOSTS:
             raise ValueError(f"between 1 and {MAX_HOSTS} hosts, got {len(specs)}")
@@ -415,6 +419,7 @@ class ManyHostWeb:
         self.image_size = image_size
         self.seed = seed
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.tls = tls
         self._wanted_port = port
         self._port: int | None = None
         self._stopping = threading.Event()
@@ -443,8 +448,9 @@ class ManyHostWeb:
         return self._port
 
     def origin(self, index: int) -> str:
-        """`http://127.0.0.(index+2):PORT`, without a trailing slash."""
-        return f"http://{self.address(index)}:{self.port}"
+        """`http://127.0.0.(index+2):PORT` (https with `tls`), without a trailing slash."""
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.address(index)}:{self.port}"
 
     def url(self, index: int, path: str) -> str:
         return self.origin(index) + (path if path.startswith("/") else "/" + path)
@@ -562,8 +568,15 @@ class ManyHostWeb:
         with self._lock:
             self._connections.add(conn)
         try:
+            if self.tls is not None:
+                conn.settimeout(self.keepalive_timeout_s)
+                wrapped = self.tls.wrap_socket(conn, server_side=True)  # detaches `conn`
+                with self._lock:
+                    self._connections.discard(conn)
+                    self._connections.add(wrapped)
+                conn = wrapped
             _Handler(conn, peer, host, serial)
-        except OSError:
+        except OSError:  # ssl.SSLError included: a client that gave up, or refused our certificate
             pass
         finally:
             with self._lock:

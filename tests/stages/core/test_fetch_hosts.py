@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import socket
+import ssl
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 
 from pipelines.testing.manyhosts import HostSpec, ManyHostWeb, Route, Throttle, peak_in_flight
 from schemas import HostBudget, RejectReason
+from stages.core import connections
 from stages.core.connections import HOST_SLOTS, DnsCache, HostSlots
 from stages.core.fetch import Fetcher, parse_retry_after
 from stages.core.robots import OptOutCache
@@ -309,3 +311,65 @@ def test_host_slots_are_per_host():
         t.join()
     assert not inside.broken
     assert len(slots) == 0
+
+
+# -- HTTPS -----------------------------------------------------------------------------------
+
+
+def self_signed(tmp_path, name: str) -> tuple[str, str]:
+    """A certificate (and key) for `name`, PEM files under tmp_path."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_https_keeps_connections_alive_pinned_to_the_checked_address(tmp_path, monkeypatch):
+    """A real TLS server (TLS 1.3, which sends session tickets after the
+    handshake) for `images.example` on 127.0.0.2: the certificate is checked
+    against the name, the connection goes to the checked address, and one
+    connection carries every request, robots.txt and tdmrep.json included."""
+    cert, key = self_signed(tmp_path, "images.example")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=cert)
+    monkeypatch.setattr(connections, "tls_context", lambda: client)
+    resolver = CountingResolver()
+    with many(tmp_path, HostSpec(), tls=server) as web:
+        config = LOCAL.model_copy(update={"allow_private_network": False})
+        fetcher = Fetcher(config, resolver=resolver, address_check=loopback_is_public, opt_outs=OptOutCache())
+        results = [fetcher.fetch(f"https://images.example:{web.port}/images/{n}.jpg") for n in range(4)]
+        wrong_name = Fetcher(PLAIN, resolver=lambda host, port: ["127.0.0.2"]).fetch(
+            f"https://other.example:{web.port}/images/0.jpg"
+        )
+        log = web.log(0)
+    assert all(r.ok for r in results), [r.drop for r in results]
+    assert [r.requests for r in results] == [3, 1, 1, 1]
+    assert [e.path for e in log][:2] == ["/robots.txt", "/.well-known/tdmrep.json"]
+    assert {e.conn for e in log} == {1} and len(log) == 6
+    assert (wrong_name.drop.reason, wrong_name.host_failure) == (RejectReason.CONNECTION_ERROR, True)
+    assert "certificate" in wrong_name.drop.detail.lower()
