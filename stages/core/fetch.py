@@ -9,12 +9,10 @@ filled in (`final_url`, `http_status`, `content_type`, `fetched_at`). Dropped,
 one `Rejection` each (stage `crawl`):
 
 - `private_address`: the host (or a redirect's host) resolves to an address
-  that is not public unicast: loopback, RFC 1918 private, carrier-grade NAT,
-  link-local (incl. the 169.254.169.254 cloud metadata service), multicast,
-  every other block of the IANA special-purpose registries, IPv6 site-local,
-  and IPv6 forms that embed a non-public IPv4 address (IPv4-mapped, 6to4,
-  NAT64); see `stages/core/address.py`. No request is sent.
-  `allow_private_network=True` disables it.
+  that is not public unicast (loopback, private, link-local incl. the cloud
+  metadata service 169.254.169.254, every special-purpose block and the IPv6
+  forms embedding such an IPv4 address: `stages/core/address.py`). No request
+  is sent. `allow_private_network=True` disables it.
 - `dns_failure`: the host does not resolve.
 - `http_error`: a status outside 2xx that is not a followed redirect
   (the detail says which; a 429/503 also sets `FetchResult.retry_after_s`).
@@ -107,16 +105,9 @@ from stages.core.verdict import Drop
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import is_disallowed  # noqa: E402
 
-__all__ = [  # what the host scheduler and the Beam adapter use
-    "HOST_FAILURE_REASONS",
-    "HOST_SLOTS",
-    "THROTTLE_STATUSES",
-    "CheckedUrl",
-    "FetchResult",
-    "Fetcher",
-    "parse_retry_after",
-    "user_agent",
-]
+# What the host scheduler and the Beam adapter use.
+__all__ = ["HOST_FAILURE_REASONS", "HOST_SLOTS", "THROTTLE_STATUSES", "CheckedUrl", "FetchResult", "Fetcher"]
+__all__ += ["parse_retry_after", "user_agent"]
 
 logger = logging.getLogger(__name__)
 
