@@ -190,10 +190,12 @@ class CheckedUrl:
 
 @dataclasses.dataclass
 class _Call:
-    """Bookkeeping of one `fetch` call: the row's host and the requests sent to it."""
+    """Bookkeeping of one `fetch` call: the row's host, the requests sent to
+    it, and the caller's hook run before every request."""
 
     row_host: str | None
     requests: int = 0
+    before_request: Callable[[str], None] | None = None
 
 
 _RETRYABLE = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR})
@@ -239,7 +241,7 @@ class Fetcher(SiteFileFetching):
     def _setup(self) -> None:
         self._dns = dns_cache_for(self.resolver)
         self._opt_outs = OPT_OUT_CACHE if self.opt_outs is None else self.opt_outs
-        self._pool = ConnectionPool(max_idle=max(16, self.config.threads), max_idle_per_key=self.config.max_per_host)
+        self._pool = ConnectionPool(max_idle=max(16, self.config.threads), max_idle_per_key=self.config.threads)
 
     def __getstate__(self) -> dict:
         # Caches and idle connections belong to the process; a copy gets its own.
@@ -266,12 +268,19 @@ class Fetcher(SiteFileFetching):
                 return budget.max_per_host or self.config.max_per_host
         return self.config.max_per_host
 
-    def fetch(self, url: str) -> FetchResult:
+    def fetch(self, url: str, *, before_request: Callable[[str], None] | None = None) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to
-        `config.retries` times. Never raises for a bad URL or response."""
+        `config.retries` times. Never raises for a bad URL or response.
+
+        `before_request(host)`, if given, runs right before every HTTP request
+        this call sends (robots.txt, tdmrep.json, redirect hops and retries
+        included; `host` the request's host name, which a redirect may change)
+        and may block: the host scheduler paces each host's rate with it, so
+        the files fetched for a new host do not go out as one burst. It runs
+        while the request holds its per-host slot in this process."""
         start = time.monotonic()
         split = split_url(url)
-        call = _Call(row_host=None if isinstance(split, Drop) else split[1])
+        call = _Call(row_host=None if isinstance(split, Drop) else split[1], before_request=before_request)
         attempt = 0
         while True:
             attempt += 1
@@ -390,6 +399,8 @@ class Fetcher(SiteFileFetching):
         """Send GET `target` on an idle keep-alive connection to its checked
         addresses, or a new one. A reused connection the server closed in the
         meantime is replaced once, transparently (the request never arrived)."""
+        if call.before_request is not None:
+            call.before_request(target.host)
         if target.host == call.row_host:
             call.requests += 1
         key = target.pool_key

@@ -373,3 +373,28 @@ def test_https_keeps_connections_alive_pinned_to_the_checked_address(tmp_path, m
     assert {e.conn for e in log} == {1} and len(log) == 6
     assert (wrong_name.drop.reason, wrong_name.host_failure) == (RejectReason.CONNECTION_ERROR, True)
     assert "certificate" in wrong_name.drop.detail.lower()
+
+
+def test_before_request_runs_before_every_request_and_may_pace_them(tmp_path):
+    """The hook sees every request, the opt-out files and each redirect hop's
+    host included, before it goes out; a hook that sleeps spaces them out as
+    the server's log shows."""
+    spec = HostSpec(routes={})
+    with many(tmp_path, spec, HostSpec()) as web:
+        spec.routes["/away"] = Route(b"", status=302, headers={"Location": web.image_url(1, 0)}, content_type=None)
+        seen: list[tuple[str, float]] = []
+
+        def pace(host: str) -> None:
+            time.sleep(0.05)
+            seen.append((host, time.monotonic()))
+
+        fetcher = Fetcher(LOCAL, opt_outs=OptOutCache())
+        first = fetcher.fetch(web.image_url(0, 0), before_request=pace)
+        away = fetcher.fetch(web.url(0, "/away"), before_request=pace)
+        log = web.log(0)
+    assert first.ok and away.ok
+    hosts = [host for host, _ in seen]
+    assert hosts == ["127.0.0.2"] * 3 + ["127.0.0.2"] + ["127.0.0.3"] * 3
+    gaps = [b.mono - a.mono for a, b in zip(log, log[1:])]
+    assert len(log) == 4 and min(gaps) >= 0.05
+    assert [e.mono >= t for e, (_, t) in zip(log, seen)] == [True] * 4  # each request left after its hook
