@@ -144,7 +144,9 @@ class FetchResult:
       that counts towards declaring it down (DNS failure, timeout, connection
       refused, reset or closed, TLS failure), also when that happened fetching
       its robots.txt or tdmrep.json; False for HTTP errors, `too_large`,
-      opt-outs, refused addresses and failures on other hosts a redirect led to.
+      opt-outs, refused addresses, failures on other hosts a redirect led to,
+      and rows that only waited for another call's failed robots.txt /
+      tdmrep.json fetch (they keep its reason, with `requests` 0).
     - `requests`: HTTP requests this call sent to the row's host (by name):
       retries, redirect hops and the robots.txt / tdmrep.json fetches it made
       included, so they can be charged to the host's rate budget. A row
@@ -371,7 +373,7 @@ class Fetcher(SiteFileFetching):
             checks.append(("tdmrep", TDMREP_PATH, RejectReason.TDM_RESERVED))
         for kind, path, reason in checks:
             key = (kind, target.scheme, target.host, target.port)
-            verdicts, _loaded = self._opt_outs.get(
+            verdicts, loaded = self._opt_outs.get(
                 key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call)
             )
             if isinstance(verdicts, Unresolved):
@@ -381,7 +383,9 @@ class Fetcher(SiteFileFetching):
                     drop,
                     final_url=target.url,
                     retry_after_s=verdicts.retry_after_s,
-                    host_failure=verdicts.host_failure and target.host == call.row_host,
+                    # Only the call that sent the failed request counts it; the
+                    # rows that waited for that fetch share its reason, not its failure.
+                    host_failure=verdicts.host_failure and loaded and target.host == call.row_host,
                 )
                 return result, drop.reason in _RETRYABLE
             detail = (

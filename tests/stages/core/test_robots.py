@@ -332,3 +332,14 @@ def test_a_fetcher_with_its_own_cache_pickles_with_an_empty_one(web, fetcher):
     assert len(f._opt_outs) == 1 and len(copy._opt_outs) == 0
     assert copy.fetch(web.url("/a.jpg")).drop.reason == RejectReason.ROBOTS_DISALLOWED
     assert web.requests_to("/robots.txt") == 2
+
+
+def test_rows_waiting_for_a_failed_robots_fetch_share_its_reason_but_not_its_failure(tmp_path, fetcher):
+    with ManyHostWeb([HostSpec(hang=True)], tmp_path) as web:
+        f = fetcher(timeout_s=0.5)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(f.fetch, [web.image_url(0, n) for n in range(4)]))
+        paths = [e.path for e in web.log(0)]
+    assert {r.drop.reason for r in results} == {RejectReason.TIMEOUT}
+    assert sorted((r.host_failure, r.requests) for r in results) == [(False, 0)] * 3 + [(True, 1)]
+    assert paths == ["/robots.txt"]
