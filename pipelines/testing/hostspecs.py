@@ -223,7 +223,8 @@ class HostState:
                 conn=conn,
                 user_agent=user_agent,
             )
-            self._log.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+            if not self._log.closed:  # a request racing stop()
+                self._log.write(json.dumps(dataclasses.asdict(entry)) + "\n")
         return status, route
 
     def leave(self) -> None:
