@@ -382,6 +382,7 @@ class Fetcher(SiteFileFetching):
                     None,
                     drop,
                     final_url=target.url,
+                    http_status=verdicts.http_status,
                     retry_after_s=verdicts.retry_after_s,
                     # Only the call that sent the failed request counts it; the
                     # rows that waited for that fetch share its reason, not its failure.

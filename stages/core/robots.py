@@ -80,8 +80,9 @@ class Document:
     `status`: the last response's status (None when none came back);
     `body`: its first bytes (at most the limit); `failure`: why no final
     response came (a reject reason's value and a detail), with
-    `on_origin_host` True when it happened talking to the row's own host
-    (a host failure) and `retry_after_s` for a 429; `url`: the last URL tried.
+    `on_origin_host` True when it happened talking to the host the file
+    belongs to (not a host a redirect led to) and `retry_after_s` for a 429;
+    `url`: the last URL tried.
     """
 
     url: str
@@ -102,6 +103,7 @@ class Unresolved:
     detail: str
     host_failure: bool
     retry_after_s: float | None = None
+    http_status: int | None = None
 
 
 # -- robots.txt -------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def robots_from(origin: str, document: Document, limit: int) -> RobotsRules | Un
 
 def _unsettled(document: Document) -> Unresolved | None:
     if document.status == 429:
-        return Unresolved("http_error", f"{document.url}: HTTP 429", False, document.retry_after_s)
+        return Unresolved("http_error", f"{document.url}: HTTP 429", False, document.retry_after_s, 429)
     if document.failure is not None and document.on_origin_host:
         reason, detail = document.failure
         return Unresolved(reason, f"{document.url}: {detail}", True)

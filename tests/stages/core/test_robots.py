@@ -209,7 +209,8 @@ def test_a_throttled_robots_txt_passes_its_retry_after_on_and_is_asked_again(tmp
         del spec.routes["/robots.txt"]  # 404 from now on: allow all
         later = f.fetch(web.image_url(0, 1))
         paths = [e.path for e in web.log(0)]
-    assert (throttled.drop.reason, throttled.http_status, throttled.retry_after_s) == (RejectReason.HTTP_ERROR, None, 9.0)
+    assert (throttled.drop.reason, throttled.http_status, throttled.retry_after_s) == (RejectReason.HTTP_ERROR, 429, 9.0)
+    assert "robots.txt: HTTP 429" in throttled.drop.detail
     assert not throttled.host_failure
     assert later.ok
     assert paths == ["/robots.txt", "/robots.txt", "/images/1.jpg"]
