@@ -1,6 +1,7 @@
 """Address policy of the crawler: which IP addresses may be fetched from
-(public unicast only), and name resolution that returns every address so each
-one can be checked. Plain Python, no Beam; used by `stages/core/fetch.py`.
+(public unicast only), name resolution that returns every address so each
+one can be checked, and the URL splitting (`split_url`, `quote_component`)
+that decides which host and port a URL names. Plain Python, no Beam; used by `stages/core/fetch.py`.
 
 Refused, with the reason the reject row's detail carries:
 
@@ -28,9 +29,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.parse
 from typing import NamedTuple
 
+from schemas import RejectReason
+from stages.core.verdict import Drop
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SCHEMES = {"http": 80, "https": 443}
 
 
 class SpecialBlock(NamedTuple):
@@ -125,3 +131,33 @@ def resolve(host: str, port: int) -> list[str]:
     `127.1`), come back as the address they denote."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def split_url(url: str) -> tuple[urllib.parse.SplitResult, str, int] | Drop:
+    """(parts, ASCII lowercase host, port) of an http(s) URL, or why not."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in SCHEMES:
+            return Drop(RejectReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme!r} in {url!r}")
+        host = parts.hostname
+        port = parts.port or SCHEMES[scheme]
+        if not host:
+            return Drop(RejectReason.MALFORMED_URL, f"no host in {url!r}")
+        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError) as exc:
+        return Drop(RejectReason.MALFORMED_URL, f"{url!r}: {exc}")
+    return parts, ascii_host.lower(), port
+
+
+def quote_component(component: str) -> str:
+    """Percent-encode what may not appear raw in a request line (spaces,
+    controls, non-ASCII as UTF-8); existing escapes and reserved characters
+    are kept, so an already valid URL is unchanged."""
+    return urllib.parse.quote(component, safe="/%:@!$&'()*+,;=?[]~")
+
+
+def host_of(url: str) -> str | None:
+    """The ASCII lowercase host name of an http(s) URL, or None."""
+    split = split_url(url)
+    return None if isinstance(split, Drop) else split[1]

@@ -1,26 +1,30 @@
-"""Fetching one image over HTTP(S), as img2dataset does, safely: the crawl
-stage's plain-Python core (`Fetcher`); `stages/crawl.py` is the Beam adapter
-and `stages/core/address.py` the address policy.
+"""Fetching one image over HTTP(S), as img2dataset does, safely and politely:
+the crawl stage's plain-Python core (`Fetcher`); `stages/crawl.py` is the Beam
+adapter, `stages/core/address.py` the address policy, `stages/core/robots.py`
+the site-wide opt-outs and `stages/core/connections.py` the connections.
 
 Kept: rows whose URL answers 2xx with a body of at most `max_body_bytes`, with
-no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
-`record.provenance` filled in (`final_url`, `http_status`, `content_type`,
-`fetched_at`). Dropped, one `Rejection` each (stage `crawl`):
+no opt-out. They leave as `WithImage(record, data)`, with `record.provenance`
+filled in (`final_url`, `http_status`, `content_type`, `fetched_at`). Dropped,
+one `Rejection` each (stage `crawl`):
 
 - `private_address`: the host (or a redirect's host) resolves to an address
-  that is not public unicast: loopback, RFC 1918 private, carrier-grade NAT,
-  link-local (incl. the 169.254.169.254 cloud metadata service), multicast,
-  every other block of the IANA special-purpose registries, IPv6 site-local,
-  and IPv6 forms that embed a non-public IPv4 address (IPv4-mapped, 6to4,
-  NAT64); see `stages/core/address.py`. No request is sent.
-  `allow_private_network=True` disables it.
+  that is not public unicast (loopback, private, link-local incl. the cloud
+  metadata service 169.254.169.254, every special-purpose block and the IPv6
+  forms embedding such an IPv4 address: `stages/core/address.py`). No request
+  is sent. `allow_private_network=True` disables it.
 - `dns_failure`: the host does not resolve.
 - `http_error`: a status outside 2xx that is not a followed redirect
-  (the detail says which).
+  (the detail says which; a 429/503 also sets `FetchResult.retry_after_s`).
 - `timeout`: connecting, or waiting for any read, took over `timeout_s`.
 - `connection_error`: refused, reset, closed early, TLS failure.
 - `too_large`: `Content-Length` announces more than `max_body_bytes`, or the
   body turns out longer; at most `max_body_bytes + 1` bytes are read.
+- `robots_disallowed`: the host's robots.txt disallows the URL for
+  `user_agent_token` or one of `robots_user_agents`, or could not be read
+  (5xx); `robots_txt=False` disables it. See `stages/core/robots.py`.
+- `tdm_reserved`: W3C TDMRep: the answer carries `tdm-reservation: 1`, or the
+  host's `/.well-known/tdmrep.json` reserves the path; `tdmrep=False` disables it.
 - `opt_out`: an `X-Robots-Tag` header on any response of the chain carries one
   of `disallowed_header_directives`, either for all agents or for
   `user_agent_token` (img2dataset's `is_disallowed`, reused as is). An empty
@@ -29,17 +33,25 @@ no X-Robots-Tag opt-out. They leave as `WithImage(record, data)`, with
 - `unsupported_scheme` / `malformed_url`: a URL (or redirect target) that is
   not http(s), or that has no usable host or port.
 
-Semantics follow img2dataset's `download_image`: urllib, the same User-Agent
-with the token, the same opt-out rule, `retries` extra attempts. Unlike it,
-only timeouts and connection errors are retried (a 404 stays a 404), and the
+Semantics follow img2dataset's `download_image`: the same User-Agent with the
+token, the same X-Robots-Tag rule, `retries` extra attempts. Unlike it, only
+timeouts and connection errors are retried (a 404 stays a 404), and the
 crawler resolves each host once, checks every address, and connects to exactly
 that address (Host header and TLS SNI keep the name), so a DNS answer that
 changes between check and connect cannot reach an internal service. Redirects
-are followed one hop at a time and each hop is checked the same way.
-Environment proxies are ignored: a proxy would resolve names itself.
+are followed one hop at a time and each hop is checked the same way, opt-outs
+of the hop's host included. Environment proxies are ignored: a proxy would
+resolve names itself.
 
-At most `max_per_host` fetches run against one host at a time in a worker
-process, whatever the number of threads or DoFn instances.
+Per host: robots.txt and tdmrep.json are fetched once per worker process
+(concurrent fetches of a new host wait for that one fetch); a host name is
+resolved once per process and the answer kept for at most `dns_cache_ttl_s`;
+connections are kept alive in a pool per Fetcher (HTTP/1.1); at most
+`max_per_host` requests run against one host at a time in a worker process,
+whatever the number of threads or DoFn instances (a `host_budgets` entry's
+`max_per_host` for the hosts it matches). The job-wide rate and
+concurrency budgets are the host scheduler's (`stages/core/host_schedule.py`),
+which reads `retry_after_s`, `host_failure` and `requests` off each result.
 
 Not bounded by `timeout_s`: name resolution (the system resolver's own
 timeouts apply) and the total duration of a body that keeps trickling in
@@ -48,30 +60,54 @@ timeouts apply) and the total duration of a body that keeps trickling in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
+import fnmatch
 import http.client
 import ipaddress
 import logging
 import os
 import socket
-import ssl
-import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from schemas import CrawlConfig, RejectReason
-from stages.core.address import IPAddress, non_public_reason, resolve
+from stages.core import connections
+from stages.core.address import IPAddress, host_of, non_public_reason, quote_component, resolve, split_url
+from stages.core.connections import (
+    HOST_FAILURE_REASONS,
+    HOST_SLOTS,
+    REDIRECT_STATUSES,
+    THROTTLE_STATUSES,
+    ConnectionPool,
+    PoolKey,
+    classify_error,
+    dns_cache_for,
+    drain,
+    new_connection,
+    parse_retry_after,
+    retry_after_of,
+)
+from stages.core.robots import (
+    OPT_OUT_CACHE,
+    ROBOTS_PATH,
+    TDMREP_PATH,
+    OptOutCache,
+    RobotsRules,
+    SiteFileFetching,
+    Unresolved,
+    header_reservation,
+)
 from stages.core.verdict import Drop
 
 # img2dataset's package import pulls in albumentations, which otherwise checks
 # PyPI for a newer version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import is_disallowed  # noqa: E402
+
+# What the host scheduler and the Beam adapter use.
+__all__ = ["HOST_FAILURE_REASONS", "HOST_SLOTS", "THROTTLE_STATUSES", "CheckedUrl", "FetchResult", "Fetcher"]
+__all__ += ["parse_retry_after", "user_agent"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +116,6 @@ logger = logging.getLogger(__name__)
 BROWSER_USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 USER_AGENT_URL = "https://github.com/rom1504/img2dataset"
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-SCHEMES = {"http": 80, "https": 443}
 _READ_CHUNK_BYTES = 64 * 1024
 
 def user_agent(token: str | None) -> str:
@@ -89,116 +123,6 @@ def user_agent(token: str | None) -> str:
     if not token:
         return BROWSER_USER_AGENT
     return f"{BROWSER_USER_AGENT} (compatible; {token}; +{USER_AGENT_URL})"
-
-
-# -- per-host concurrency ---------------------------------------------------------
-
-
-class _HostSlots:
-    """A counting semaphore per (host, limit), shared by every thread of the process.
-
-    An entry lives only while some fetch holds or waits for one of its slots,
-    so memory follows the number of fetches in flight, not the number of hosts
-    ever seen. Module state, not instance state: DoFn instances come and go
-    (and are pickled) while the limit is meant for the whole worker process.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, int], tuple[threading.Semaphore, list[int]]] = {}
-
-    @contextlib.contextmanager
-    def hold(self, host: str, limit: int) -> Iterator[None]:
-        key = (host, limit)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = (threading.Semaphore(limit), [0])
-            semaphore, users = entry
-            users[0] += 1
-        try:
-            with semaphore:
-                yield
-        finally:
-            with self._lock:
-                users[0] -= 1
-                if users[0] == 0:
-                    del self._entries[key]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
-HOST_SLOTS = _HostSlots()
-
-
-# -- connections pinned to a checked address --------------------------------------
-
-
-class _PinnedConnectionMixin:
-    """An http.client connection that connects to addresses checked beforehand
-    instead of resolving its host again; the host name still goes into the
-    Host header and, for HTTPS, into SNI and certificate verification."""
-
-    def __init__(self, *args, addresses: list[str], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._pinned_addresses = addresses
-        # HTTPConnection.connect() (and HTTPSConnection's, through super())
-        # opens its socket with this hook.
-        self._create_connection = self._connect_pinned
-
-    def _connect_pinned(self, address, timeout, source_address=None):
-        _host, port = address
-        error: OSError | None = None
-        for ip in self._pinned_addresses:
-            try:
-                return socket.create_connection((ip, port), timeout, source_address)
-            except OSError as exc:  # try the next address, as create_connection does
-                error = exc
-        assert error is not None
-        raise error
-
-
-class _PinnedHTTPConnection(_PinnedConnectionMixin, http.client.HTTPConnection):
-    pass
-
-
-class _PinnedHTTPSConnection(_PinnedConnectionMixin, http.client.HTTPSConnection):
-    pass
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    # One per process: loading the CA store is not free, and a context is
-    # thread-safe for wrap_socket. Never pickled (module state).
-    return ssl.create_default_context()
-
-
-class _PinnedHandler(urllib.request.AbstractHTTPHandler):
-    """urllib handler for http and https that connects to `addresses` only."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        super().__init__()
-        self.addresses = addresses
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PinnedHTTPConnection, req, addresses=self.addresses)
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_PinnedHTTPSConnection, req, addresses=self.addresses, context=_tls_context())
-
-    http_request = urllib.request.AbstractHTTPHandler.do_request_
-    https_request = urllib.request.AbstractHTTPHandler.do_request_
-
-
-def _open(url: str, addresses: list[str], headers: dict[str, str], timeout_s: float) -> http.client.HTTPResponse:
-    """GET `url` from one of `addresses`, returning the response whatever its
-    status. The opener has no redirect, error or proxy handlers: the caller
-    sees 3xx and 4xx as they are and decides."""
-    opener = urllib.request.OpenerDirector()
-    opener.add_handler(_PinnedHandler(addresses))
-    return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s)
 
 
 # -- the fetcher --------------------------------------------------------------------
@@ -210,6 +134,23 @@ class FetchResult:
 
     `final_url` is the last URL requested (after redirects), `http_status` and
     `content_type` those of the last response (None when none came back).
+    For the host scheduler:
+
+    - `retry_after_s`: the delay a 429 or 503 asked for (its `Retry-After`,
+      delta-seconds or an HTTP-date, as seconds from now, negative clamped to
+      0); None otherwise, and for a 429/503 without a usable `Retry-After`.
+      The row is still an `http_error` drop: re-queuing is the scheduler's call.
+    - `host_failure`: the fetch failed talking to the row's own host in a way
+      that counts towards declaring it down (DNS failure, timeout, connection
+      refused, reset or closed, TLS failure), also when that happened fetching
+      its robots.txt or tdmrep.json; False for HTTP errors, `too_large`,
+      opt-outs, refused addresses, failures on other hosts a redirect led to,
+      and rows that only waited for another call's failed robots.txt /
+      tdmrep.json fetch (they keep its reason, with `requests` 0).
+    - `requests`: HTTP requests this call sent to the row's host (by name):
+      retries, redirect hops and the robots.txt / tdmrep.json fetches it made
+      included, so they can be charged to the host's rate budget. A row
+      refused before any request has 0.
     """
 
     data: bytes | None = dataclasses.field(repr=False)
@@ -219,6 +160,9 @@ class FetchResult:
     content_type: str | None = None
     attempts: int = 1
     elapsed_s: float = 0.0
+    retry_after_s: float | None = None
+    host_failure: bool = False
+    requests: int = 0
 
     @property
     def ok(self) -> bool:
@@ -227,26 +171,52 @@ class FetchResult:
 
 @dataclasses.dataclass(frozen=True)
 class CheckedUrl:
-    """A URL checked and ready to connect to."""
+    """A URL checked and ready to connect to: `url` normalised, `target` the
+    request target (path and query)."""
 
     url: str
     host: str
     addresses: list[str]
+    scheme: str = "http"
+    port: int = 80
+    target: str = "/"
+
+    @property
+    def origin(self) -> str:
+        return self.url[: len(self.url) - len(self.target)]
+
+    @property
+    def pool_key(self) -> PoolKey:
+        return PoolKey(self.scheme, self.host, self.port, tuple(self.addresses))
+
+
+@dataclasses.dataclass
+class _Call:
+    """Bookkeeping of one `fetch` call: the row's host, the requests sent to
+    it, and the caller's hook run before every request."""
+
+    row_host: str | None
+    requests: int = 0
+    before_request: Callable[[str], None] | None = None
 
 
 _RETRYABLE = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR})
 
 
-class Fetcher:
-    """Fetches one URL at a time, following `CrawlConfig`; thread-safe, picklable.
+class Fetcher(SiteFileFetching):
+    """Fetches one URL at a time, following `CrawlConfig`; thread-safe (call
+    `fetch` from any number of threads), picklable.
 
     Args:
         config: The crawl stage config.
         resolver: `(host, port) -> [ip, ...]`, raising `socket.gaierror` when
-            the host does not resolve. Default: `resolve` (getaddrinfo).
+            the host does not resolve. Default: `resolve` (getaddrinfo). Its
+            answers are cached per process for `config.dns_cache_ttl_s`.
         address_check: `ip -> reason or None`; an address with a reason is
             refused unless `config.allow_private_network`. Default:
             `non_public_reason`. Injectable so tests can treat loopback as public.
+        opt_outs: Where robots.txt and tdmrep.json verdicts are kept; default
+            the process's `OPT_OUT_CACHE`.
     """
 
     def __init__(
@@ -255,53 +225,93 @@ class Fetcher:
         *,
         resolver: Callable[[str, int], list[str]] = resolve,
         address_check: Callable[[IPAddress], str | None] = non_public_reason,
+        opt_outs: OptOutCache | None = None,
     ) -> None:
         self.config = config
         self.resolver = resolver
         self.address_check = address_check
+        self.opt_outs = opt_outs
         # Normalised as img2dataset's Downloader does before calling is_disallowed.
         self.user_agent_token = None if config.user_agent_token is None else config.user_agent_token.strip().lower()
         self.disallowed_directives = {d.strip().lower() for d in config.disallowed_header_directives}
         self.headers = {"User-Agent": user_agent(self.user_agent_token)}
+        # robots.txt tokens: ours first, so a detail names it when both disallow.
+        tokens = [config.user_agent_token or "", *config.robots_user_agents]
+        self.robots_tokens = list(dict.fromkeys(t.strip() for t in tokens if t and t.strip())) or ["*"]
+        self._setup()
 
-    def fetch(self, url: str) -> FetchResult:
+    def _setup(self) -> None:
+        self._dns = dns_cache_for(self.resolver)
+        self._opt_outs = OPT_OUT_CACHE if self.opt_outs is None else self.opt_outs
+        self._pool = ConnectionPool(max_idle=max(16, self.config.threads), max_idle_per_key=self.config.threads)
+
+    def __getstate__(self) -> dict:
+        # Caches and idle connections belong to the process; a copy gets its own.
+        state = dict(self.__dict__)
+        for name in ("_dns", "_opt_outs", "_pool"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    def close(self) -> None:
+        """Close the idle keep-alive connections (the Fetcher stays usable)."""
+        self._pool.close()
+
+    def connections_for(self, host: str) -> int:
+        """The most requests in flight to `host` in this process: the
+        `max_per_host` of the first `host_budgets` entry whose pattern matches
+        it (fnmatch; first match wins, and its None keeps the default), else
+        `config.max_per_host`."""
+        for budget in self.config.host_budgets:
+            if fnmatch.fnmatchcase(host, budget.pattern.lower()):
+                return budget.max_per_host or self.config.max_per_host
+        return self.config.max_per_host
+
+    def fetch(self, url: str, *, before_request: Callable[[str], None] | None = None) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to
-        `config.retries` times. Never raises for a bad URL or response."""
+        `config.retries` times. Never raises for a bad URL or response.
+
+        `before_request(host)`, if given, runs right before every HTTP request
+        this call sends (robots.txt, tdmrep.json, redirect hops and retries
+        included; `host` the request's host name, which a redirect may change)
+        and may block: the host scheduler paces each host's rate with it, so
+        the files fetched for a new host do not go out as one burst. It runs
+        while the request holds its per-host slot in this process."""
         start = time.monotonic()
+        split = split_url(url)
+        call = _Call(row_host=None if isinstance(split, Drop) else split[1], before_request=before_request)
         attempt = 0
         while True:
             attempt += 1
             try:
-                result, retryable = self._attempt(url)
+                result, retryable = self._attempt(url, call)
             except Exception as exc:  # a bug or an exotic failure must not kill the bundle
                 logger.exception("unexpected error fetching %s", url)
                 result, retryable = FetchResult(None, Drop(RejectReason.CONNECTION_ERROR, f"unexpected: {exc!r}")), False
             if not retryable or attempt > self.config.retries:
-                return dataclasses.replace(result, attempts=attempt, elapsed_s=time.monotonic() - start)
+                return dataclasses.replace(
+                    result, attempts=attempt, elapsed_s=time.monotonic() - start, requests=call.requests
+                )
             logger.debug("retrying %s after %s (attempt %d)", url, result.drop, attempt)
 
     def check_url(self, url: str) -> CheckedUrl | Drop:
         """Parse, normalise and resolve `url`, and check every address it
-        resolves to. Applied to the first URL and to every redirect target."""
+        resolves to. Applied to the first URL, to every redirect target and
+        to every robots.txt / tdmrep.json request."""
+        split = split_url(url)
+        if isinstance(split, Drop):
+            return split
+        parts, ascii_host, port = split
+        scheme = parts.scheme.lower()
         try:
-            parts = urllib.parse.urlsplit(url.strip())
-            scheme = parts.scheme.lower()
-            if scheme not in SCHEMES:
-                return Drop(RejectReason.UNSUPPORTED_SCHEME, f"scheme {parts.scheme!r} in {url!r}")
-            host = parts.hostname
-            port = parts.port or SCHEMES[scheme]
-            if not host:
-                return Drop(RejectReason.MALFORMED_URL, f"no host in {url!r}")
-            ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
-        except (ValueError, UnicodeError) as exc:
-            return Drop(RejectReason.MALFORMED_URL, f"{url!r}: {exc}")
-
-        try:
-            addresses = self.resolver(ascii_host, port)
+            addresses = self._dns.resolve(ascii_host, port, self.config.dns_cache_ttl_s)
         except (socket.gaierror, socket.herror) as exc:
             return Drop(RejectReason.DNS_FAILURE, f"{ascii_host}: {exc}")
         except UnicodeError as exc:
-            return Drop(RejectReason.MALFORMED_URL, f"host {host!r}: {exc}")
+            return Drop(RejectReason.MALFORMED_URL, f"host {parts.hostname!r}: {exc}")
         if not addresses:
             return Drop(RejectReason.DNS_FAILURE, f"{ascii_host}: no addresses")
 
@@ -317,20 +327,29 @@ class Fetcher:
         netloc = f"[{ascii_host}]" if ":" in ascii_host else ascii_host
         if parts.port is not None:
             netloc += f":{parts.port}"
-        path = _quote(parts.path) or "/"
-        query = _quote(parts.query)
+        path = quote_component(parts.path) or "/"
+        query = quote_component(parts.query)
         normalised = urllib.parse.urlunsplit((scheme, netloc, path, query, ""))
-        return CheckedUrl(url=normalised, host=ascii_host.lower(), addresses=addresses)
+        target = path + (f"?{query}" if query else "")
+        return CheckedUrl(
+            url=normalised, host=ascii_host, addresses=addresses, scheme=scheme, port=port, target=target
+        )
 
-    def _attempt(self, url: str) -> tuple[FetchResult, bool]:
+    # -- one attempt: opt-outs, then the image, hop by hop -------------------------------
+
+    def _attempt(self, url: str, call: _Call) -> tuple[FetchResult, bool]:
         """One attempt: follow redirects hop by hop. Returns the result and
         whether it is worth retrying."""
-        for hop in range(self.config.max_redirects + 1):
+        for _hop in range(self.config.max_redirects + 1):
             target = self.check_url(url)
             if isinstance(target, Drop):
-                return FetchResult(None, target, final_url=url), False
-            with HOST_SLOTS.hold(target.host, self.config.max_per_host):
-                outcome = self._get(target)
+                failed = target.reason in HOST_FAILURE_REASONS and host_of(url) == call.row_host
+                return FetchResult(None, target, final_url=url, host_failure=failed), False
+            opted_out = self._opt_outs_of(target, call)
+            if opted_out is not None:
+                return opted_out
+            with HOST_SLOTS.hold(target.host, self.connections_for(target.host)):
+                outcome = self._get(target, call)
             if isinstance(outcome, str):  # a redirect: the next hop
                 url = outcome
                 continue
@@ -344,20 +363,99 @@ class Fetcher:
             False,
         )
 
-    def _get(self, target: CheckedUrl) -> tuple[FetchResult, bool] | str:
-        """One request. Returns the redirect target URL, or the result."""
-        try:
-            response = _open(target.url, target.addresses, self.headers, self.config.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            drop = _classify(exc)
-            return FetchResult(None, drop, final_url=target.url), drop.reason in _RETRYABLE
+    def _opt_outs_of(self, target: CheckedUrl, call: _Call) -> tuple[FetchResult, bool] | None:
+        """robots.txt and tdmrep.json of `target`'s host: the drop when either
+        rejects `target`, or None. Each is fetched once per host per process."""
+        checks = []
+        if self.config.robots_txt:
+            checks.append(("robots", ROBOTS_PATH, RejectReason.ROBOTS_DISALLOWED))
+        if self.config.tdmrep:
+            checks.append(("tdmrep", TDMREP_PATH, RejectReason.TDM_RESERVED))
+        for kind, path, reason in checks:
+            key = (kind, target.scheme, target.host, target.port)
+            verdicts, loaded = self._opt_outs.get(
+                key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call)
+            )
+            if isinstance(verdicts, Unresolved):
+                drop = Drop(RejectReason(verdicts.reason), verdicts.detail)
+                result = FetchResult(
+                    None,
+                    drop,
+                    final_url=target.url,
+                    http_status=verdicts.http_status,
+                    retry_after_s=verdicts.retry_after_s,
+                    # Only the call that sent the failed request counts it; the
+                    # rows that waited for that fetch share its reason, not its failure.
+                    host_failure=verdicts.host_failure and loaded and target.host == call.row_host,
+                )
+                return result, drop.reason in _RETRYABLE
+            detail = (
+                verdicts.disallowed(target.url, self.robots_tokens)
+                if isinstance(verdicts, RobotsRules)
+                else verdicts.reserved(target.url)
+            )
+            if detail is not None:
+                return FetchResult(None, Drop(reason, detail), final_url=target.url), False
+        return None
 
-        with contextlib.closing(response):
+    # -- one request ---------------------------------------------------------------------
+
+    def _request(self, target: CheckedUrl, call: _Call) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send GET `target` on an idle keep-alive connection to its checked
+        addresses, or a new one. A reused connection the server closed in the
+        meantime is replaced once, transparently (the request never arrived)."""
+        if call.before_request is not None:
+            call.before_request(target.host)
+        if target.host == call.row_host:
+            call.requests += 1
+        key = target.pool_key
+        conn = self._pool.take(key)
+        reused = conn is not None
+        while True:
+            if conn is None:
+                context = connections.tls_context() if key.scheme == "https" else None
+                conn = new_connection(key, self.config.timeout_s, context)
+            try:
+                conn.request("GET", target.target, headers=self.headers)
+                return conn, conn.getresponse()
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+                conn.close()
+                if not reused:
+                    raise
+                reused, conn = False, None
+            except BaseException:
+                conn.close()
+                raise
+
+    def _release(
+        self, target: CheckedUrl, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, reusable: bool
+    ) -> None:
+        """Back to the pool if the response was read to its end and the server keeps the connection open."""
+        if reusable and response.isclosed() and not response.will_close and conn.sock is not None:
+            self._pool.give(target.pool_key, conn)
+        else:
+            response.close()
+            conn.close()
+
+    def _get(self, target: CheckedUrl, call: _Call) -> tuple[FetchResult, bool] | str:
+        """One request. Returns the redirect target URL, or the result."""
+        on_row_host = target.host == call.row_host
+        try:
+            conn, response = self._request(target, call)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            drop = classify_error(exc)
+            failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
+            return FetchResult(None, drop, final_url=target.url, host_failure=failed), drop.reason in _RETRYABLE
+
+        reusable = False
+        try:
             status = response.status
             content_type = response.headers.get("Content-Type")
 
-            def result(data: bytes | None, drop: Drop | None) -> FetchResult:
-                return FetchResult(data, drop, final_url=target.url, http_status=status, content_type=content_type)
+            def result(data: bytes | None, drop: Drop | None, **extra) -> FetchResult:
+                return FetchResult(
+                    data, drop, final_url=target.url, http_status=status, content_type=content_type, **extra
+                )
 
             if self.disallowed_directives and is_disallowed(
                 response.headers, self.user_agent_token, self.disallowed_directives
@@ -365,23 +463,33 @@ class Fetcher:
                 tags = "; ".join(response.headers.get_all("X-Robots-Tag", []))
                 return result(None, Drop(RejectReason.OPT_OUT, f"X-Robots-Tag: {tags}")), False
 
+            if self.config.tdmrep and (reserved := header_reservation(response.headers)) is not None:
+                return result(None, Drop(RejectReason.TDM_RESERVED, reserved)), False
+
             if status in REDIRECT_STATUSES:
                 location = response.headers.get("Location")
                 if not location:
                     return result(None, Drop(RejectReason.HTTP_ERROR, f"HTTP {status} without Location")), False
+                reusable = drain(response)
                 return urllib.parse.urljoin(target.url, location.strip())
 
             if not 200 <= status < 300:
-                return result(None, Drop(RejectReason.HTTP_ERROR, f"HTTP {status} {response.reason}")), False
+                reusable = drain(response)
+                drop = Drop(RejectReason.HTTP_ERROR, f"HTTP {status} {response.reason}")
+                return result(None, drop, retry_after_s=retry_after_of(response)), False
 
             try:
                 body = self._read_body(response)
             except Exception as exc:  # noqa: BLE001 - classified below
-                drop = _classify(exc)
-                return result(None, drop), drop.reason in _RETRYABLE
+                drop = classify_error(exc)
+                failed = on_row_host and drop.reason in HOST_FAILURE_REASONS
+                return result(None, drop, host_failure=failed), drop.reason in _RETRYABLE
             if isinstance(body, Drop):
                 return result(None, body), False
+            reusable = True
             return result(body, None), False
+        finally:
+            self._release(target, conn, response, reusable)
 
     def _read_body(self, response: http.client.HTTPResponse) -> bytes | Drop:
         limit = self.config.max_body_bytes
@@ -401,23 +509,3 @@ class Fetcher:
             size += len(chunk)
             if size > limit:
                 return Drop(RejectReason.TOO_LARGE, f"body longer than max_body_bytes {limit}")
-
-
-def _quote(component: str) -> str:
-    """Percent-encode what may not appear raw in a request line (spaces,
-    controls, non-ASCII as UTF-8); existing escapes and reserved characters
-    are kept, so an already valid URL is unchanged."""
-    return urllib.parse.quote(component, safe="/%:@!$&'()*+,;=?[]~")
-
-
-def _classify(exc: BaseException) -> Drop:
-    """Map an exception from urllib/http.client to a reject reason."""
-    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
-        exc = exc.reason
-    if isinstance(exc, TimeoutError):
-        return Drop(RejectReason.TIMEOUT, str(exc) or "timed out")
-    if isinstance(exc, http.client.InvalidURL | UnicodeError):
-        return Drop(RejectReason.MALFORMED_URL, str(exc))
-    if isinstance(exc, socket.gaierror):
-        return Drop(RejectReason.DNS_FAILURE, str(exc))
-    return Drop(RejectReason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}")

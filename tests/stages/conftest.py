@@ -11,6 +11,7 @@ import socket
 import pytest
 
 from pipelines.testing.localweb import LocalWeb
+from stages.core.robots import OPT_OUT_CACHE
 
 
 @pytest.fixture
@@ -38,3 +39,12 @@ def loopback_only(monkeypatch) -> list[str]:
 def web():
     with LocalWeb() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_opt_out_cache():
+    """robots.txt / tdmrep.json verdicts are kept per process, keyed by host and
+    port; test servers reuse ports, so no test may see another's verdicts."""
+    OPT_OUT_CACHE.clear()
+    yield
+    OPT_OUT_CACHE.clear()

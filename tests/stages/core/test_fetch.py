@@ -1,30 +1,29 @@
-"""stages.core.fetch and stages.core.address (the crawl stage's core), against
-LocalWeb on 127.0.0.1.
+"""stages.core.fetch (the crawl stage's core), against LocalWeb on 127.0.0.1:
+responses, errors, retries, the size limit, X-Robots-Tag and redirects. The
+address policy is in test_fetch_addresses.py, per-host behaviour (keep-alive,
+DNS cache, Retry-After, host failures) in test_fetch_hosts.py, robots.txt and
+TDMRep in test_robots.py.
 
 Every test server is loopback, so fetches that should succeed use
-`allow_private_network=True`, or a Fetcher whose address check treats
-loopback as public. A guard refuses any connection to a non-loopback address,
-so a broken address check shows up as a failure here, never as traffic.
+`allow_private_network=True`. A guard refuses any connection to a non-loopback
+address, so a broken address check shows up as a failure here, never as traffic.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import http.client
-import ipaddress
-import ssl
-import threading
 
 import pytest
 
-from schemas import CrawlConfig, RejectReason
-from stages.core import fetch
-from stages.core.address import non_public_reason
-from stages.core.fetch import Fetcher, HOST_SLOTS, _HostSlots, user_agent
-from tests.stages.crawl_helpers import LOCAL, free_port, loopback_is_public
+from schemas import RejectReason
+from stages.core.fetch import Fetcher, user_agent
+from tests.stages.crawl_helpers import LOCAL, free_port
 
 # Every test runs behind the guard against non-loopback traffic.
 pytestmark = pytest.mark.usefixtures("loopback_only")
+
+# robots.txt and tdmrep.json off where a test counts every request or byte.
+PLAIN = LOCAL.model_copy(update={"robots_txt": False, "tdmrep": False})
 
 
 # -- success and HTTP errors --------------------------------------------------------
@@ -75,8 +74,8 @@ def test_non_ascii_and_space_in_path_are_percent_encoded(web):
 
 def test_no_header_injection_through_the_url(web):
     web.add("/a.jpg", b"a")
-    Fetcher(LOCAL).fetch(web.base_url + "/a.jpg\r\nX-Injected: 1")
-    Fetcher(LOCAL).fetch(web.base_url + "/a.jpg%0d%0aX-Injected:%201")
+    Fetcher(PLAIN).fetch(web.base_url + "/a.jpg\r\nX-Injected: 1")
+    Fetcher(PLAIN).fetch(web.base_url + "/a.jpg%0d%0aX-Injected:%201")
     assert web.request_count == 2
     assert all("X-Injected" not in r.headers for r in web.received)
 
@@ -170,7 +169,7 @@ def test_body_at_the_limit_is_kept(web):
 @pytest.mark.parametrize("content_length", [True, False])
 def test_body_over_the_limit_is_too_large_and_not_read_beyond_it(web, bytes_read, content_length):
     web.add("/big", b"x" * 3_000_000, content_length=content_length)
-    result = Fetcher(LOCAL.model_copy(update={"max_body_bytes": 1000})).fetch(web.url("/big"))
+    result = Fetcher(PLAIN.model_copy(update={"max_body_bytes": 1000})).fetch(web.url("/big"))
     assert result.drop.reason == RejectReason.TOO_LARGE
     assert sum(bytes_read) <= 1001
     if content_length:
@@ -293,214 +292,3 @@ def test_redirect_to_another_scheme_or_without_location(web):
     assert Fetcher(LOCAL).fetch(web.url("/file")).drop.reason == RejectReason.UNSUPPORTED_SCHEME
     result = Fetcher(LOCAL).fetch(web.url("/nowhere"))
     assert (result.drop.reason, result.http_status) == (RejectReason.HTTP_ERROR, 302)
-
-
-# -- private addresses (SSRF) ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "host",
-    [
-        "127.0.0.1",
-        "localhost",
-        "[::1]",
-        "10.0.0.1",
-        "172.16.5.4",
-        "192.168.1.1",
-        "169.254.169.254",
-        "0.0.0.0",
-        "100.64.0.1",
-        "224.0.0.1",
-        "[fe80::1]",
-        "[fc00::1]",
-        "[::ffff:127.0.0.1]",
-        "[::ffff:169.254.169.254]",
-        "[2002:7f00:1::]",
-        "0x7f000001",
-        "2130706433",
-        "127.1",
-    ],
-)
-def test_private_addresses_are_refused_without_a_request(web, loopback_only, host):
-    web.add("/a.jpg", b"a")
-    result = Fetcher(CrawlConfig(timeout_s=0.5)).fetch(f"http://{host}:{web.port}/a.jpg")
-    assert result.drop.reason == RejectReason.PRIVATE_ADDRESS, result.drop
-    assert web.request_count == 0
-    assert loopback_only == []
-
-
-def test_https_private_address_is_refused_too(web, loopback_only):
-    assert Fetcher(CrawlConfig()).fetch("https://169.254.169.254/latest/meta-data/").drop.reason == (
-        RejectReason.PRIVATE_ADDRESS
-    )
-    assert loopback_only == []
-
-
-@pytest.mark.parametrize(
-    ("address", "public"),
-    [
-        ("8.8.8.8", True),
-        ("2606:4700:4700::1111", True),
-        ("::ffff:8.8.8.8", True),
-        ("64:ff9b::808:808", True),
-        ("127.0.0.1", False),
-        ("10.1.2.3", False),
-        ("172.31.255.255", False),
-        ("192.168.0.1", False),
-        ("100.64.0.1", False),
-        ("169.254.169.254", False),
-        ("0.0.0.0", False),
-        ("255.255.255.255", False),
-        ("224.0.1.1", False),
-        ("240.0.0.1", False),
-        ("198.18.0.1", False),
-        ("::", False),
-        ("::1", False),
-        ("fe80::1", False),
-        ("fd00::1", False),
-        ("ff02::1", False),
-        ("::ffff:10.0.0.1", False),
-        ("2002:a00:1::", False),
-        ("64:ff9b::a9fe:a9fe", False),
-    ],
-)
-def test_non_public_reason(address, public):
-    assert (non_public_reason(ipaddress.ip_address(address)) is None) == public
-
-
-def test_a_name_with_any_private_address_is_refused(web, loopback_only):
-    fetcher = Fetcher(CrawlConfig(), resolver=lambda host, port: ["93.184.216.34", "10.0.0.7"])
-    result = fetcher.fetch("http://mixed.example/a.jpg")
-    assert result.drop.reason == RejectReason.PRIVATE_ADDRESS
-    assert "10.0.0.7" in result.drop.detail
-    assert loopback_only == []
-
-
-def test_connects_to_the_checked_address_and_keeps_the_host_name(web):
-    """The name is resolved once, by the resolver the check used; the connection
-    goes to that address (the system resolver does not know the name) and the
-    Host header still carries the name."""
-    web.add("/a.jpg", b"pinned")
-    calls = []
-
-    def resolver(host, port):
-        calls.append((host, port))
-        return ["127.0.0.1"]
-
-    fetcher = Fetcher(CrawlConfig(), resolver=resolver, address_check=loopback_is_public)
-    result = fetcher.fetch(f"http://images.example:{web.port}/a.jpg")
-    assert result.data == b"pinned"
-    assert calls == [("images.example", web.port)]
-    assert web.received[-1].headers["Host"] == f"images.example:{web.port}"
-
-
-def test_every_address_is_rechecked_and_a_rebinding_answer_refused(web, loopback_only):
-    """A resolver that answers a public address first and a private one next
-    (DNS rebinding): the first request goes out, the redirect to the same name
-    is refused because its hop is resolved and checked again."""
-    web.add_redirect("/r", "/again")
-    answers = iter([["127.0.0.1"], ["169.254.169.254"]])
-    fetcher = Fetcher(CrawlConfig(), resolver=lambda host, port: next(answers), address_check=loopback_is_public)
-    result = fetcher.fetch(f"http://rebind.example:{web.port}/r")
-    assert result.drop.reason == RejectReason.PRIVATE_ADDRESS
-    assert (web.requests_to("/r"), web.requests_to("/again")) == (1, 0)
-    assert loopback_only == []
-
-
-@pytest.mark.parametrize(
-    "target",
-    [
-        "http://10.0.0.1/x.jpg",
-        "http://169.254.169.254/latest/meta-data/",
-        "http://192.168.0.1:8080/admin",
-        "http://[::ffff:10.0.0.1]/x",
-        "http://[fd00::1]/x",
-        "https://0.0.0.0/x",
-    ],
-)
-def test_redirect_to_a_private_address_is_refused(web, loopback_only, target):
-    web.add_redirect("/r", target)
-    fetcher = Fetcher(CrawlConfig(timeout_s=0.5), address_check=loopback_is_public)
-    result = fetcher.fetch(web.url("/r"))
-    assert result.drop.reason == RejectReason.PRIVATE_ADDRESS, result.drop
-    assert result.final_url == target
-    assert web.requests_to("/r") == 1
-    assert loopback_only == []
-
-
-def test_https_connects_to_the_checked_address_with_the_name_as_sni(web, monkeypatch):
-    """TLS goes to the pinned address, and the certificate is checked against
-    the name (SNI), not the address."""
-    context = ssl.create_default_context()
-    server_names = []
-
-    def refuse_handshake(sock, server_hostname=None, **kwargs):
-        server_names.append((sock.getpeername()[0], server_hostname))
-        raise ssl.SSLCertVerificationError("test: no certificate for this name")
-
-    context.wrap_socket = refuse_handshake
-    monkeypatch.setattr(fetch, "_tls_context", lambda: context)
-    fetcher = Fetcher(CrawlConfig(), resolver=lambda host, port: ["127.0.0.1"], address_check=loopback_is_public)
-    result = fetcher.fetch(f"https://images.example:{web.port}/a.jpg")
-    assert result.drop.reason == RejectReason.CONNECTION_ERROR
-    assert server_names == [("127.0.0.1", "images.example")]
-
-
-def test_https_to_a_plain_http_server_is_a_connection_error(web):
-    result = Fetcher(LOCAL).fetch(f"https://127.0.0.1:{web.port}/a.jpg")
-    assert result.drop.reason == RejectReason.CONNECTION_ERROR
-    assert "SSL" in result.drop.detail
-
-
-def test_check_url_directly(web):
-    fetcher = Fetcher(CrawlConfig(), address_check=loopback_is_public)
-    target = fetcher.check_url(web.url("/a.jpg"))
-    assert target.addresses == ["127.0.0.1"] and target.url == web.url("/a.jpg")
-    assert fetcher.check_url("http://169.254.169.254/").reason == RejectReason.PRIVATE_ADDRESS
-    allowing = Fetcher(LOCAL)
-    assert allowing.check_url("http://10.0.0.1/").addresses == ["10.0.0.1"]
-
-
-# -- per-host concurrency ----------------------------------------------------------------
-
-
-def fetch_many(fetcher: Fetcher, urls: list[str], threads: int) -> list:
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fetcher.fetch, urls))
-
-
-def test_per_host_bound_holds_across_threads_and_fetchers(web):
-    web.add("/slow", b"s", delay_s=0.2)
-    config = LOCAL.model_copy(update={"max_per_host": 2})
-    fetchers = [Fetcher(config), Fetcher(config)]  # two DoFn instances in one process share the bound
-    urls = [web.url("/slow")] * 8
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: fetchers[i % 2].fetch(urls[i]), range(8)))
-    assert all(r.ok for r in results)
-    assert web.max_concurrent == 2
-    assert len(HOST_SLOTS) == 0  # entries go away once nobody holds or waits
-
-
-def test_without_the_bound_the_server_sees_more_concurrency(web):
-    # The control for the test above: the same load with a loose bound.
-    web.add("/slow", b"s", delay_s=0.2)
-    results = fetch_many(Fetcher(LOCAL.model_copy(update={"max_per_host": 8})), [web.url("/slow")] * 8, threads=8)
-    assert all(r.ok for r in results)
-    assert web.max_concurrent > 2
-
-
-def test_host_slots_are_per_host():
-    slots = _HostSlots()
-    inside = threading.Barrier(2, timeout=5)
-
-    def hold(host):
-        with slots.hold(host, 1):
-            inside.wait()  # both inside at once: different hosts do not share a slot
-
-    threads = [threading.Thread(target=hold, args=(h,)) for h in ("a.example", "b.example")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not inside.broken
-    assert len(slots) == 0
