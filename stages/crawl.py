@@ -39,8 +39,6 @@ from stages.core.verdict import Drop
 
 logger = logging.getLogger(__name__)
 
-_HOST_FAILURES = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR, RejectReason.DNS_FAILURE})
-
 
 def host_budget(config: CrawlConfig, host: str, splits: int = 1) -> Budget:
     """The budget of `host` (first matching `host_budgets` pattern, else the
@@ -71,15 +69,9 @@ def crawl_key(config: CrawlConfig, host: str, row_key: str, hot: dict[str, int])
     return f"g{zlib.crc32(host.encode()) % config.host_groups:05d}"
 
 
-def fetch_outcome(result) -> Outcome:
+def fetch_outcome(result: FetchResult) -> Outcome:
     """What the scheduler reads from a `FetchResult`."""
-    drop = result.drop
-    return Outcome(
-        requests=getattr(result, "requests", result.attempts),
-        host_failure=getattr(result, "host_failure", drop is not None and drop.reason in _HOST_FAILURES),
-        retry_after_s=getattr(result, "retry_after_s", None),
-        status=result.http_status,
-    )
+    return Outcome(host_failure=result.host_failure, retry_after_s=result.retry_after_s, status=result.http_status)
 
 
 class KeyByHost(beam.PTransform):
@@ -131,6 +123,10 @@ class CrawlDoFn(beam.DoFn):
         for emitted, _ in self.crawl(records, hot or {}):
             yield emitted
 
+    def teardown(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()  # idle keep-alive connections
+
     def crawl(self, records: Iterable[SampleRecord], hot: dict[str, int], then=None) -> Iterator:
         """Fetch `records` under the per-host budgets. Yields `(output, then_result)`:
         the output is a `WithImage` or `TaggedOutput(REJECTS, Rejection)`;
@@ -140,8 +136,8 @@ class CrawlDoFn(beam.DoFn):
         assert self._fetcher is not None and self._metrics is not None
         fetcher = self._fetcher
 
-        def work(record: SampleRecord):
-            result = fetcher.fetch(record.url)
+        def work(record: SampleRecord, pace):
+            result = fetcher.fetch(record.url, before_request=pace)
             after = None
             if then is not None and result.drop is None and result.data is not None:
                 try:

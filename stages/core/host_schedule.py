@@ -9,9 +9,11 @@ workers, and need no counters shared between processes.
 `HostScheduler.run(rows)` fetches rows with a pool of threads and, per host:
 
 - **connections**: at most `budget.connections` fetches in flight;
-- **rate**: requests start at least `1 / budget.rate` seconds apart (every
-  request a fetch sent, redirects and robots.txt included, is charged), so any
-  window of T seconds holds at most `T * rate + 1` requests to the host;
+- **rate**: requests start at least `1 / budget.rate` seconds apart, every
+  request a fetch sends included (robots.txt, tdmrep.json, redirect hops,
+  retries: the fetch calls `pace(host)` before each, which waits for the
+  host's next slot), so any window of T seconds holds at most `T * rate + 1`
+  requests to the host;
 - **back-off**: a `429` or `503` with `Retry-After` (the fetcher parses
   seconds or an HTTP date) holds the host's next request until then and puts
   the row back in its queue (at most `MAX_RETRY_AFTER_ATTEMPTS` times); each
@@ -32,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -68,24 +71,59 @@ class Budget:
 class Outcome:
     """What the scheduler needs to know of a finished fetch.
 
-    `requests`: requests sent to the host; `host_failure`: the host could not
-    be reached (counts towards `down_after`); `retry_after_s`: the server asked
-    to wait (429/503 with Retry-After); `status`: the final HTTP status, if any."""
+    `host_failure`: the host could not be reached (counts towards
+    `down_after`); `retry_after_s`: the server asked to wait (429/503 with
+    Retry-After); `status`: the final HTTP status, if any."""
 
-    requests: int = 1
     host_failure: bool = False
     retry_after_s: float | None = None
     status: int | None = None
 
 
-class _Host:
-    __slots__ = ("queue", "in_flight", "next_start", "rate", "failures", "down", "down_detail")
+class _Pacer:
+    """Each host's next request slot and current rate, shared by the
+    dispatcher and the fetching threads (which wait for their slots)."""
 
-    def __init__(self, rate: float):
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.next_slot: dict[str, float] = {}
+        self.rate: dict[str, float] = {}
+
+    def due(self, host: str) -> float:
+        with self.lock:
+            return self.next_slot.get(host, 0.0)
+
+    def reserve(self, host: str, rate: float) -> float:
+        """Take the host's next slot; returns its time (now or later)."""
+        with self.lock:
+            rate = self.rate.setdefault(host, rate)
+            slot = max(self.clock(), self.next_slot.get(host, 0.0))
+            self.next_slot[host] = slot + 1.0 / rate
+            return slot
+
+    def wait(self, host: str, rate: float) -> None:
+        slot = self.reserve(host, rate)
+        delay = slot - self.clock()
+        if delay > 0:
+            time.sleep(delay)
+
+    def hold_until(self, host: str, when: float) -> None:
+        with self.lock:
+            self.next_slot[host] = max(self.next_slot.get(host, 0.0), when)
+
+    def slow_down(self, host: str, floor: float) -> None:
+        with self.lock:
+            if host in self.rate:
+                self.rate[host] = max(floor, self.rate[host] / 2)
+
+
+class _Host:
+    __slots__ = ("queue", "in_flight", "failures", "down", "down_detail")
+
+    def __init__(self):
         self.queue: collections.deque = collections.deque()
         self.in_flight = 0
-        self.next_start = 0.0
-        self.rate = rate
         self.failures = 0
         self.down = False
         self.down_detail = ""
@@ -94,15 +132,16 @@ class _Host:
 class HostScheduler(Generic[Row]):
     """Fetches rows under per-host budgets; see the module docstring.
 
-    `fetch(row)` runs on the pool's threads and returns any result;
-    `outcome(result)` reads what the scheduler needs from it. `run` yields
-    `(row, result)` for fetched rows and `(row, Drop)` for rows of a host
-    declared down.
+    `fetch(row, pace)` runs on the pool's threads and returns any result; it
+    must call `pace(host)` right before each HTTP request it sends (`host`:
+    that request's host, which a redirect may change). `outcome(result)` reads
+    what the scheduler needs from the result. `run` yields `(row, result)` for
+    fetched rows and `(row, Drop)` for rows of a host declared down.
     """
 
     def __init__(
         self,
-        fetch: Callable[[Row], object],
+        fetch: Callable[[Row, Callable[[str], None]], object],
         outcome: Callable[[object], Outcome],
         url_of: Callable[[Row], str],
         budget_of: Callable[[str], Budget],
@@ -134,14 +173,32 @@ class HostScheduler(Generic[Row]):
         answered: collections.deque = collections.deque()  # rows of down hosts, answered without a fetch
         retries: dict[int, int] = {}
         in_flight: dict[concurrent.futures.Future, tuple[str, Row]] = {}
+        pacer = self.pacer = _Pacer(self.clock)
 
         def can_start(host: str, state: _Host, now: float) -> bool:
             return (
                 bool(state.queue)
                 and not state.down
                 and state.in_flight < budgets[host].connections
-                and state.next_start <= now
+                and pacer.due(host) <= now
             )
+
+        def fetch_paced(row: Row, host: str, first_slot: float):
+            # The first request to the row's host uses the slot taken when the
+            # fetch was started; every further request waits for a slot of its own.
+            first = [True]
+
+            def pace(request_host: str) -> None:
+                request_host = request_host.lower()
+                if first[0] and request_host == host:
+                    first[0] = False
+                    delay = first_slot - self.clock()
+                    if delay > 0:
+                        time.sleep(delay)
+                    return
+                pacer.wait(request_host, self.budget_of(request_host).rate)
+
+            return self.fetch(row, pace)
 
         def take(row: Row) -> str | None:
             """Queue a row under its host (or answer it if the host is down); returns the host if queued."""
@@ -150,7 +207,7 @@ class HostScheduler(Generic[Row]):
             state = hosts.get(host)
             if state is None:
                 budgets[host] = self.budget_of(host)
-                state = hosts[host] = _Host(budgets[host].rate)
+                state = hosts[host] = _Host()
             if state.down:
                 answered.append((row, Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)))
                 return None
@@ -185,8 +242,8 @@ class HostScheduler(Generic[Row]):
                         row = state.queue.popleft()
                         buffered -= 1
                         state.in_flight += 1
-                        state.next_start = max(state.next_start, now) + 1.0 / state.rate
-                        in_flight[pool.submit(self.fetch, row)] = (host, row)
+                        slot = pacer.reserve(host, budgets[host].rate)
+                        in_flight[pool.submit(fetch_paced, row, host, slot)] = (host, row)
                     if len(in_flight) >= self.threads:
                         break
 
@@ -210,7 +267,7 @@ class HostScheduler(Generic[Row]):
 
                 # 3. Wait for a fetch to finish, or for the first host whose next request is due.
                 waits = [
-                    state.next_start
+                    pacer.due(host)
                     for host, state in hosts.items()
                     if state.queue and not state.down and state.in_flight < budgets[host].connections
                 ]
@@ -237,12 +294,8 @@ class HostScheduler(Generic[Row]):
 
     def _settle(self, host, state: _Host, budget: Budget, row, outcome: Outcome, retries: dict, declare_down) -> bool:
         """Apply a finished fetch to its host's state; True if the row was queued again (Retry-After)."""
-        now = self.clock()
-        # The first request was charged when the fetch started; charge the others (redirects, robots.txt).
-        if outcome.requests > 1:
-            state.next_start = max(state.next_start, now) + (outcome.requests - 1) / state.rate
         if outcome.status == 429:
-            state.rate = max(budget.rate * MIN_RATE_FRACTION, state.rate / 2)
+            self.pacer.slow_down(host, budget.rate * MIN_RATE_FRACTION)
         if outcome.host_failure:
             state.failures += 1
             if state.failures >= self.down_after and not state.down:
@@ -258,7 +311,7 @@ class HostScheduler(Generic[Row]):
                     f"over max_retry_after_s={self.max_retry_after_s:g}",
                 )
                 return False
-            state.next_start = max(state.next_start, now + outcome.retry_after_s)
+            self.pacer.hold_until(host, self.clock() + outcome.retry_after_s)
             attempts = retries.get(id(row), 0)
             if attempts < MAX_RETRY_AFTER_ATTEMPTS:
                 retries[id(row)] = attempts + 1

@@ -126,10 +126,10 @@ def test_a_fetch_that_raises_unexpectedly_is_an_internal_error_reject(web, monke
     web.add("/a.jpg", b"a", content_type="image/png")
     original = Fetcher.fetch
 
-    def broken(self, url):
+    def broken(self, url, **kwargs):
         if url.endswith("/bug"):
             raise ZeroDivisionError("a bug in the fetcher")
-        return original(self, url)
+        return original(self, url, **kwargs)
 
     monkeypatch.setattr(Fetcher, "fetch", broken)
     dofn = CrawlDoFn(LOCAL)

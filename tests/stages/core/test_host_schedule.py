@@ -20,18 +20,24 @@ class FakeWeb:
     how many were in flight; `answers` maps a host to a function of the
     request's ordinal on that host returning an Outcome (default: 200)."""
 
-    def __init__(self, delay_s: float = 0.01, answers=None):
+    def __init__(self, delay_s: float = 0.01, answers=None, extra_requests=None):
         self.delay_s = delay_s
         self.answers = answers or {}
+        self.extra_requests = extra_requests or {}
         self.lock = threading.Lock()
         self.starts: dict[str, list[float]] = collections.defaultdict(list)
         self.in_flight: collections.Counter = collections.Counter()
         self.max_in_flight: collections.Counter = collections.Counter()
 
-    def fetch(self, url: str) -> Outcome:
+    def fetch(self, url: str, pace) -> Outcome:
         host = host_of(url)
+        for extra in range(self.extra_requests.get(host, 0)):  # robots.txt and the like, before the row's request
+            pace(host)
+            with self.lock:
+                self.starts[host].append(time.monotonic())
+        pace(host)
         with self.lock:
-            ordinal = len(self.starts[host])
+            ordinal = len(self.starts[host]) - self.extra_requests.get(host, 0)
             self.starts[host].append(time.monotonic())
             self.in_flight[host] += 1
             self.max_in_flight[host] = max(self.max_in_flight[host], self.in_flight[host])
@@ -74,6 +80,15 @@ def test_connections_and_rate_per_host_hold_while_other_hosts_run_freely():
     # The tail of small hosts was not held behind the hot one: all of it started early.
     tail_last_start = max(t for h, s in web.starts.items() if h != "hot.test" for t in s)
     assert tail_last_start - started < 1.0
+
+
+def test_every_request_a_fetch_sends_is_paced_not_only_the_first():
+    # Each row's fetch sends two requests (say robots.txt, then the image) to its host.
+    web = FakeWeb(delay_s=0.0, extra_requests={"paced.test": 1})
+    list(scheduler(web, {"paced.test": Budget(4, 20.0)}).run([f"http://paced.test/{i}" for i in range(6)]))
+    starts = sorted(web.starts["paced.test"])
+    assert len(starts) == 12
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20.0 - 0.005
 
 
 def test_a_host_failing_n_times_in_a_row_is_declared_down_and_its_other_rows_get_no_request():
@@ -122,7 +137,7 @@ def test_a_retry_after_over_the_bound_declares_the_host_down():
 
 
 def test_a_fetch_that_raises_is_returned_as_the_rows_result():
-    def fetch(url):
+    def fetch(url, pace):
         raise ZeroDivisionError("bug")
 
     sched = HostScheduler(fetch=fetch, outcome=lambda o: o, url_of=lambda u: u, budget_of=lambda h: Budget(1, 100.0),
