@@ -71,7 +71,12 @@ def crawl_key(config: CrawlConfig, host: str, row_key: str, hot: dict[str, int])
 
 def fetch_outcome(result: FetchResult) -> Outcome:
     """What the scheduler reads from a `FetchResult`."""
-    return Outcome(host_failure=result.host_failure, retry_after_s=result.retry_after_s, status=result.http_status)
+    return Outcome(
+        host_failure=result.host_failure,
+        reached_host=result.requests > 0,
+        retry_after_s=result.retry_after_s,
+        status=result.http_status,
+    )
 
 
 class KeyByHost(beam.PTransform):

@@ -193,9 +193,33 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=STOP_TIMEOUT_S)
 
 
+# Beam's Python job service runs every job with one SDK worker (it builds its
+# FnApiRunner without reading direct_num_workers); with `workers > 1` it is
+# started with its runner set to that many, all booted by the same external pool.
+_JOB_SERVICE_WITH_WORKERS = """
+import sys
+from apache_beam.runners.portability import local_job_service, local_job_service_main
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+workers = int(sys.argv.pop(1))
+
+
+def invoke(job):
+    job.set_state(local_job_service.beam_job_api_pb2.JobState.RUNNING)
+    runner = fn_runner.FnApiRunner(provision_info=job._provision_info)
+    runner._num_workers = workers
+    return runner.run_via_runner_api(job._pipeline_proto, job.pipeline_options())
+
+
+local_job_service.BeamJob._invoke_runner = invoke
+local_job_service_main.run(sys.argv[1:])
+"""
+
+
 @contextlib.contextmanager
-def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[list[str]]:
+def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S, workers: int = 1) -> Iterator[list[str]]:
     """Run a job service and an external worker pool; yield the pipeline argv.
+    `workers`: SDK worker processes per job (the pool boots each).
 
     The argv: `--runner=PortableRunner --job_endpoint=localhost:P1
     --environment_type=EXTERNAL --environment_config=localhost:P2
@@ -220,13 +244,12 @@ def portable_runner(workdir: Path, startup_timeout_s: float = STARTUP_TIMEOUT_S)
     job_port_file = workdir / "job_service.port"
     processes: list[subprocess.Popen] = []
     try:
-        processes.append(
-            _start(
-                [str(python), "-m", "apache_beam.runners.portability.local_job_service_main",
-                 "--port=0", f"--port_file={job_port_file}", f"--staging_dir={workdir / 'staging'}"],
-                env, run_dir, job_log,
-            )
-        )
+        job_flags = ["--port=0", f"--port_file={job_port_file}", f"--staging_dir={workdir / 'staging'}"]
+        if workers > 1:
+            job_command = [str(python), "-c", _JOB_SERVICE_WITH_WORKERS, str(workers), *job_flags]
+        else:
+            job_command = [str(python), "-m", "apache_beam.runners.portability.local_job_service_main", *job_flags]
+        processes.append(_start(job_command, env, run_dir, job_log))
         processes.append(
             _start(
                 # The pool announces its port with logging.info; whether the root logger

@@ -72,10 +72,14 @@ class Outcome:
     """What the scheduler needs to know of a finished fetch.
 
     `host_failure`: the host could not be reached (counts towards
-    `down_after`); `retry_after_s`: the server asked to wait (429/503 with
-    Retry-After); `status`: the final HTTP status, if any."""
+    `down_after`); `reached_host`: a request was sent (only then does a
+    non-failure reset the count: a row that merely waited for another row's
+    failed robots.txt says nothing about the host); `retry_after_s`: the
+    server asked to wait (429/503 with Retry-After); `status`: the final HTTP
+    status, if any."""
 
     host_failure: bool = False
+    reached_host: bool = True
     retry_after_s: float | None = None
     status: int | None = None
 
@@ -300,7 +304,7 @@ class HostScheduler(Generic[Row]):
             state.failures += 1
             if state.failures >= self.down_after and not state.down:
                 declare_down(host, state, f"{host} failed {state.failures} times in a row (host_down_after={self.down_after})")
-        else:
+        elif outcome.reached_host:
             state.failures = 0
         if outcome.retry_after_s is not None and outcome.status in (429, 503) and not state.down:
             if outcome.retry_after_s > self.max_retry_after_s:
