@@ -24,6 +24,11 @@ def print_funnel(report, out=None) -> None:
     print(f"{'rejected':<{width}} {report.rejected:>10}", file=out)
     status = "ok" if report.accounting_ok else "MISMATCH"
     print(f"{'accounting':<{width}} {status:>10}  ({report.input_rows} = {report.kept} + {report.rejected})", file=out)
+    if report.opt_outs:
+        print(line, file=out)
+        print("opt-outs honoured:", file=out)
+        for row in report.opt_outs:
+            print(f"  {row.reason.value:<{width - 2}} {row.rows:>10} rows from {row.hosts} host(s)", file=out)
     if report.input_errors:
         print(line, file=out)
         print(f"input files that failed part-way: {len(report.input_errors)} (their later rows are not counted above)", file=out)

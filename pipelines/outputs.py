@@ -23,7 +23,18 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from pydantic import BaseModel
 
-from schemas import CurateConfig, FunnelRow, InputFileError, RejectReason, Rejection, Report, SampleRecord, Stage
+from schemas import (
+    CurateConfig,
+    FunnelRow,
+    InputFileError,
+    OptOutRow,
+    RejectReason,
+    Rejection,
+    Report,
+    SampleRecord,
+    Stage,
+)
+from stages.core.host_schedule import host_of
 from stages.shards import write_atomically
 
 INDEX = "index.parquet"
@@ -135,12 +146,17 @@ def write_table(
     )
 
 
+# What a site says to keep its content out; the report counts rows and hosts of each.
+OPT_OUT_REASONS = (RejectReason.ROBOTS_DISALLOWED, RejectReason.TDM_RESERVED, RejectReason.OPT_OUT)
+
+
 def build_report(
     input_rows: int,
     kept: int,
     shards: int,
     reject_counts: list[tuple[tuple[str, str], int]],
     input_errors: list[InputFileError] = (),
+    opt_out_hosts: list[tuple[str, int]] = (),
 ) -> Report:
     stage_order = {stage.value: i for i, stage in enumerate(Stage)}
     funnel = sorted(
@@ -148,6 +164,12 @@ def build_report(
         key=lambda row: (stage_order[row.stage.value], -row.count, row.reason.value),
     )
     rejected = sum(row.count for row in funnel)
+    hosts = dict(opt_out_hosts)
+    opt_outs = [
+        OptOutRow(reason=reason, rows=sum(row.count for row in funnel if row.reason == reason), hosts=hosts[reason.value])
+        for reason in OPT_OUT_REASONS
+        if reason.value in hosts
+    ]
     return Report(
         input_rows=input_rows,
         kept=kept,
@@ -156,6 +178,7 @@ def build_report(
         funnel=funnel,
         accounting_ok=input_rows == kept + rejected,
         input_errors=sorted(input_errors, key=lambda e: e.path),
+        opt_outs=opt_outs,
     )
 
 
@@ -163,8 +186,8 @@ class _WriteReport(beam.DoFn):
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 
-    def process(self, _, input_rows, kept, shards, reject_counts, input_errors):
-        report = build_report(input_rows, kept, shards, reject_counts, input_errors)
+    def process(self, _, input_rows, kept, shards, reject_counts, input_errors, opt_out_hosts):
+        report = build_report(input_rows, kept, shards, reject_counts, input_errors, opt_out_hosts)
         write_atomically(FileSystems.join(self.output_dir, REPORT), report.model_dump_json(indent=2).encode())
         if not report.accounting_ok:
             raise AccountingError(
@@ -206,6 +229,14 @@ def write_outputs(
         | "ReasonKey" >> beam.Map(lambda r: ((r.stage.value, r.reason.value), 1))
         | "CountReasons" >> beam.CombinePerKey(sum)
     )
+    opt_out_values = {reason.value for reason in OPT_OUT_REASONS}
+    opt_out_hosts = (
+        rejects
+        | "OptOuts" >> beam.Filter(lambda r: r.reason.value in opt_out_values)
+        | "OptOutHost" >> beam.Map(lambda r: (r.reason.value, host_of(r.url)))
+        | "OptOutHosts" >> beam.Distinct()
+        | "OptOutHostCount" >> beam.combiners.Count.PerKey()
+    )
     # Wait for both tables before the report says the run is complete.
     tables_written = (
         (index_done, rejects_done) | "TablesWritten" >> beam.Flatten() | "AllWritten" >> beam.combiners.Count.Globally()
@@ -217,6 +248,7 @@ def write_outputs(
         beam.pvalue.AsSingleton(shard_count),
         beam.pvalue.AsList(reject_counts),
         beam.pvalue.AsList(input_errors),
+        beam.pvalue.AsList(opt_out_hosts),
     )
 
 

@@ -15,6 +15,7 @@ from schemas.config import (
 from schemas.records import (
     SCHEMA_VERSION,
     FunnelRow,
+    OptOutRow,
     ImageRef,
     InputFileError,
     Provenance,
@@ -59,6 +60,7 @@ __all__ = [
     "DecodeConfig",
     "DedupConfig",
     "FunnelRow",
+    "OptOutRow",
     "ImageRef",
     "InputFileError",
     "Provenance",

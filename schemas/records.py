@@ -209,6 +209,14 @@ class InputFileError(BaseModel):
     error: str
 
 
+class OptOutRow(BaseModel):
+    """Rows a site's opt-out removed (robots.txt, TDMRep, X-Robots-Tag), and from how many hosts."""
+
+    reason: RejectReason
+    rows: int
+    hosts: int
+
+
 class FunnelRow(BaseModel):
     stage: Stage
     reason: RejectReason
@@ -229,4 +237,7 @@ class Report(BaseModel):
     input_errors: list[InputFileError] = Field(
         default_factory=list,
         description="Input files that failed part-way; their rows after the failure are not in `input_rows`.",
+    )
+    opt_outs: list[OptOutRow] = Field(
+        default_factory=list, description="Rows each kind of opt-out removed, and the number of hosts they came from."
     )

@@ -9,6 +9,7 @@ is obeyed, and every row is accounted for."""
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -115,6 +116,10 @@ def test_per_host_budgets_hold_across_two_workers_from_the_servers_logs(tmp_path
         assert set(reasons) <= {"host_unreachable", "connection_error", "timeout"}, reasons
     assert by_host[address[56]] == {"robots_disallowed": rows_of[address[56]]}
     assert by_host[address[57]] == {"robots_disallowed": rows_of[address[57]]}
+    # The report counts the rows and the hosts each opt-out removed.
+    report = json.loads((out / "report.json").read_text())
+    robots_rows = rows_of[address[56]] + rows_of[address[57]]
+    assert report["opt_outs"] == [{"reason": "robots_disallowed", "rows": robots_rows, "hosts": 2}]
     # Robots only ever asked once per host and worker process (two processes).
     assert sum(e.path == "/robots.txt" for e in logs[address[56]]) <= 2
     # Every row accounted for.
