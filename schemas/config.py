@@ -113,10 +113,11 @@ class CrawlConfig(_StageConfig):
         "share its budget, so one big host is crawled by several workers at once.",
     )
     host_groups: int = Field(
-        256,
+        1024,
         ge=1,
-        description="Small hosts are hashed into this many crawl keys (each crawled by one worker at a time); "
-        "more keys spread a run over more workers.",
+        description="Small hosts are hashed into this many crawl keys (each crawled by one worker at a time, "
+        "all its hosts at once): at most this many workers crawl the long tail together, so keep it a few times "
+        "the number of workers.",
     )
     dns_cache_ttl_s: float = Field(300.0, ge=0, description="Upper bound on how long a DNS answer is reused.")
     robots_txt: bool = Field(True, description="Fetch robots.txt once per host and honour it (RFC 9309).")
