@@ -29,7 +29,14 @@ LOG = logging.getLogger("demo")
 
 DEMO_CONFIG = {
     "read": {"width_col": "width", "height_col": "height"},
-    "crawl": {"timeout_s": 2.0, "retries": 1},
+    # The demo's one local server stands in for a whole web (its dead links and
+    # timeouts included): give it a web's worth of budget, and do not declare it down.
+    "crawl": {
+        "timeout_s": 2.0,
+        "retries": 1,
+        "host_budgets": [{"pattern": "127.0.0.1", "max_per_host": 32, "max_host_rate": 1000.0}],
+        "host_down_after": 1000,
+    },
     "shards": {"samples_per_shard": 100, "writers": 2},
 }
 
