@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import CrawlConfig, RejectReason, SampleRecord, Stage
 from stages.base import REJECTS, StageMetrics, WithImage, internal_error, rejection
-from stages.core.fetch import Fetcher, FetchResult
+from stages.core.fetch import HOST_FAILURE_REASONS, Fetcher, FetchResult
 from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
 from stages.core.verdict import Drop
 
@@ -71,9 +71,11 @@ def crawl_key(config: CrawlConfig, host: str, row_key: str, hot: dict[str, int])
 
 def fetch_outcome(result: FetchResult) -> Outcome:
     """What the scheduler reads from a `FetchResult`."""
+    untried = result.requests == 0 and result.drop is not None and result.drop.reason in HOST_FAILURE_REASONS
     return Outcome(
         host_failure=result.host_failure,
         reached_host=result.requests > 0,
+        untried=untried,
         retry_after_s=result.retry_after_s,
         status=result.http_status,
     )

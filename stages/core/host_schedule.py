@@ -45,7 +45,10 @@ from stages.core.verdict import Drop
 
 Row = TypeVar("Row")
 
+# How often a row goes back to its host's queue (after a Retry-After, or after
+# failing untried) before its last result stands.
 MAX_RETRY_AFTER_ATTEMPTS = 3
+_REQUEUED = object()
 # A host's rate never drops below its budget divided by this, however many 429s it sends.
 MIN_RATE_FRACTION = 1 / 16
 
@@ -74,12 +77,16 @@ class Outcome:
     `host_failure`: the host could not be reached (counts towards
     `down_after`); `reached_host`: a request was sent (only then does a
     non-failure reset the count: a row that merely waited for another row's
-    failed robots.txt says nothing about the host); `retry_after_s`: the
+    failed robots.txt says nothing about the host); `untried`: the row failed
+    without a request of its own (it waited on another row's failed request),
+    so it is queued again, or answered `host_unreachable` if the host is down by
+    then; `retry_after_s`: the
     server asked to wait (429/503 with Retry-After); `status`: the final HTTP
     status, if any."""
 
     host_failure: bool = False
     reached_host: bool = True
+    untried: bool = False
     retry_after_s: float | None = None
     status: int | None = None
 
@@ -289,15 +296,18 @@ class HostScheduler(Generic[Row]):
                     except Exception as err:  # noqa: BLE001 - handed to the caller as the row's result
                         yield row, err
                         continue
-                    if self._settle(host, state, budgets[host], row, self.outcome(result), retries, declare_down):
+                    settled = self._settle(host, state, budgets[host], row, self.outcome(result), retries, declare_down)
+                    if settled is _REQUEUED:
                         buffered += 1  # the row went back to its host's queue
                         continue
-                    yield row, result
+                    yield row, result if settled is None else settled
                 while answered:
                     yield answered.popleft()
 
-    def _settle(self, host, state: _Host, budget: Budget, row, outcome: Outcome, retries: dict, declare_down) -> bool:
-        """Apply a finished fetch to its host's state; True if the row was queued again (Retry-After)."""
+    def _settle(self, host, state: _Host, budget: Budget, row, outcome: Outcome, retries: dict, declare_down):
+        """Apply a finished fetch to its host's state. Returns `_REQUEUED` if
+        the row went back to its host's queue, a `Drop` that replaces the
+        row's result, or None (the result stands)."""
         if outcome.status == 429:
             self.pacer.slow_down(host, budget.rate * MIN_RATE_FRACTION)
         if outcome.host_failure:
@@ -306,6 +316,10 @@ class HostScheduler(Generic[Row]):
                 declare_down(host, state, f"{host} failed {state.failures} times in a row (host_down_after={self.down_after})")
         elif outcome.reached_host:
             state.failures = 0
+        if outcome.untried:
+            if state.down:
+                return Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)
+            return self._requeue(state, row, retries)
         if outcome.retry_after_s is not None and outcome.status in (429, 503) and not state.down:
             if outcome.retry_after_s > self.max_retry_after_s:
                 declare_down(
@@ -314,12 +328,18 @@ class HostScheduler(Generic[Row]):
                     f"{host} asked to wait {outcome.retry_after_s:.0f} s (Retry-After, HTTP {outcome.status}); "
                     f"over max_retry_after_s={self.max_retry_after_s:g}",
                 )
-                return False
+                return None
             self.pacer.hold_until(host, self.clock() + outcome.retry_after_s)
-            attempts = retries.get(id(row), 0)
-            if attempts < MAX_RETRY_AFTER_ATTEMPTS:
-                retries[id(row)] = attempts + 1
-                state.queue.appendleft(row)
-                return True
+            return self._requeue(state, row, retries)
         retries.pop(id(row), None)
-        return False
+        return None
+
+    @staticmethod
+    def _requeue(state: _Host, row, retries: dict):
+        attempts = retries.get(id(row), 0)
+        if attempts >= MAX_RETRY_AFTER_ATTEMPTS:
+            retries.pop(id(row), None)
+            return None
+        retries[id(row)] = attempts + 1
+        state.queue.appendleft(row)
+        return _REQUEUED

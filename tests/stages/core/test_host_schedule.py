@@ -103,6 +103,22 @@ def test_a_host_failing_n_times_in_a_row_is_declared_down_and_its_other_rows_get
     assert len(web.starts["ok.test"]) == 5 and sched.hosts_declared_down == 1
 
 
+def test_a_row_that_failed_untried_is_queued_again_or_answered_unreachable_once_the_host_is_down():
+    # The first answer says: failed without a request of its own (it waited on another's).
+    web = FakeWeb(answers={"wait.test": lambda n: Outcome(untried=True, reached_host=False) if n == 0 else Outcome(status=200)})
+    [(url, result)] = list(scheduler(web, {}).run(["http://wait.test/a"]))
+    assert result.status == 200 and len(web.starts["wait.test"]) == 2
+
+    # On a host that goes down meanwhile, the untried row is not retried but unreachable.
+    web = FakeWeb(
+        delay_s=0.05,
+        answers={"dead.test": lambda n: Outcome(untried=True, reached_host=False) if n == 0 else Outcome(host_failure=True)},
+    )
+    results = dict(scheduler(web, {"dead.test": Budget(4, 1000.0)}, down_after=2).run([f"http://dead.test/{i}" for i in range(3)]))
+    assert sorted(r.reason.value if isinstance(r, Drop) else "failure" for r in results.values()) == [
+        "failure", "failure", "host_unreachable"]
+
+
 def test_a_success_resets_the_failure_count():
     web = FakeWeb(answers={"flaky.test": lambda n: Outcome(host_failure=n % 2 == 0)})
     results = list(scheduler(web, {"flaky.test": Budget(1, 1000.0)}).run([f"http://flaky.test/{i}" for i in range(12)]))
