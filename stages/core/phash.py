@@ -46,7 +46,7 @@ _ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = {5, 6, 7, 8}
-_DRAFT_FORMATS = {"JPEG", "MPO"}  # MPO: multi-picture JPEG from cameras
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: multi-picture JPEG from cameras
 
 
 # --------------------------------------------------------------------------- hashing
@@ -85,16 +85,14 @@ def digest_image(data: bytes) -> ImageDigest:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
         transpose = _ORIENTATION_TRANSPOSE.get(orientation)
         scale = 1
-        if image_format in _DRAFT_FORMATS and min(full_width, full_height) >= 2 * _HASH_SIDE:
+        if image_format in DRAFT_FORMATS and min(full_width, full_height) >= 2 * _HASH_SIDE:
             # Ask for >= 32 px per side: libjpeg picks the largest of 1/2, 1/4, 1/8.
             drafted = img.draft("L", (_HASH_SIDE, _HASH_SIDE))
             if drafted is not None:
                 scale = round(full_width / drafted[1][2])
         if scale == 1:
-            # Full decode: imagehash.phash unchanged (after EXIF orientation).
             img.load()
-            oriented = img.transpose(transpose) if transpose is not None else img
-            phash = str(imagehash.phash(oriented, hash_size=_HASH_SIZE))
+            phash = phash_of_image(img, orientation)
         else:
             luma = img if img.mode == "L" else img.convert("L")  # CMYK JPEGs keep their mode
             luma = np.asarray(luma, dtype=np.float64)  # (h/scale, w/scale), block means
@@ -102,6 +100,15 @@ def digest_image(data: bytes) -> ImageDigest:
     if orientation in _SWAPS_AXES:
         full_width, full_height = full_height, full_width
     return ImageDigest(phash=phash, width=full_width, height=full_height, format=image_format)
+
+
+def phash_of_image(img: Image.Image, orientation: int = 1) -> str:
+    """`imagehash.phash` of a decoded PIL image after EXIF `orientation` (what
+    `compute_phash` returns for every image it does not draft-decode: non-JPEG
+    formats and JPEGs under 64 px a side), for callers that hold the pixels."""
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    oriented = img.transpose(transpose) if transpose is not None else img
+    return str(imagehash.phash(oriented, hash_size=_HASH_SIZE))
 
 
 def compute_phash(data: bytes) -> str:
