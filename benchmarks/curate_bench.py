@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import statistics
 import tarfile
 import tempfile
@@ -152,11 +153,19 @@ def count_tar_images(folder: Path) -> int:
     return count
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (img2dataset's
+    processes, Beam's worker processes), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 @dataclasses.dataclass
 class Run:
     side: str
     seconds: float
     images: int
+    cpu_s: float = 0.0  # CPU seconds of the run (this process and its children; not the web's)
     stages: dict[str, float] = dataclasses.field(default_factory=dict)  # worker-seconds per step
     distributions: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (count, mean)
 
@@ -168,6 +177,7 @@ class Run:
 def run_img2dataset(urls: Path, out: Path, n: int, args) -> Run:
     from img2dataset import download
 
+    cpu = cpu_seconds()
     started = time.perf_counter()
     download(
         url_list=str(urls),
@@ -190,7 +200,8 @@ def run_img2dataset(urls: Path, out: Path, n: int, args) -> Run:
         user_agent_token="img2dataset",
         disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
     )
-    return Run("img2dataset", time.perf_counter() - started, count_tar_images(out))
+    elapsed = time.perf_counter() - started
+    return Run("img2dataset", elapsed, count_tar_images(out), cpu_seconds() - cpu)
 
 
 class _KeepResult(beam.Pipeline):
@@ -251,6 +262,7 @@ def run_curate(urls: Path, out: Path, args, mode: str) -> Run:
     beam_args = [f"--direct_num_workers={args.workers}", f"--direct_running_mode={running_mode}"]
     options = make_pipeline_options(beam_args)
     pipeline = _KeepResult(runner=create_runner(options), options=options)
+    cpu = cpu_seconds()
     started = time.perf_counter()
     code = curate_main(
         ["--input", str(urls), "--output", str(out), "--config", str(config_path),
@@ -258,13 +270,14 @@ def run_curate(urls: Path, out: Path, args, mode: str) -> Run:
         test_pipeline=pipeline,
     )
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
     if code != 0:
         raise SystemExit(f"curate failed with exit code {code}")
     stages, distributions = {}, {}
     if pipeline.result is not None:
         stages = _stage_seconds(pipeline.result)
         distributions = _distributions(pipeline.result, [("crawl", "fetch_ms"), ("decode", "decode_ms"), ("decode", "phash_ms")])
-    return Run(mode, elapsed, count_tar_images(out / "shards"), stages, distributions)
+    return Run(mode, elapsed, count_tar_images(out / "shards"), cpu, stages, distributions)
 
 
 # ------------------------------------------------------------------ report
@@ -290,7 +303,8 @@ def report(runs: list[Run], args) -> dict:
     )
     print(f"order: {' '.join(r.side for r in runs)}; load average now {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"on {os.cpu_count()} cores")
-    print(f"{'side':<30}{'images':>8}{'seconds (each run)':>24}{'images/s':>10}{'spread':>13}{'ratio':>7}")
+    print(f"{'side':<30}{'images':>8}{'seconds (each run)':>24}{'images/s':>10}{'spread':>13}{'ratio':>7}"
+          f"{'CPU ms/image':>14}")
     summary = {}
     for side, name in SIDES.items():
         side_runs = by_side.get(side)
@@ -300,10 +314,12 @@ def report(runs: list[Run], args) -> dict:
         mean = statistics.mean(rates)
         short = any(r.seconds < args.min_seconds for r in side_runs)
         seconds = " ".join(f"{r.seconds:.1f}" for r in side_runs)
+        cpu_ms = statistics.mean(1000 * r.cpu_s / max(1, r.images) for r in side_runs)
         print(f"{name:<30}{side_runs[0].images:>8}{seconds:>24}{mean:>10.1f}{_spread(rates):>13}{mean / base:>6.2f}x"
-              + ("  SHORT: under --min-seconds, start-up included" if short else ""))
+              f"{cpu_ms:>14.1f}" + ("  SHORT: under --min-seconds, start-up included" if short else ""))
         summary[side] = {"images": [r.images for r in side_runs], "seconds": [round(r.seconds, 2) for r in side_runs],
-                         "images_per_s": round(mean, 2), "ratio": round(mean / base, 3), "short": short}
+                         "images_per_s": round(mean, 2), "ratio": round(mean / base, 3), "short": short,
+                         "cpu_ms_per_image": round(cpu_ms, 2)}
     # Ratios of neighbouring pairs (A B and B A), so the spread of the ratio shows too.
     for side in ("threads", "processes"):
         pair_ratios = []
@@ -316,7 +332,8 @@ def report(runs: list[Run], args) -> dict:
             print(f"  {SIDES[side]}: ratio against the nearest img2dataset run: "
                   + ", ".join(f"{x:.2f}x" for x in pair_ratios))
             summary[side]["pair_ratios"] = [round(x, 3) for x in pair_ratios]
-    print("  target: curate >= 1.5x img2dataset's images/s")
+    print("  target: curate >= 1.5x img2dataset's images/s. CPU ms/image: this process and its children "
+          "(img2dataset's processes, Beam's workers), not the web's; less sensitive to other load than images/s")
     for side in ("threads", "processes"):
         side_runs = [r for r in by_side.get(side, []) if r.stages]
         if not side_runs:
