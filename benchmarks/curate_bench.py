@@ -390,22 +390,33 @@ def main(argv=None) -> int:
         print(f"{args.images} images ready in {time.perf_counter() - started:.0f} s ({corpus})", flush=True)
         web = loopback_web(corpus, [n for n, _ in items]) if args.web == "loopback" else manyhosts_web(
             corpus, [n for n, _ in items], args.dead_hosts)
-        runs = []
+        runs, failures = [], []
         with web as urls:
             url_list = tmp / "urls.parquet"
             pq.write_table(pa.Table.from_pylist([{"url": u, "caption": c} for u, (_, c) in zip(urls, items)]), url_list)
             for i, side in enumerate(order):
                 out = tmp / f"run{i}-{side}"
-                run = run_img2dataset(url_list, out, args.images, args) if side == "img2dataset" else run_curate(
-                    url_list, out, args, side)
+                try:
+                    run = run_img2dataset(url_list, out, args.images, args) if side == "img2dataset" else run_curate(
+                        url_list, out, args, side)
+                except (Exception, SystemExit) as err:  # noqa: BLE001 - a failed run is reported, not hidden
+                    failures.append(f"run {i + 1} ({SIDES[side]}): {type(err).__name__}: {err}")
+                    print(f"run {i + 1}/{len(order)}: {SIDES[side]}: FAILED: {err}", flush=True)
+                    continue
                 print(f"run {i + 1}/{len(order)}: {SIDES[side]}: {run.images} images in {run.seconds:.1f} s "
-                      f"({run.rate:.1f}/s), load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"({run.rate:.1f}/s, {1000 * run.cpu_s / max(1, run.images):.1f} CPU ms/image), "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
                 runs.append(run)
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)
+    if not any(r.side == "img2dataset" for r in runs):
+        print("\n".join(failures))
+        return 1
     report(runs, args)
-    return 0
+    for failure in failures:
+        print(f"FAILED, left out of the figures: {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
