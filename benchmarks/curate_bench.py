@@ -129,17 +129,51 @@ def loopback_web(folder: Path, names: list[str]):
 
 
 @contextlib.contextmanager
-def manyhosts_web(folder: Path, names: list[str], dead_fraction: float):
-    """The many-loopback-host web (pipelines/testing/manyhosts.py), when present."""
+def manyhosts_web(folder: Path, n: int, args):
+    """`n` image URLs on the many-loopback-host web (`pipelines/testing/manyhosts.py`,
+    run as its own process): `--hosts` hosts on 127.0.0.2 and up. Healthy web:
+    `--hot-hosts` hosts hold most URLs and every other host one or two (a
+    crawl's long tail). With `--dead-hosts F`, every host holds about the same
+    number of URLs and a fraction F of the hosts are unhealthy, split between
+    slow (each answer 2 s late), refusing connections and never answering."""
+    import signal
+    import subprocess
+    import sys
+
     try:
-        from pipelines.testing import manyhosts  # noqa: F401
+        from pipelines.testing.hostspecs import IMAGES_PREFIX
     except ImportError as err:
         raise SystemExit(f"--web manyhosts needs pipelines/testing/manyhosts.py ({err}); use --web loopback") from err
-    serve = getattr(manyhosts, "serve_files", None)
-    if serve is None:
-        raise SystemExit("pipelines/testing/manyhosts.py has no serve_files(folder, names, dead_fraction=...)")
-    with serve(folder, names, dead_fraction=dead_fraction) as urls:
-        yield list(urls)
+    hosts = args.hosts
+    unhealthy = round(args.dead_hosts * hosts)
+    slow, refuse = unhealthy // 3, unhealthy // 3
+    hang = unhealthy - slow - refuse
+    command = [sys.executable, "-m", "pipelines.testing.manyhosts", "--hosts", str(hosts), "--slow", str(slow),
+               "--refuse", str(refuse), "--hang", str(hang), "--log-dir", str(folder / "logs"),
+               "--image-size", args.manyhosts_image_size]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"the many-host web did not start: {' '.join(command)}")
+        port = json.loads(line)["port"]
+        if unhealthy:
+            counts = [n // hosts + (1 if i < n % hosts else 0) for i in range(hosts)]
+        else:
+            small = [1 + (j % 2) for j in range(hosts - args.hot_hosts)]
+            hot = max(0, n - sum(small))
+            counts = [hot // args.hot_hosts + (1 if i < hot % args.hot_hosts else 0) for i in range(args.hot_hosts)] + small
+        urls = [f"http://127.0.0.{i + 2}:{port}{IMAGES_PREFIX}{k}.jpg" for i, c in enumerate(counts) for k in range(c)]
+        random.Random(0).shuffle(urls)
+        print(f"many-host web: {hosts} hosts ({slow} slow, {refuse} refusing, {hang} hanging), {len(urls)} URLs, "
+              f"largest host {max(counts)} URLs", flush=True)
+        yield urls[:n]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 # ------------------------------------------------------------------ the two sides
@@ -369,6 +403,9 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--web", default="loopback", choices=["loopback", "manyhosts"])
     parser.add_argument("--dead-hosts", type=float, default=0.0, help="with --web manyhosts: fraction of hosts dead or slow")
+    parser.add_argument("--hosts", type=int, default=60, help="with --web manyhosts: hosts (127.0.0.2 and up)")
+    parser.add_argument("--hot-hosts", type=int, default=3, help="with --web manyhosts: hosts holding most URLs")
+    parser.add_argument("--manyhosts-image-size", default="768x576", help="with --web manyhosts: WIDTHxHEIGHT served")
     parser.add_argument("--corpus", help="folder to keep the generated JPEGs in between runs (default: a temporary one)")
     args = parser.parse_args(argv)
     args.images = args.images or (60 if args.quick else STEADY_IMAGES)
@@ -385,15 +422,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = Path(args.corpus) if args.corpus else tmp / "web"
-        started = time.perf_counter()
-        items = write_corpus(corpus, args.images)
-        print(f"{args.images} images ready in {time.perf_counter() - started:.0f} s ({corpus})", flush=True)
-        web = loopback_web(corpus, [n for n, _ in items]) if args.web == "loopback" else manyhosts_web(
-            corpus, [n for n, _ in items], args.dead_hosts)
+        if args.web == "loopback":
+            started = time.perf_counter()
+            items = write_corpus(corpus, args.images)
+            print(f"{args.images} images ready in {time.perf_counter() - started:.0f} s ({corpus})", flush=True)
+            web = loopback_web(corpus, [name for name, _ in items])
+            captions = [caption for _, caption in items]
+        else:
+            web = manyhosts_web(tmp, args.images, args)
+            captions = [f"a smooth blend of colours, picture {i}" for i in range(args.images)]
         runs, failures = [], []
         with web as urls:
             url_list = tmp / "urls.parquet"
-            pq.write_table(pa.Table.from_pylist([{"url": u, "caption": c} for u, (_, c) in zip(urls, items)]), url_list)
+            pq.write_table(pa.Table.from_pylist([{"url": u, "caption": c} for u, c in zip(urls, captions)]), url_list)
             for i, side in enumerate(order):
                 out = tmp / f"run{i}-{side}"
                 try:
