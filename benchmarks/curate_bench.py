@@ -27,6 +27,11 @@ default of 10,000 samples per shard would leave one process busy) and
 `--workers` workers, as img2dataset gets `--workers` processes, each with
 `--threads` fetch threads.
 
+Each run also reports its CPU time per image written (this process and its
+finished children: img2dataset's processes, Beam's worker processes; the web's
+process is not counted): on a machine other jobs are loading, that figure moves
+less than images/s. A run that fails is reported and left out of the figures.
+
 For curate, the per-stage breakdown is the time the SDK workers spent in each
 top-level step (Beam's `process_bundle_msecs` monitoring metric, summed over
 workers: worker-seconds, not wall time; a fused stage's time is split by the
