@@ -18,10 +18,19 @@ palette images (converted to RGB), 16-bit images (scaled to 8 bits), alpha
 (composited on white, as img2dataset does). An image that needs none of this
 and no resize is stored byte for byte in its original format (jpg/png/webp).
 
-Resizing uses img2dataset's `Resizer` and its modes (`keep_ratio`,
-`keep_ratio_largest`, `center_crop`, `border`). Its calls are serialised per
-process because it redirects the process's stdout/stderr around each image,
-which is not safe from several threads at once.
+Resizing follows img2dataset's `Resizer` and its modes (`keep_ratio`,
+`keep_ratio_largest`, `center_crop`, `border`) with the same albumentations
+transforms, interpolation (OpenCV area down, Lanczos-4 up) and OpenCV encoder,
+so the stored pixels and bytes are the ones img2dataset writes (see `Resizer`).
+It works on pixels already decoded here instead of calling img2dataset's class,
+which decodes the bytes a second time and redirects the process's stdout/stderr
+around each image (not safe from several threads, so it had to run under one
+lock per process).
+
+Each image is decoded as few times as the checks allow: a JPEG kept as it is
+needs only the reduced (draft) decode that computes its pHash; a JPEG that is
+resized adds one full decode (OpenCV, as img2dataset); every other image is
+decoded once in full and hashed from those pixels.
 
 The same step hashes the downloaded bytes (SHA-256, for exact dedup) and the
 picture (64-bit pHash, for near dedup) while they are in memory.
@@ -32,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import threading
 import warnings
 
 import numpy as np
@@ -40,13 +48,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import DecodeConfig, RejectReason
 from stages.core.verdict import Drop
-from stages.core.phash import compute_phash, digest_image
+from stages.core.phash import DRAFT_FORMATS, digest_image, phash_of_image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 _KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112
-_RESIZER_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(slots=True)
@@ -89,21 +96,79 @@ def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _resizer(config: DecodeConfig):
-    from img2dataset.resizer import Resizer
+class Resizer:
+    """img2dataset's resize modes on decoded pixels (OpenCV's HxW or HxWxC
+    uint8 array, BGR) -> (encoded bytes, width, height).
 
-    return Resizer(
-        image_size=config.image_size,
-        resize_mode=config.resize_mode,
-        resize_only_if_bigger=config.resize_only_if_bigger,
-        encode_format=config.encode_format,
-        encode_quality=config.encode_quality if config.encode_format != "png" else 9,
-    )
+    The same steps as `img2dataset.resizer.Resizer.__call__` with
+    `resize_only_if_bigger`, `skip_reencode=False` and no blurring: keep_ratio
+    and center_crop scale the shorter side to `image_size` (albumentations'
+    `SmallestMaxSize`; center_crop then `CenterCrop`s a square), border and
+    keep_ratio_largest scale the longer side (`LongestMaxSize`; border then pads
+    with white to a square), OpenCV's area interpolation when shrinking and
+    Lanczos-4 when enlarging (only with `resize_only_if_bigger=False`); the
+    result is always re-encoded with `cv2.imencode` (JPEG/WebP at
+    `encode_quality`, PNG at compression 9). Thread-safe: holds no state
+    but the transforms, and OpenCV runs each call on the calling thread.
+    """
+
+    def __init__(self, config: DecodeConfig):
+        import albumentations as A  # noqa: N812 - the library's own alias
+        import cv2
+
+        self.config = config
+        size = config.image_size
+        shorter = config.resize_mode in ("keep_ratio", "center_crop")
+        scale = A.SmallestMaxSize if shorter else A.LongestMaxSize
+        self._shrink = scale(max_size=size, interpolation=cv2.INTER_AREA, p=1.0)
+        self._enlarge = scale(max_size=size, interpolation=cv2.INTER_LANCZOS4, p=1.0)
+        self._shorter = shorter
+        self._then = None
+        if config.resize_mode == "center_crop":
+            self._then = A.CenterCrop(height=size, width=size)
+        elif config.resize_mode == "border":
+            self._then = A.PadIfNeeded(
+                min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255], p=1.0
+            )
+        quality_flag = {"jpg": cv2.IMWRITE_JPEG_QUALITY, "png": cv2.IMWRITE_PNG_COMPRESSION, "webp": cv2.IMWRITE_WEBP_QUALITY}
+        quality = config.encode_quality if config.encode_format != "png" else 9
+        self._encode_params = [int(quality_flag[config.encode_format]), quality]
+        self._extension = f".{config.encode_format}"
+
+    def __call__(self, pixels: np.ndarray) -> tuple[bytes, int, int]:
+        import cv2
+
+        cv2.setNumThreads(1)  # as img2dataset: one image per thread, no OpenCV pool
+        height, width = pixels.shape[:2]
+        side = min(width, height) if self._shorter else max(width, height)
+        shrink = side > self.config.image_size
+        if shrink or not self.config.resize_only_if_bigger:
+            pixels = (self._shrink if shrink else self._enlarge)(image=pixels)["image"]
+            if self._then is not None:
+                pixels = self._then(image=pixels)["image"]
+        ok, encoded = cv2.imencode(self._extension, pixels, params=self._encode_params)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode a {pixels.shape} image as {self._extension}")
+        height, width = pixels.shape[:2]
+        return encoded.tobytes(), width, height
+
+
+def _resizer(config: DecodeConfig) -> Resizer:
+    return Resizer(config)
+
+
+def _bgr_pixels(img: Image.Image) -> np.ndarray:
+    """A normalised (RGB or L) PIL image as OpenCV pixels (BGR or grey)."""
+    import cv2
+
+    pixels = np.asarray(img)
+    return cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if pixels.ndim == 3 else pixels
 
 
 def decode_image(data: bytes, config: DecodeConfig, resizer=None) -> Decoded | Drop:
-    """Check and normalise one downloaded image. Pure function; `resizer` is an
-    img2dataset Resizer when `config.resize_mode != "no"`."""
+    """Check and normalise one downloaded image. Pure function; `resizer` is a
+    `Resizer(config)` built once by the caller when `config.resize_mode !=
+    "no"` (one is built per call otherwise)."""
     if not data:
         return Drop(RejectReason.EMPTY_BODY)
     try:
@@ -137,40 +202,57 @@ def decode_image(data: bytes, config: DecodeConfig, resizer=None) -> Decoded | D
 
     fmt = _KEEP_AS_IS.get(img.format or "")
     needs_normalising = fmt is None or orientation != 1 or img.mode not in ("RGB", "L")
+    resizing = config.resize_mode != "no"
+    pixels = None
     try:
-        # A JPEG kept as it is needs no full-size pixels: the reduced (draft)
-        # decode that computes its pHash still reads the whole entropy-coded
-        # stream, so it catches truncation as a full decode would, in a
-        # quarter of the time. Everything else is decoded in full.
-        if fmt == "jpg" and not needs_normalising and config.resize_mode == "no":
+        if fmt == "jpg" and not needs_normalising:
+            # A plain JPEG needs no full-size PIL pixels: the reduced (draft)
+            # decode that computes its pHash still reads the whole entropy-coded
+            # stream, so it catches truncation as a full decode would, in a
+            # quarter of the time. Resizing adds one full decode, by OpenCV as
+            # img2dataset does (the same libjpeg-turbo pixels as PIL's).
             phash = digest_image(data).phash
-            return Decoded(data, fmt, width, height, width, height, phash)
-        img.load()
-        phash = compute_phash(data)
+            if not resizing:
+                return Decoded(data, fmt, width, height, width, height, phash)
+            pixels = _decode_cv2(data)
+            if pixels is None:
+                return Drop(RejectReason.NOT_AN_IMAGE, "OpenCV could not decode the JPEG")
+        else:
+            img.load()
+            # JPEGs hash from their draft decode, as compute_phash does everywhere
+            # (the dedup and decontamination hashes must be the same function).
+            phash = digest_image(data).phash if img.format in DRAFT_FORMATS else phash_of_image(img, orientation)
     except (OSError, SyntaxError, ValueError) as err:
         message = str(err)
         truncated = "truncat" in message.lower() or "broken" in message.lower()
         return Drop(RejectReason.TRUNCATED_IMAGE if truncated else RejectReason.NOT_AN_IMAGE, message[:200])
+    if pixels is None:
+        try:
+            if needs_normalising:
+                img = _to_rgb(ImageOps.exif_transpose(img))
+        except Exception as err:
+            return Drop(RejectReason.UNSUPPORTED_MODE, f"{img.mode}: {err}"[:200])
+        if not resizing:
+            if not needs_normalising:
+                return Decoded(data, fmt, width, height, width, height, phash)
+            encoded = _encode(img, config.encode_format, config.encode_quality)
+            return Decoded(encoded, config.encode_format, img.width, img.height, width, height, phash)
+        pixels = _bgr_pixels(img)
+
+    if resizer is None:
+        resizer = Resizer(config)
     try:
-        if needs_normalising:
-            img = _to_rgb(ImageOps.exif_transpose(img))
-    except Exception as err:
-        return Drop(RejectReason.UNSUPPORTED_MODE, f"{img.mode}: {err}"[:200])
-
-    if config.resize_mode == "no":
-        if not needs_normalising:
-            return Decoded(data, fmt, width, height, width, height, phash)
-        encoded = _encode(img, config.encode_format, config.encode_quality)
-        return Decoded(encoded, config.encode_format, img.width, img.height, width, height, phash)
-
-    # img2dataset's Resizer decodes with OpenCV, which ignores EXIF and can't
-    # encode 16-bit or CMYK: hand it a normalised lossless copy when needed.
-    source = _encode(img, "png", 95) if needs_normalising else data
-    with _RESIZER_LOCK:
-        out, new_w, new_h, _, _, err = resizer(io.BytesIO(source))
-    if err is not None or out is None:
-        return Drop(RejectReason.RESIZE_FAILED, str(err)[:200])
+        out, new_w, new_h = resizer(pixels)
+    except Exception as err:  # OpenCV and albumentations raise their own types
+        return Drop(RejectReason.RESIZE_FAILED, f"{type(err).__name__}: {err}"[:200])
     return Decoded(out, config.encode_format, new_w, new_h, width, height, phash)
+
+
+def _decode_cv2(data: bytes) -> np.ndarray | None:
+    """Full decode as img2dataset's Resizer does it (pixels as stored, EXIF ignored)."""
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def decode_rgb(data: bytes):

@@ -107,3 +107,30 @@ def test_decode_rgb_applies_exif_rotation_and_converts_to_rgb():
     buffer = io.BytesIO()
     palette.save(buffer, format="PNG")
     assert decode_rgb(buffer.getvalue()).mode == "RGB"
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+@pytest.mark.parametrize("size", [(800, 1000), (300, 200)], ids=["shrunk", "kept-small"])
+@pytest.mark.parametrize("kind", ["jpeg", "grey-jpeg", "png"])
+def test_resize_writes_the_bytes_img2dataset_writes(mode, size, kind):
+    """The decode stage's Resizer works on pixels it already decoded, but stores
+    exactly what img2dataset's own Resizer stores for the same settings."""
+    from img2dataset.resizer import Resizer as Img2datasetResizer
+
+    picture = webcorpus.render(21, size)
+    data = {"jpeg": webcorpus.jpeg(picture), "grey-jpeg": webcorpus.jpeg(picture.convert("L")), "png": webcorpus.png(picture)}[kind]
+    config = DecodeConfig(resize_mode=mode, image_size=512, min_side=0)
+    theirs, width, height, *_, err = Img2datasetResizer(
+        image_size=512, resize_mode=mode, resize_only_if_bigger=True, encode_format="jpg", encode_quality=95
+    )(io.BytesIO(data))
+    assert err is None
+    ours = decode(data, config)
+    assert not isinstance(ours, Drop), ours
+    assert (ours.width, ours.height) == (width, height)
+    assert ours.data == theirs
+
+
+def test_resize_of_a_truncated_jpeg_is_rejected_as_truncated():
+    data = webcorpus.jpeg(webcorpus.render(22, (900, 700)))
+    result = decode(data[: len(data) // 2], DecodeConfig(resize_mode="keep_ratio"))
+    assert isinstance(result, Drop) and result.reason == RejectReason.TRUNCATED_IMAGE

@@ -118,3 +118,24 @@ def test_sha256_and_hex_parsing():
     for bad in ("abc", "0x12345678901234", "zzzzzzzzzzzzzzzz", "00 11 22 33 4455"):
         with pytest.raises(ValueError):
             phash_to_int(bad)
+
+
+def test_opencv_reduced_decode_gives_pil_draft_pixels(photos, monkeypatch):
+    """compute_phash decodes the reduced luma with OpenCV when it can; the hash
+    must be the one PIL's draft decode gives, on every size and for grey and
+    CMYK JPEGs (which fall back to PIL), and truncation still raises."""
+    import stages.core.phash as phash
+
+    used = []
+    real = phash._reduced_luma
+    monkeypatch.setattr(phash, "_reduced_luma", lambda *args: used.append(real(*args)) or used[-1])
+    images = [jpeg_bytes(photo, q) for q in (60, 92) for _, photo in photos]
+    images += [jpeg_bytes(photos[4][1].convert("L"), 85), jpeg_bytes(photos[4][1].convert("CMYK"), 85)]
+    fast = [compute_phash(data) for data in images]
+    assert any(luma is not None for luma in used) and used[-1] is None  # OpenCV used; CMYK fell back
+    monkeypatch.setattr(phash, "_reduced_luma", lambda *args: None)
+    assert fast == [compute_phash(data) for data in images]
+    monkeypatch.setattr(phash, "_reduced_luma", real)
+    for cut in (0.5, 0.9, 0.99):
+        with pytest.raises(OSError):
+            compute_phash(images[5][: int(len(images[5]) * cut)])
