@@ -42,7 +42,7 @@ import numpy as np
 from apache_beam.metrics.metric import MetricsFilter
 
 from schemas.config import SemanticDedupConfig
-from stages.core.semantic import brute_force_pairs, normalise
+from stages.core.semantic import assign, brute_force_pairs, normalise, one_blas_thread
 from stages.semantic_dedup import NAMESPACE, SemanticDecisions
 
 CHUNK = 20_000
@@ -89,7 +89,7 @@ class _Generate(beam.DoFn):
 
 
 def run(args) -> dict:
-    config = SemanticDedupConfig()
+    config = SemanticDedupConfig() if args.boundary is None else SemanticDedupConfig(boundary=args.boundary)
     params = dict(n=args.embeddings, pairs=args.pairs, dim=args.dim, centres=args.centres, threshold=config.threshold, seed=args.seed)
     chunks = -(-args.embeddings // CHUNK)
     out = tempfile.mkdtemp(prefix="semantic_bench_")
@@ -125,7 +125,8 @@ def run(args) -> dict:
     # Brute force on chunk 0: every pair above the threshold, and the groups the pipeline gave them.
     keys0, x0, _ = generate_chunk(0, **params)
     t0 = time.perf_counter()
-    truth = brute_force_pairs(x0.astype(np.float32), config.threshold)
+    with one_blas_thread():  # as the pipeline's products run
+        truth = brute_force_pairs(x0.astype(np.float32), config.threshold)
     brute_s = time.perf_counter() - t0
     brute_recall = sum(root(keys0[i]) == root(keys0[j]) for i, j in truth) / max(len(truth), 1)
     index0 = {k: i for i, k in enumerate(keys0)}
@@ -134,6 +135,16 @@ def run(args) -> dict:
     joined = [(k, v[1]) for k, v in duplicates.items() if k in index0 and v[1] in index0]
     precise = sum(float(x0f[index0[a]] @ x0f[index0[b]]) >= config.threshold - 1e-3 for a, b in joined)
     below = sum(v[2] < config.threshold for v in duplicates.values())
+
+    # How many planted pairs k-means alone splits (nearest centroids differ): found only through the boundary rule.
+    centroids = np.load(os.path.join(out, "semantic", "centroids.npy"))
+    split = 0
+    for chunk in range(chunks):
+        keys_c, x_c, planted_c = generate_chunk(chunk, **params)
+        index_c = {k: i for i, k in enumerate(keys_c)}
+        with one_blas_thread():
+            labels = assign(normalise(x_c), centroids)
+        split += sum(labels[index_c[a]] != labels[index_c[b]] for a, b, _ in planted_c)
 
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters = {c.key.metric.name: c.committed for c in metrics["counters"]}
@@ -148,6 +159,11 @@ def run(args) -> dict:
         "planted_pairs": len(planted),
         "planted_pairs_found": found,
         "recall_planted": found / len(planted),
+        "planted_pairs_split_by_nearest_cluster": int(split),
+        "boundary_assignments": counters.get("boundary_assignments", 0),
+        "boundary_assignments_per_embedding": round(counters.get("boundary_assignments", 0) / n, 3),
+        "boundary_capped": counters.get("boundary_capped", 0),
+        "members_in_several_clusters": counters.get("members_in_several_clusters", 0),
         "dropped": len(duplicates),
         "drops_below_threshold": below,
         "brute_force_chunk_rows": len(keys0),
@@ -177,6 +193,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--centres", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--boundary", type=float, default=None, help="override SemanticDedupConfig.boundary (0: plain SemDeDup)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     report = run(args)

@@ -68,6 +68,8 @@ LOG = logging.getLogger(__name__)
 NAMESPACE = "semantic_dedup"
 SEMANTIC_DIR = "semantic"
 CENTROIDS = "centroids.npy"
+BATCH_ROWS = 16384  # embeddings per element once batched (16 MiB of 512-d float16): the fewer elements, the
+# less per-element work on the runner; a bundle's last batch may be smaller
 
 
 def centroids_path(output_dir: str) -> str:
@@ -85,31 +87,97 @@ def load_centroids(path: str) -> np.ndarray:
     return semantic.normalise(centroids)
 
 
-def _sample_order(row: tuple) -> int:
-    return partition_of(row[0], 2**32)
+class _Pack(beam.DoFn):
+    """[EmbeddingRow] -> one Batch: (keys, clip_similarities, pixels int64 [n], float16 [n, D]).
+    From here on embeddings travel as arrays, a few thousand per element."""
+
+    def process(self, rows: list[tuple]) -> Iterator[tuple]:
+        sizes = {len(row[3]) for row in rows}
+        if len(sizes) > 1:
+            raise ValueError(f"semantic dedup: embeddings of different sizes ({sorted(sizes)} bytes) near key {rows[0][0]}")
+        yield (
+            [row[0] for row in rows],
+            [row[1] for row in rows],
+            np.array([row[2] or 0 for row in rows], dtype=np.int64),
+            vectors([row[3] for row in rows]),
+        )
+
+
+def _key_hashes(keys: list[str]) -> np.ndarray:
+    return np.array([partition_of(key, 2**32) for key in keys], dtype=np.uint32)
+
+
+class _Sample(beam.CombineFn):
+    """Batches -> (keys, float16 [n, D]): the `size` rows with the smallest
+    CRC-32 key hashes (ties: the smaller key), sorted by key: the same sample
+    every run, whatever the bundles. Holds at most about 2 * `size` rows."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def create_accumulator(self):
+        return ([], [], [], 0)  # hashes, keys, vectors (lists of parts), rows
+
+    def add_input(self, acc, batch):
+        keys, _, _, x = batch
+        hashes, keyparts, parts, rows = acc
+        acc = (hashes + [_key_hashes(keys)], keyparts + [list(keys)], parts + [x], rows + len(keys))
+        return self._trim(acc) if acc[3] > 2 * self.size else acc
+
+    def merge_accumulators(self, accumulators):
+        hashes, keyparts, parts, rows = [], [], [], 0
+        for h, k, v, n in accumulators:
+            hashes += h
+            keyparts += k
+            parts += v
+            rows += n
+        acc = (hashes, keyparts, parts, rows)
+        return self._trim(acc) if rows > self.size else acc
+
+    def _trim(self, acc):
+        hashes, keyparts, parts, rows = acc
+        if not rows:
+            return acc
+        h = np.concatenate(hashes)
+        keys = [k for part in keyparts for k in part]
+        x = np.concatenate(parts)
+        if rows > self.size:
+            order = np.argsort(h, kind="stable")
+            cut = h[order[self.size - 1]]
+            below = np.flatnonzero(h < cut)
+            tied = sorted(np.flatnonzero(h == cut).tolist(), key=lambda i: keys[i])[: self.size - len(below)]
+            keep = np.sort(np.concatenate([below, np.array(tied, dtype=np.int64)]))
+            h, x, keys = h[keep], x[keep], [keys[i] for i in keep.tolist()]
+        return ([h], [keys], [x], len(keys))
+
+    def extract_output(self, acc):
+        _, keyparts, parts, rows = self._trim(acc)
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float16)
+        keys = keyparts[0]
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # row order decides the seeding
+        return [keys[i] for i in order], parts[0][order]
 
 
 class _FitCentroids(beam.DoFn):
-    """[EmbeddingRow] (the sample) -> centroids [K, D] float32, written to the output."""
+    """(keys, vectors) sample -> centroids [K, D] float32, written to the output."""
 
     def __init__(self, config: SemanticDedupConfig, output_dir: str | None):
         self.config = config
         self.output_dir = output_dir
 
-    def process(self, sample: list[tuple]) -> Iterator[np.ndarray]:
-        if self.config.centroids is None and not sample:
-            yield np.zeros((1, 1), dtype=np.float32)  # no embeddings at all: nothing will be assigned
-            return
+    def process(self, sample: tuple) -> Iterator[np.ndarray]:
         if self.config.centroids is not None:
             centroids = load_centroids(self.config.centroids)
         else:
-            sample = sorted(sample, key=lambda row: row[0])  # row order decides the seeding
-            centroids = semantic.kmeans(
-                vectors([row[3] for row in sample]),
-                self.config.clusters,
-                iterations=self.config.iterations,
-                seed=self.config.seed,
-            )
+            keys, x = sample
+            if not keys:
+                yield np.zeros((1, 1), dtype=np.float32)  # no embeddings at all: nothing will be assigned
+                return
+            with semantic.one_blas_thread():
+                centroids = semantic.kmeans(
+                    x, self.config.clusters, iterations=self.config.iterations, seed=self.config.seed
+                )
         LOG.info("semantic dedup: %d centroids of %d dims", *centroids.shape)
         if self.output_dir is not None:
             buffer = io.BytesIO()
@@ -119,40 +187,148 @@ class _FitCentroids(beam.DoFn):
 
 
 class _Assign(beam.DoFn):
-    """[EmbeddingRow] batch -> (cluster, row) for each row."""
+    """Batch -> (Batch, (primary, extra_rows, extra_clusters)): each row's
+    nearest cluster and the clusters whose boundary it lies near."""
 
-    def __init__(self):
+    def __init__(self, boundary: float, max_boundary_clusters: int):
+        self.boundary = boundary
+        self.max_boundary_clusters = max_boundary_clusters
         self.count = Metrics.counter(NAMESPACE, "embeddings")
+        self.extra = Metrics.counter(NAMESPACE, "boundary_assignments")
+        self.capped = Metrics.counter(NAMESPACE, "boundary_capped")
 
-    def process(self, batch: list[tuple], centroids: np.ndarray) -> Iterator[tuple[int, tuple]]:
-        x = vectors([row[3] for row in batch])
+    def process(self, batch: tuple, centroids: np.ndarray) -> Iterator[tuple]:
+        x = batch[3]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(
                 f"semantic dedup: embeddings have {x.shape[1]} dims but the centroids {centroids.shape[1]}; "
                 "centroids from another CLIP model?"
             )
-        labels = semantic.assign(x, centroids)
-        self.count.inc(len(batch))
-        for label, row in zip(labels.tolist(), batch):
-            yield label, row
+        with semantic.one_blas_thread():
+            found = semantic.assign_with_boundary(x, centroids, self.boundary, self.max_boundary_clusters)
+        self.count.inc(len(x))
+        self.extra.inc(len(found.extra_rows))
+        self.capped.inc(found.capped)
+        yield batch, (found.primary, found.extra_rows, found.extra_clusters)
+
+
+def _memberships(assigned: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, cluster, is_primary) of every membership of an assigned batch."""
+    (keys, _, _, _), (primary, extra_rows, extra_clusters) = assigned
+    rows = np.concatenate([np.arange(len(keys)), extra_rows])
+    clusters = np.concatenate([primary, extra_clusters])
+    is_primary = np.concatenate([np.ones(len(keys), dtype=bool), np.zeros(len(extra_rows), dtype=bool)])
+    return rows, clusters, is_primary
+
+
+class _ClusterSizes(beam.CombineFn):
+    """Assigned batches -> int64 [K']: members (primary and secondary) per cluster."""
+
+    def create_accumulator(self):
+        return np.zeros(0, dtype=np.int64)
+
+    def add_input(self, acc, assigned):
+        return self._add(acc, np.bincount(_memberships(assigned)[1]))
+
+    def merge_accumulators(self, accumulators):
+        total = np.zeros(0, dtype=np.int64)
+        for acc in accumulators:
+            total = self._add(total, acc)
+        return total
+
+    @staticmethod
+    def _add(a, b):
+        if len(a) < len(b):
+            a, b = b, a
+        a = a.copy()
+        a[: len(b)] += b
+        return a
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _chunk_dtype(dim: int) -> np.dtype:
+    return np.dtype(
+        [("block", "<i4"), ("primary", "u1"), ("pixels", "<i8"), ("clip", "<f8"), ("vector", "<f2", (dim,))]
+    )
+
+
+def pack_chunk(block, is_primary, keys: list[str], clip: list, pixels, x: np.ndarray) -> tuple[list[str], bytes]:
+    """Members of one block pair -> (keys, one bytes record array): what
+    crosses the block-pair shuffle, so Beam's coder copies one bytes object
+    per chunk instead of pickling an array per field (clip None -> NaN)."""
+    packed = np.empty(len(keys), dtype=_chunk_dtype(x.shape[1]))
+    packed["block"] = block
+    packed["primary"] = is_primary
+    packed["pixels"] = pixels
+    packed["clip"] = [np.nan if c is None else c for c in clip]
+    packed["vector"] = x
+    return keys, packed.tobytes()
+
+
+def unpack_chunks(chunks) -> tuple[np.ndarray, np.ndarray, list[str], list, np.ndarray, np.ndarray]:
+    """[(keys, bytes)] -> (block, is_primary, keys, clip_similarities, pixels, float16 [n, D])."""
+    keys = [k for chunk_keys, _ in chunks for k in chunk_keys]
+    blob = b"".join(data for _, data in chunks)
+    if not keys:
+        return (np.zeros(0, np.int64), np.zeros(0, bool), [], [], np.zeros(0, np.int64), np.zeros((0, 0), np.float16))
+    dim = (len(blob) // len(keys) - _chunk_dtype(0).itemsize) // 2
+    packed = np.frombuffer(blob, dtype=_chunk_dtype(dim))
+    clip = [None if np.isnan(c) else c for c in packed["clip"].tolist()]
+    return (
+        packed["block"].astype(np.int64),
+        packed["primary"].astype(bool),
+        keys,
+        clip,
+        packed["pixels"],
+        packed["vector"],
+    )
 
 
 class _ToBlocks(beam.DoFn):
-    """(cluster, row) -> ((cluster, i, j), (block, row)) for each block pair (i, j) of the row's block."""
+    """Assigned batch -> ((cluster, i, j), Chunk) for every block pair its
+    members take part in; a Chunk holds those members as arrays: (block,
+    is_primary, keys, clip_similarities, pixels, float16 [n, D])."""
 
     def __init__(self, max_cluster_size: int):
         self.max_cluster_size = max_cluster_size
 
-    def process(self, element, sizes: dict) -> Iterator[tuple]:
-        cluster, row = element
-        blocks = semantic.block_count(sizes[cluster], self.max_cluster_size)
-        block = semantic.block_of(row[0], blocks)
-        for i, j in semantic.block_pairs(block, blocks):
-            yield (cluster, i, j), (block, row)
+    def process(self, assigned: tuple, sizes: np.ndarray) -> Iterator[tuple]:
+        (keys, clip, pixels, x), _ = assigned
+        rows, clusters, is_primary = _memberships(assigned)
+        present = np.unique(clusters)
+        blocks_of = {int(c): semantic.block_count(int(sizes[c]), self.max_cluster_size) for c in present}
+        blocks = np.array([blocks_of[c] for c in clusters.tolist()], dtype=np.int64)
+        block = np.zeros(len(rows), dtype=np.int64)
+        split = np.flatnonzero(blocks > 1)
+        if len(split):
+            hashes = _key_hashes([keys[r] for r in rows[split].tolist()]).astype(np.int64)
+            block[split] = hashes % blocks[split]  # semantic.block_of, for arrays
+        # Each membership goes to its block's pair with every block of its cluster (one pair when unsplit).
+        repeat = blocks
+        member = np.repeat(np.arange(len(rows)), repeat)
+        other = np.arange(len(member)) - np.repeat(np.cumsum(repeat) - repeat, repeat)
+        low = np.minimum(block[member], other)
+        high = np.maximum(block[member], other)
+        cluster = clusters[member]
+        order = np.lexsort((high, low, cluster))
+        member, cluster, low, high = member[order], cluster[order], low[order], high[order]
+        change = np.flatnonzero((np.diff(cluster) != 0) | (np.diff(low) != 0) | (np.diff(high) != 0)) + 1
+        for part in np.split(np.arange(len(member)), change):
+            if not len(part):
+                continue
+            m = member[part]
+            r = rows[m]
+            r_list = r.tolist()
+            yield (
+                (int(cluster[part[0]]), int(low[part[0]]), int(high[part[0]])),
+                pack_chunk(block[m], is_primary[m], [keys[i] for i in r_list], [clip[i] for i in r_list], pixels[r], x[r]),
+            )
 
 
 class _BlockPairs(beam.DoFn):
-    """((cluster, i, j), [(block, row)]) -> (cluster, Node) for every row with a neighbour >= threshold."""
+    """((cluster, i, j), [Chunk]) -> (cluster, Node) for every member with a neighbour >= threshold."""
 
     def __init__(self, threshold: float, batch_rows: int):
         self.threshold = threshold
@@ -161,26 +337,36 @@ class _BlockPairs(beam.DoFn):
         self.block_rows = Metrics.distribution(NAMESPACE, "block_rows")
 
     def process(self, element) -> list[tuple]:
-        (cluster, i, j), members = element
-        a = [row for block, row in members if block == i]
-        b = [row for block, row in members if block == j] if i != j else []
-        rows = a + b
-        self.block_rows.update(len(rows))
-        if not a or (i != j and not b):
-            return []  # an empty block: no pairs
-        links = semantic.block_links(
-            vectors([r[3] for r in a]),
-            None if i == j else vectors([r[3] for r in b]),
-            self.threshold,
-            batch_rows=self.batch_rows,
-        )
+        (cluster, i, j), chunks = element
+        block, is_primary, keys, clip, pixels, x = unpack_chunks(list(chunks))
+        self.block_rows.update(len(keys))
+
+        def side(b):  # the members of block b, primaries first
+            return np.concatenate([np.flatnonzero((block == b) & is_primary), np.flatnonzero((block == b) & ~is_primary)])
+
+        a = side(i)
+        b = side(j) if i != j else np.zeros(0, dtype=np.int64)
+        a_primary = int(np.count_nonzero(is_primary[a]))
+        b_primary = int(np.count_nonzero(is_primary[b]))
+        if not len(a) or (i != j and not len(b)) or a_primary + b_primary == 0:
+            return []  # an empty block, or secondaries only: no pairs
+        with semantic.one_blas_thread():
+            links = semantic.block_links(
+                x[a],
+                None if i == j else x[b],
+                self.threshold,
+                batch_rows=self.batch_rows,
+                a_primary=a_primary,
+                b_primary=b_primary,
+            )
         self.pairs.inc(links.compared)
-        nodes = semantic.nodes_of_block([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], links)
-        return [(cluster, tuple(node)) for node in nodes]
+        nodes = np.concatenate([a, b]).tolist()
+        found = semantic.nodes_of_block([keys[n] for n in nodes], [clip[n] for n in nodes], pixels[nodes], links)
+        return [(cluster, tuple(node)) for node in found]
 
 
-class _Groups(beam.DoFn):
-    """(cluster, [Node]) -> (key, Duplicate tuple) for every dropped member."""
+class _LocalComponents(beam.DoFn):
+    """(cluster, [Node]) -> (key, Member tuple) for every member of a component of two or more."""
 
     def __init__(self):
         self.clusters = Metrics.counter(NAMESPACE, "clusters_with_duplicates")
@@ -188,8 +374,36 @@ class _Groups(beam.DoFn):
     def process(self, element) -> Iterator[tuple[str, tuple]]:
         _, nodes = element
         self.clusters.inc()
-        for duplicate in semantic.groups(nodes):
-            yield duplicate.key, tuple(duplicate)
+        for member in semantic.local_components(nodes):
+            yield member.key, tuple(member)
+
+
+BRIDGES = "bridges"
+
+
+class _MergeMembers(beam.DoFn):
+    """(key, [Member]) -> its merged Member; on BRIDGES the roots it joins when more than one."""
+
+    def __init__(self):
+        self.bridging = Metrics.counter(NAMESPACE, "members_in_several_clusters")
+
+    def process(self, element):
+        _, members = element
+        member, roots = semantic.merge_members(members)
+        if len(roots) > 1:
+            self.bridging.inc()
+            yield beam.pvalue.TaggedOutput(BRIDGES, roots)
+        yield tuple(member)
+
+
+def _by_component(member: tuple, joined: dict) -> tuple[str, tuple]:
+    return joined.get(member[1], member[1]), member
+
+
+def _survivors(element) -> Iterator[tuple[str, tuple]]:
+    _, members = element
+    for duplicate in semantic.survivors(members):
+        yield duplicate.key, tuple(duplicate)
 
 
 class SemanticDecisions(beam.PTransform):
@@ -205,28 +419,40 @@ class SemanticDecisions(beam.PTransform):
 
     def expand(self, rows):
         cfg = self.config
-        if cfg.centroids is not None:
-            sample = rows.pipeline | "NoSample" >> beam.Create([[]])
-        else:
-            sample = rows | "Sample" >> beam.combiners.Top.Of(cfg.sample_size, key=_sample_order, reverse=True)
-        centroids = sample | "Centroids" >> beam.ParDo(_FitCentroids(cfg, self.output_dir))
-        assigned = (
+        batches = (
             rows
-            | "BatchForAssign" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-            | "Assign" >> beam.ParDo(_Assign(), beam.pvalue.AsSingleton(centroids))
+            | "Batch" >> beam.BatchElements(min_batch_size=BATCH_ROWS, max_batch_size=BATCH_ROWS)
+            | "Pack" >> beam.ParDo(_Pack())
         )
-        sizes = (
-            assigned
-            | "Ones" >> beam.Map(lambda element: (element[0], 1))
-            | "ClusterSizes" >> beam.CombinePerKey(sum)
+        if cfg.centroids is not None:
+            sample = rows.pipeline | "NoSample" >> beam.Create([([], None)])
+        else:
+            sample = batches | "Sample" >> beam.CombineGlobally(_Sample(cfg.sample_size))
+        centroids = sample | "Centroids" >> beam.ParDo(_FitCentroids(cfg, self.output_dir))
+        assigned = batches | "Assign" >> beam.ParDo(
+            _Assign(cfg.boundary, cfg.max_boundary_clusters), beam.pvalue.AsSingleton(centroids)
         )
-        return (
+        sizes = assigned | "ClusterSizes" >> beam.CombineGlobally(_ClusterSizes())
+        members = (
             assigned
-            | "Blocks" >> beam.ParDo(_ToBlocks(cfg.max_cluster_size), beam.pvalue.AsDict(sizes))
+            | "Blocks" >> beam.ParDo(_ToBlocks(cfg.max_cluster_size), beam.pvalue.AsSingleton(sizes))
             | "GroupBlockPairs" >> beam.GroupByKey()
             | "Pairs" >> beam.ParDo(_BlockPairs(cfg.threshold, cfg.batch_rows))
             | "GroupByCluster" >> beam.GroupByKey()
-            | "Groups" >> beam.ParDo(_Groups())
+            | "LocalComponents" >> beam.ParDo(_LocalComponents())
+            | "GroupByKey" >> beam.GroupByKey()
+            | "MergeMembers" >> beam.ParDo(_MergeMembers()).with_outputs(BRIDGES, main="members")
+        )
+        joined = (
+            members[BRIDGES]
+            | "AllBridges" >> beam.combiners.ToList()
+            | "JoinClusters" >> beam.Map(semantic.bridges)
+        )
+        return (
+            members.members
+            | "ByComponent" >> beam.Map(_by_component, beam.pvalue.AsSingleton(joined))
+            | "GroupByComponent" >> beam.GroupByKey()
+            | "Survivors" >> beam.FlatMap(_survivors)
         )
 
 
