@@ -103,10 +103,14 @@ def run(args) -> dict:
         | "Json" >> beam.Map(lambda kv: json.dumps(list(kv[1])))
         | beam.io.WriteToText(decisions_path, shard_name_template="")
     )
+    load_before = os.getloadavg()
+    cpu_before = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     started = time.perf_counter()
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - started
+    pipeline_cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_before
+    load_after = os.getloadavg()
 
     duplicates = {}
     with open(decisions_path) as f:
@@ -117,9 +121,18 @@ def run(args) -> dict:
     def root(key):
         return duplicates[key][0] if key in duplicates else key
 
-    planted = []
+    # The planted pairs, and how many of them k-means alone splits (nearest centroids differ: found only
+    # through the boundary rule).
+    centroids = np.load(os.path.join(out, "semantic", "centroids.npy"))
+    planted, split = [], 0
     for chunk in range(chunks):
-        planted += generate_chunk(chunk, **params)[2]
+        keys_c, x_c, planted_c = generate_chunk(chunk, **params)
+        planted += planted_c
+        index_c = {k: i for i, k in enumerate(keys_c)}
+        members = sorted({index_c[k] for a, b, _ in planted_c for k in (a, b)})
+        with one_blas_thread():
+            labels = dict(zip(members, assign(normalise(x_c[members]), centroids).tolist()))
+        split += sum(labels[index_c[a]] != labels[index_c[b]] for a, b, _ in planted_c)
     found = sum(root(a) == root(b) for a, b, _ in planted)
 
     # Brute force on chunk 0: every pair above the threshold, and the groups the pipeline gave them.
@@ -135,16 +148,6 @@ def run(args) -> dict:
     joined = [(k, v[1]) for k, v in duplicates.items() if k in index0 and v[1] in index0]
     precise = sum(float(x0f[index0[a]] @ x0f[index0[b]]) >= config.threshold - 1e-3 for a, b in joined)
     below = sum(v[2] < config.threshold for v in duplicates.values())
-
-    # How many planted pairs k-means alone splits (nearest centroids differ): found only through the boundary rule.
-    centroids = np.load(os.path.join(out, "semantic", "centroids.npy"))
-    split = 0
-    for chunk in range(chunks):
-        keys_c, x_c, planted_c = generate_chunk(chunk, **params)
-        index_c = {k: i for i, k in enumerate(keys_c)}
-        with one_blas_thread():
-            labels = assign(normalise(x_c), centroids)
-        split += sum(labels[index_c[a]] != labels[index_c[b]] for a, b, _ in planted_c)
 
     metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters = {c.key.metric.name: c.committed for c in metrics["counters"]}
@@ -174,7 +177,11 @@ def run(args) -> dict:
         "all_pairs": all_pairs,
         "pairs_compared_fraction": counters.get("pairs_compared", 0) / all_pairs,
         "wall_s": round(wall, 1),
+        "pipeline_cpu_s": round(pipeline_cpu, 1),
         "process_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_min_before": [round(v, 2) for v in load_before],
+        "load_average_1_5_15_min_after": [round(v, 2) for v in load_after],
         "s_per_million": round(wall / (n / 1e6), 1),
         "brute_force_s_extrapolated_to_n": round(brute_1m, 1),
         "block_rows_max": block_rows.max,

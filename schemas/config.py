@@ -181,7 +181,7 @@ class SemanticDedupConfig(_StageConfig):
         "inside clusters only (plain SemDeDup). See stages/core/semantic.py.",
     )
     max_boundary_clusters: int = Field(
-        32,
+        16,
         ge=0,
         description="Most clusters an embedding joins besides its nearest (the nearest bisectors first); one with "
         "more is counted in `boundary_capped`.",

@@ -187,17 +187,22 @@ class _FitCentroids(beam.DoFn):
 
 
 class _Assign(beam.DoFn):
-    """Batch -> (Batch, (primary, extra_rows, extra_clusters)): each row's
-    nearest cluster and the clusters whose boundary it lies near."""
+    """Batch -> its cluster memberships (`semantic.assign_with_boundary`):
+    with `count`, an int64 [K'] array of members per cluster (and the
+    counters); else the batch's block-pair chunks (`to_chunks`), which need
+    `sizes`. Assigning twice (once to count, once to route) costs one more
+    product per batch but keeps the batches from being materialised twice."""
 
-    def __init__(self, boundary: float, max_boundary_clusters: int):
+    def __init__(self, boundary: float, max_boundary_clusters: int, max_cluster_size: int, count: bool):
         self.boundary = boundary
         self.max_boundary_clusters = max_boundary_clusters
+        self.max_cluster_size = max_cluster_size
+        self.counting = count
         self.count = Metrics.counter(NAMESPACE, "embeddings")
         self.extra = Metrics.counter(NAMESPACE, "boundary_assignments")
         self.capped = Metrics.counter(NAMESPACE, "boundary_capped")
 
-    def process(self, batch: tuple, centroids: np.ndarray) -> Iterator[tuple]:
+    def process(self, batch: tuple, centroids: np.ndarray, sizes: np.ndarray | None = None) -> Iterator:
         x = batch[3]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(
@@ -206,29 +211,32 @@ class _Assign(beam.DoFn):
             )
         with semantic.one_blas_thread():
             found = semantic.assign_with_boundary(x, centroids, self.boundary, self.max_boundary_clusters)
-        self.count.inc(len(x))
-        self.extra.inc(len(found.extra_rows))
-        self.capped.inc(found.capped)
-        yield batch, (found.primary, found.extra_rows, found.extra_clusters)
+        rows, clusters, is_primary = _memberships(len(x), found)
+        if self.counting:
+            self.count.inc(len(x))
+            self.extra.inc(len(found.extra_rows))
+            self.capped.inc(found.capped)
+            yield np.bincount(clusters)
+        else:
+            yield from to_chunks(batch, rows, clusters, is_primary, sizes, self.max_cluster_size)
 
 
-def _memberships(assigned: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, cluster, is_primary) of every membership of an assigned batch."""
-    (keys, _, _, _), (primary, extra_rows, extra_clusters) = assigned
-    rows = np.concatenate([np.arange(len(keys)), extra_rows])
-    clusters = np.concatenate([primary, extra_clusters])
-    is_primary = np.concatenate([np.ones(len(keys), dtype=bool), np.zeros(len(extra_rows), dtype=bool)])
+def _memberships(n: int, found: semantic.Assignment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, cluster, is_primary) of every membership of a batch of n rows."""
+    rows = np.concatenate([np.arange(n), found.extra_rows])
+    clusters = np.concatenate([found.primary, found.extra_clusters])
+    is_primary = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(found.extra_rows), dtype=bool)])
     return rows, clusters, is_primary
 
 
 class _ClusterSizes(beam.CombineFn):
-    """Assigned batches -> int64 [K']: members (primary and secondary) per cluster."""
+    """Per-batch member counts -> int64 [K']: members (primary and secondary) per cluster."""
 
     def create_accumulator(self):
         return np.zeros(0, dtype=np.int64)
 
-    def add_input(self, acc, assigned):
-        return self._add(acc, np.bincount(_memberships(assigned)[1]))
+    def add_input(self, acc, counts):
+        return self._add(acc, counts)
 
     def merge_accumulators(self, accumulators):
         total = np.zeros(0, dtype=np.int64)
@@ -286,45 +294,41 @@ def unpack_chunks(chunks) -> tuple[np.ndarray, np.ndarray, list[str], list, np.n
     )
 
 
-class _ToBlocks(beam.DoFn):
-    """Assigned batch -> ((cluster, i, j), Chunk) for every block pair its
-    members take part in; a Chunk holds those members as arrays: (block,
-    is_primary, keys, clip_similarities, pixels, float16 [n, D])."""
-
-    def __init__(self, max_cluster_size: int):
-        self.max_cluster_size = max_cluster_size
-
-    def process(self, assigned: tuple, sizes: np.ndarray) -> Iterator[tuple]:
-        (keys, clip, pixels, x), _ = assigned
-        rows, clusters, is_primary = _memberships(assigned)
-        present = np.unique(clusters)
-        blocks_of = {int(c): semantic.block_count(int(sizes[c]), self.max_cluster_size) for c in present}
-        blocks = np.array([blocks_of[c] for c in clusters.tolist()], dtype=np.int64)
-        block = np.zeros(len(rows), dtype=np.int64)
-        split = np.flatnonzero(blocks > 1)
-        if len(split):
-            hashes = _key_hashes([keys[r] for r in rows[split].tolist()]).astype(np.int64)
-            block[split] = hashes % blocks[split]  # semantic.block_of, for arrays
-        # Each membership goes to its block's pair with every block of its cluster (one pair when unsplit).
-        repeat = blocks
-        member = np.repeat(np.arange(len(rows)), repeat)
-        other = np.arange(len(member)) - np.repeat(np.cumsum(repeat) - repeat, repeat)
-        low = np.minimum(block[member], other)
-        high = np.maximum(block[member], other)
-        cluster = clusters[member]
-        order = np.lexsort((high, low, cluster))
-        member, cluster, low, high = member[order], cluster[order], low[order], high[order]
-        change = np.flatnonzero((np.diff(cluster) != 0) | (np.diff(low) != 0) | (np.diff(high) != 0)) + 1
-        for part in np.split(np.arange(len(member)), change):
-            if not len(part):
-                continue
-            m = member[part]
-            r = rows[m]
-            r_list = r.tolist()
-            yield (
-                (int(cluster[part[0]]), int(low[part[0]]), int(high[part[0]])),
-                pack_chunk(block[m], is_primary[m], [keys[i] for i in r_list], [clip[i] for i in r_list], pixels[r], x[r]),
-            )
+def to_chunks(batch: tuple, rows, clusters, is_primary, sizes: np.ndarray, max_cluster_size: int) -> Iterator[tuple]:
+    """A batch's memberships -> ((cluster, i, j), packed chunk) for every
+    block pair they take part in: one pair (0, 0) in a cluster that fits a
+    worker, else a member of block b goes to (min(b, o), max(b, o)) for every
+    block o of its cluster (`semantic.block_count`, `block_of`)."""
+    keys, clip, pixels, x = batch
+    present = np.unique(clusters)
+    # (A count pass on another machine could break a tie the other way: a cluster it missed counts as small.)
+    blocks_of = {
+        int(c): semantic.block_count(int(sizes[c]) if c < len(sizes) else 1, max_cluster_size) for c in present
+    }
+    blocks = np.array([blocks_of[c] for c in clusters.tolist()], dtype=np.int64)
+    block = np.zeros(len(rows), dtype=np.int64)
+    split = np.flatnonzero(blocks > 1)
+    if len(split):
+        hashes = _key_hashes([keys[r] for r in rows[split].tolist()]).astype(np.int64)
+        block[split] = hashes % blocks[split]  # semantic.block_of, for arrays
+    member = np.repeat(np.arange(len(rows)), blocks)
+    other = np.arange(len(member)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    low = np.minimum(block[member], other)
+    high = np.maximum(block[member], other)
+    cluster = clusters[member]
+    order = np.lexsort((high, low, cluster))
+    member, cluster, low, high = member[order], cluster[order], low[order], high[order]
+    change = np.flatnonzero((np.diff(cluster) != 0) | (np.diff(low) != 0) | (np.diff(high) != 0)) + 1
+    for part in np.split(np.arange(len(member)), change):
+        if not len(part):
+            continue
+        m = member[part]
+        r = rows[m]
+        r_list = r.tolist()
+        yield (
+            (int(cluster[part[0]]), int(low[part[0]]), int(high[part[0]])),
+            pack_chunk(block[m], is_primary[m], [keys[i] for i in r_list], [clip[i] for i in r_list], pixels[r], x[r]),
+        )
 
 
 class _BlockPairs(beam.DoFn):
@@ -429,13 +433,16 @@ class SemanticDecisions(beam.PTransform):
         else:
             sample = batches | "Sample" >> beam.CombineGlobally(_Sample(cfg.sample_size))
         centroids = sample | "Centroids" >> beam.ParDo(_FitCentroids(cfg, self.output_dir))
-        assigned = batches | "Assign" >> beam.ParDo(
-            _Assign(cfg.boundary, cfg.max_boundary_clusters), beam.pvalue.AsSingleton(centroids)
+        centroids = beam.pvalue.AsSingleton(centroids)
+        bounds = (cfg.boundary, cfg.max_boundary_clusters, cfg.max_cluster_size)
+        sizes = (
+            batches
+            | "Count" >> beam.ParDo(_Assign(*bounds, count=True), centroids)
+            | "ClusterSizes" >> beam.CombineGlobally(_ClusterSizes())
         )
-        sizes = assigned | "ClusterSizes" >> beam.CombineGlobally(_ClusterSizes())
         members = (
-            assigned
-            | "Blocks" >> beam.ParDo(_ToBlocks(cfg.max_cluster_size), beam.pvalue.AsSingleton(sizes))
+            batches
+            | "Route" >> beam.ParDo(_Assign(*bounds, count=False), centroids, beam.pvalue.AsSingleton(sizes))
             | "GroupBlockPairs" >> beam.GroupByKey()
             | "Pairs" >> beam.ParDo(_BlockPairs(cfg.threshold, cfg.batch_rows))
             | "GroupByCluster" >> beam.GroupByKey()

@@ -325,9 +325,17 @@ class _Links:
         self.best[nodes[better]] = partners[better]
 
     def _fold(self) -> None:
-        u = np.concatenate([*self.u, np.arange(self.n)])
-        v = np.concatenate([*self.v, self.root])
-        self.root = _components(self.n, u, v)
+        if self.pending <= 64:
+            # A few edges (the usual case): merge them one by one; `root` stays flat (root[root[i]] == root[i]).
+            root = self.root
+            for a, b in zip(np.concatenate(self.u).tolist(), np.concatenate(self.v).tolist()):
+                ra, rb = root[a], root[b]
+                if ra != rb:
+                    root[root == max(ra, rb)] = min(ra, rb)
+        else:
+            u = np.concatenate([*self.u, np.arange(self.n)])
+            v = np.concatenate([*self.v, self.root])
+            self.root = _components(self.n, u, v)
         self.u, self.v, self.pending = [], [], 0
 
     def finish(self, compared: int) -> BlockLinks:
@@ -558,7 +566,7 @@ def cluster_members(assignment: Assignment) -> dict[int, tuple[np.ndarray, np.nd
 
 
 DEFAULT_BOUNDARY = 0.05  # SemanticDedupConfig.boundary
-DEFAULT_MAX_BOUNDARY_CLUSTERS = 32  # SemanticDedupConfig.max_boundary_clusters
+DEFAULT_MAX_BOUNDARY_CLUSTERS = 16  # SemanticDedupConfig.max_boundary_clusters
 
 
 def semantic_duplicates(
