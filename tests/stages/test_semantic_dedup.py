@@ -217,3 +217,35 @@ def test_semantic_dedup_on_the_portable_runner(portable_services, clip, items, r
     assert state == PipelineState.DONE, service_logs(portable_services.workdir)
     keys = [k for npy in (tmp_path / "out" / EMBEDDINGS_DIR).glob("metadata_*.parquet") for k in pq.read_table(npy)["key"].to_pylist()]
     assert sorted(keys) == sorted(set(r.key for r in records) - set(drops))
+
+
+def test_a_group_across_a_cluster_boundary_on_beam(tmp_path):
+    """The chain g1 ~ g2 ~ g3 ~ g4 of tests/stages/core/test_semantic.py,
+    whose middle pair k-means splits (saved centroids e0 and e1): the stage
+    finds the whole group of four across both clusters, with one survivor."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from schemas.config import SemanticDedupConfig
+    from stages.semantic_dedup import SemanticDecisions
+    from tests.stages.core.test_semantic import _chain_across_the_boundary
+
+    keys, x, clip, pixels, centroids = _chain_across_the_boundary()
+    np.save(tmp_path / "centroids.npy", centroids)
+    rows = [(k, c, p, v.astype(np.float16).tobytes(), b"") for k, v, c, p in zip(keys, x, clip, pixels)]
+    config = SemanticDedupConfig(threshold=0.95, centroids=str(tmp_path / "centroids.npy"))
+    p = TestPipeline(runner=FnApiRunner())
+    decisions = p | beam.Create(rows) | SemanticDecisions(config)
+    assert_that(
+        decisions | beam.Map(lambda kv: (kv[0], kv[1][1], kv[1][2], kv[1][4])),
+        equal_to([("g1", "g4", "g2", 4), ("g2", "g4", "g3", 4), ("g3", "g4", "g2", 4)]),
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("semantic_dedup"))["counters"]
+    }
+    assert counters["boundary_assignments"] == 2  # g2 joins e1's cluster, g3 joins e0's
+    # Cluster e0 groups {g1, g2, g3}, cluster e1 {g2, g3, g4}: g2 and g3 join the two.
+    assert counters["members_in_several_clusters"] == 2
