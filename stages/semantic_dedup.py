@@ -3,8 +3,9 @@
 What is dropped, and in favour of what
 --------------------------------------
 Samples whose L2-normalised CLIP image embeddings have a cosine similarity of
-at least `threshold` (default 0.95) with another sample of the same k-means
-cluster are duplicates; duplicates are connected into groups (connected
+at least `threshold` (default 0.95) with another sample compared with them
+(in the same k-means cluster, or across a cluster boundary, below) are
+duplicates; duplicates are connected into groups (connected
 components), and each group keeps one survivor: the highest
 `clip_similarity`, then the most decoded pixels, then the smallest key. Every
 other member is rejected `semantic_duplicate` (stage `dedup`) with
@@ -18,32 +19,52 @@ all copies, by the score the selection thresholds read first.
 
 Steps
 -----
+    Batch       rows into arrays of BATCH_ROWS (16384) embeddings; from here on
+                embeddings travel as arrays, never one element per sample
     Centroids   k-means (`stages/core/semantic.kmeans`) on one worker over a
                 sample of `sample_size` embeddings (the rows with the smallest
                 key hashes: the same sample every run), or the centroids of an
                 earlier run (`centroids`); written to DIR/semantic/centroids.npy
-    Assign      each embedding to its most similar centroid (matrix products
-                over batches of rows; centroids as a side input: K x D floats)
-    Blocks      a cluster of more than `max_cluster_size` embeddings is cut
-                into B blocks of about max_cluster_size / 2 by key hash, and
-                each embedding is sent to its B block pairs; so one worker
-                holds at most about `max_cluster_size` embeddings
-    Pairs       per block pair, pairs >= threshold by matrix products of
-                `batch_rows` rows, reduced to component links and each node's
-                best neighbour (`block_links`)
-    Groups      per cluster, connected components over those links (keys and
-                ranks only, no embeddings) and the survivor of each
+    Count       each embedding to its nearest centroid (primary) and to the
+                clusters whose bisector with it lies within `boundary`
+                (secondary, at most `max_boundary_clusters`), by matrix products
+                over a batch (centroids as a side input: K x D floats); only the
+                members per cluster leave this step (K ints per batch)
+    Route       the same assignment again, and each membership to its block
+                pairs: a cluster of more than `max_cluster_size` members is cut
+                into blocks of about max_cluster_size / 4 by key hash, and a
+                member goes to each of its B block pairs, so one worker holds at
+                most about `max_cluster_size` embeddings. Members cross the
+                shuffle packed, one bytes record array per block pair and batch
+    Pairs       per block pair, primary x primary and primary x secondary pairs
+                >= threshold by matrix products of `batch_rows` rows, reduced to
+                component links and each member's best neighbour (`block_links`)
+    Components  per cluster, connected components over those links (keys and
+                ranks only, no embeddings); per key, its components in several
+                clusters merged; the keys that belong to components of two
+                clusters (few: duplicates across a boundary) gathered on one
+                worker to join those components (a dict of their roots, the side
+                input of the next step); per joined component, the survivor
     Join        records with their decision (metadata only)
 
-Only pairs within a cluster are compared: a pair split across two clusters
-by k-means is missed. `benchmarks/semantic_bench.py` measures recall against
-brute force, the pairs compared against all pairs, and the time per million.
-Embeddings cross two shuffles here (Blocks and the embeddings writer), never
-with the records.
+Which pairs are compared, and what is guaranteed, is in the docstring of
+`stages/core/semantic.py`: a pair split by a cluster boundary is found
+unless more than 2 * `boundary` of its difference vector lies along the line
+between the two centroids (`boundary` >= sqrt(2 (1 - threshold)) / 2 makes
+it exhaustive; 0 is plain SemDeDup). `benchmarks/semantic_bench.py` measures
+recall against brute force, the pairs compared against all pairs, and the
+time per million. Embeddings cross one shuffle here (block pairs; secondaries
+add their share) and one in the embeddings writer, never with the records.
+Assigning twice (Count, Route) costs one more product per batch but keeps the
+batches from being materialised twice. NumPy's BLAS runs on one thread in
+these steps (`semantic.one_blas_thread`).
 
-Counters (namespace `semantic_dedup`): `embeddings`, `clusters`,
-`pairs_compared`, `kept`, `dropped_semantic_duplicate`; distribution
-`block_rows` (embeddings per worker per block pair).
+Counters (namespace `semantic_dedup`): `embeddings`, `boundary_assignments`
+(secondary memberships), `boundary_capped` (embeddings with more clusters
+within the boundary than the cap), `pairs_compared`,
+`clusters_with_duplicates`, `members_in_several_clusters` (keys joining
+components of different clusters), `kept`, `dropped_semantic_duplicate`;
+distribution `block_rows` (embeddings per worker per block pair).
 """
 
 from __future__ import annotations
