@@ -110,7 +110,7 @@ def load_centroids(path: str) -> np.ndarray:
 
 class _Pack(beam.DoFn):
     """[EmbeddingRow] -> one Batch: (keys, clip_similarities, pixels int64 [n], float16 [n, D]).
-    From here on embeddings travel as arrays, a few thousand per element."""
+    From here on embeddings travel as arrays, up to BATCH_ROWS per element."""
 
     def process(self, rows: list[tuple]) -> Iterator[tuple]:
         sizes = {len(row[3]) for row in rows}
@@ -146,14 +146,12 @@ class _Sample(beam.CombineFn):
         return self._trim(acc) if acc[3] > 2 * self.size else acc
 
     def merge_accumulators(self, accumulators):
-        hashes, keyparts, parts, rows = [], [], [], 0
+        merged = self.create_accumulator()
         for h, k, v, n in accumulators:
-            hashes += h
-            keyparts += k
-            parts += v
-            rows += n
-        acc = (hashes, keyparts, parts, rows)
-        return self._trim(acc) if rows > self.size else acc
+            merged = (merged[0] + h, merged[1] + k, merged[2] + v, merged[3] + n)
+            if merged[3] > 2 * self.size:
+                merged = self._trim(merged)  # as they come: many bundles never hold more than ~3 samples
+        return self._trim(merged) if merged[3] > self.size else merged
 
     def _trim(self, acc):
         hashes, keyparts, parts, rows = acc

@@ -249,3 +249,32 @@ def test_a_group_across_a_cluster_boundary_on_beam(tmp_path):
     assert counters["boundary_assignments"] == 2  # g2 joins e1's cluster, g3 joins e0's
     # Cluster e0 groups {g1, g2, g3}, cluster e1 {g2, g3, g4}: g2 and g3 join the two.
     assert counters["members_in_several_clusters"] == 2
+
+
+def test_the_k_means_sample_does_not_depend_on_bundles():
+    """The `size` rows with the smallest key hashes, sorted by key, however
+    the batches are split into accumulators and merged."""
+    from stages.embeddings import partition_of
+    from stages.semantic_dedup import _Sample
+
+    rng = np.random.default_rng(0)
+    keys = [f"key{i:04d}" for i in range(300)]
+    x = rng.standard_normal((300, 4)).astype(np.float16)
+    batches = [(keys[i : i + 17], [None] * 17, np.ones(17), x[i : i + 17]) for i in range(0, 300, 17)]
+    want = sorted(sorted(range(300), key=lambda i: (partition_of(keys[i], 2**32), keys[i]))[:40], key=keys.__getitem__)
+    sample = _Sample(40)
+
+    def combined(groups):
+        accumulators = []
+        for group in groups:
+            acc = sample.create_accumulator()
+            for batch in group:
+                acc = sample.add_input(acc, batch)
+            accumulators.append(acc)
+        return sample.extract_output(sample.merge_accumulators(accumulators))
+
+    for groups in ([batches], [batches[::-1]], [[b] for b in batches], [batches[:3], batches[3:9], batches[9:]]):
+        got_keys, got_x = combined(groups)
+        assert got_keys == [keys[i] for i in want]
+        np.testing.assert_array_equal(got_x, x[want])
+    assert combined([[]])[0] == []
