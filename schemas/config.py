@@ -177,8 +177,9 @@ class SemanticDedupConfig(_StageConfig):
         description="An embedding is also compared in every other cluster whose bisector with its nearest "
         "centroid lies within this Euclidean distance of it, so a pair split by a cluster boundary is found unless "
         "more than 2 * boundary of its difference vector lies along the line between the two centroids. "
-        ">= sqrt(2 * (1 - threshold)) / 2 (0.158 at 0.95) compares every pair above the threshold; 0 compares "
-        "inside clusters only (plain SemDeDup). See stages/core/semantic.py.",
+        ">= sqrt(2 * (1 - threshold)) / 2 (0.158 at 0.95) compares every pair above the threshold (while no "
+        "embedding reaches `max_boundary_clusters`); 0 compares inside clusters only (plain SemDeDup). See "
+        "stages/core/semantic.py.",
     )
     max_boundary_clusters: int = Field(
         16,
