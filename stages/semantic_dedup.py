@@ -81,8 +81,9 @@ from apache_beam.metrics import Metrics
 from schemas import RejectReason, SampleRecord, Stage
 from schemas.config import SemanticDedupConfig
 from stages.base import REJECTS, Drop, rejection
-from stages.core import semantic
-from stages.embeddings import partition_of, vectors, write_atomically
+from stages.core import semantic, semantic_groups
+from stages.core.semantic_batches import key_hashes, memberships, to_chunks, unpack_chunks
+from stages.embeddings import vectors, write_atomically
 
 LOG = logging.getLogger(__name__)
 
@@ -124,10 +125,6 @@ class _Pack(beam.DoFn):
         )
 
 
-def _key_hashes(keys: list[str]) -> np.ndarray:
-    return np.array([partition_of(key, 2**32) for key in keys], dtype=np.uint32)
-
-
 class _Sample(beam.CombineFn):
     """Batches -> (keys, float16 [n, D]): the `size` rows with the smallest
     CRC-32 key hashes (ties: the smaller key), sorted by key: the same sample
@@ -142,7 +139,7 @@ class _Sample(beam.CombineFn):
     def add_input(self, acc, batch):
         keys, _, _, x = batch
         hashes, keyparts, parts, rows = acc
-        acc = (hashes + [_key_hashes(keys)], keyparts + [list(keys)], parts + [x], rows + len(keys))
+        acc = (hashes + [key_hashes(keys)], keyparts + [list(keys)], parts + [x], rows + len(keys))
         return self._trim(acc) if acc[3] > 2 * self.size else acc
 
     def merge_accumulators(self, accumulators):
@@ -230,7 +227,7 @@ class _Assign(beam.DoFn):
             )
         with semantic.one_blas_thread():
             found = semantic.assign_with_boundary(x, centroids, self.boundary, self.max_boundary_clusters)
-        rows, clusters, is_primary = _memberships(len(x), found)
+        rows, clusters, is_primary = memberships(len(x), found)
         if self.counting:
             self.count.inc(len(x))
             self.extra.inc(len(found.extra_rows))
@@ -238,14 +235,6 @@ class _Assign(beam.DoFn):
             yield np.bincount(clusters)
         else:
             yield from to_chunks(batch, rows, clusters, is_primary, sizes, self.max_cluster_size)
-
-
-def _memberships(n: int, found: semantic.Assignment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, cluster, is_primary) of every membership of a batch of n rows."""
-    rows = np.concatenate([np.arange(n), found.extra_rows])
-    clusters = np.concatenate([found.primary, found.extra_clusters])
-    is_primary = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(found.extra_rows), dtype=bool)])
-    return rows, clusters, is_primary
 
 
 class _ClusterSizes(beam.CombineFn):
@@ -273,81 +262,6 @@ class _ClusterSizes(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
-
-
-def _chunk_dtype(dim: int) -> np.dtype:
-    return np.dtype(
-        [("block", "<i4"), ("primary", "u1"), ("pixels", "<i8"), ("clip", "<f8"), ("vector", "<f2", (dim,))]
-    )
-
-
-def pack_chunk(block, is_primary, keys: list[str], clip: list, pixels, x: np.ndarray) -> tuple[list[str], bytes]:
-    """Members of one block pair -> (keys, one bytes record array): what
-    crosses the block-pair shuffle, so Beam's coder copies one bytes object
-    per chunk instead of pickling an array per field (clip None -> NaN)."""
-    packed = np.empty(len(keys), dtype=_chunk_dtype(x.shape[1]))
-    packed["block"] = block
-    packed["primary"] = is_primary
-    packed["pixels"] = pixels
-    packed["clip"] = [np.nan if c is None else c for c in clip]
-    packed["vector"] = x
-    return keys, packed.tobytes()
-
-
-def unpack_chunks(chunks) -> tuple[np.ndarray, np.ndarray, list[str], list, np.ndarray, np.ndarray]:
-    """[(keys, bytes)] -> (block, is_primary, keys, clip_similarities, pixels, float16 [n, D])."""
-    keys = [k for chunk_keys, _ in chunks for k in chunk_keys]
-    blob = b"".join(data for _, data in chunks)
-    if not keys:
-        return (np.zeros(0, np.int64), np.zeros(0, bool), [], [], np.zeros(0, np.int64), np.zeros((0, 0), np.float16))
-    dim = (len(blob) // len(keys) - _chunk_dtype(0).itemsize) // 2
-    packed = np.frombuffer(blob, dtype=_chunk_dtype(dim))
-    clip = [None if np.isnan(c) else c for c in packed["clip"].tolist()]
-    return (
-        packed["block"].astype(np.int64),
-        packed["primary"].astype(bool),
-        keys,
-        clip,
-        packed["pixels"],
-        packed["vector"],
-    )
-
-
-def to_chunks(batch: tuple, rows, clusters, is_primary, sizes: np.ndarray, max_cluster_size: int) -> Iterator[tuple]:
-    """A batch's memberships -> ((cluster, i, j), packed chunk) for every
-    block pair they take part in: one pair (0, 0) in a cluster that fits a
-    worker, else a member of block b goes to (min(b, o), max(b, o)) for every
-    block o of its cluster (`semantic.block_count`, `block_of`)."""
-    keys, clip, pixels, x = batch
-    present = np.unique(clusters)
-    # (A count pass on another machine could break a tie the other way: a cluster it missed counts as small.)
-    blocks_of = {
-        int(c): semantic.block_count(int(sizes[c]) if c < len(sizes) else 1, max_cluster_size) for c in present
-    }
-    blocks = np.array([blocks_of[c] for c in clusters.tolist()], dtype=np.int64)
-    block = np.zeros(len(rows), dtype=np.int64)
-    split = np.flatnonzero(blocks > 1)
-    if len(split):
-        hashes = _key_hashes([keys[r] for r in rows[split].tolist()]).astype(np.int64)
-        block[split] = hashes % blocks[split]  # semantic.block_of, for arrays
-    member = np.repeat(np.arange(len(rows)), blocks)
-    other = np.arange(len(member)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
-    low = np.minimum(block[member], other)
-    high = np.maximum(block[member], other)
-    cluster = clusters[member]
-    order = np.lexsort((high, low, cluster))
-    member, cluster, low, high = member[order], cluster[order], low[order], high[order]
-    change = np.flatnonzero((np.diff(cluster) != 0) | (np.diff(low) != 0) | (np.diff(high) != 0)) + 1
-    for part in np.split(np.arange(len(member)), change):
-        if not len(part):
-            continue
-        m = member[part]
-        r = rows[m]
-        r_list = r.tolist()
-        yield (
-            (int(cluster[part[0]]), int(low[part[0]]), int(high[part[0]])),
-            pack_chunk(block[m], is_primary[m], [keys[i] for i in r_list], [clip[i] for i in r_list], pixels[r], x[r]),
-        )
 
 
 class _BlockPairs(beam.DoFn):
@@ -397,7 +311,7 @@ class _LocalComponents(beam.DoFn):
     def process(self, element) -> Iterator[tuple[str, tuple]]:
         _, nodes = element
         self.clusters.inc()
-        for member in semantic.local_components(nodes):
+        for member in semantic_groups.local_components(nodes):
             yield member.key, tuple(member)
 
 
@@ -412,7 +326,7 @@ class _MergeMembers(beam.DoFn):
 
     def process(self, element):
         _, members = element
-        member, roots = semantic.merge_members(members)
+        member, roots = semantic_groups.merge_members(members)
         if len(roots) > 1:
             self.bridging.inc()
             yield beam.pvalue.TaggedOutput(BRIDGES, roots)
@@ -425,7 +339,7 @@ def _by_component(member: tuple, joined: dict) -> tuple[str, tuple]:
 
 def _survivors(element) -> Iterator[tuple[str, tuple]]:
     _, members = element
-    for duplicate in semantic.survivors(members):
+    for duplicate in semantic_groups.survivors(members):
         yield duplicate.key, tuple(duplicate)
 
 
@@ -472,7 +386,7 @@ class SemanticDecisions(beam.PTransform):
         joined = (
             members[BRIDGES]
             | "AllBridges" >> beam.combiners.ToList()
-            | "JoinClusters" >> beam.Map(semantic.bridges)
+            | "JoinClusters" >> beam.Map(semantic_groups.bridges)
         )
         return (
             members.members

@@ -18,7 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas import CurateConfig, Rejection, SampleRecord
 from schemas.scoring import ClipConfig, ScoringConfig
-from stages.core.semantic import rank
+from stages.core.semantic_groups import rank
 from stages.embeddings import EMBEDDINGS_DIR, TEXT_DIR
 from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
 from tests.stages.semantic_fixtures import PIXEL_CLIP_NAME, planted, reference_embeddings, save_pixel_clip, stage

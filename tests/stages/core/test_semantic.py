@@ -10,24 +10,26 @@ import numpy as np
 import pytest
 
 from stages.core.semantic import (
-    Node,
     assign,
     assign_with_boundary,
     block_count,
     block_links,
     block_of,
     block_pairs,
-    bridges,
     brute_force_pairs,
-    groups,
-    groups_across,
     kmeans,
-    local_components,
-    merge_members,
     nodes_of_block,
     normalise,
-    rank,
     semantic_duplicates,
+)
+from stages.core.semantic_groups import (
+    Node,
+    bridges,
+    groups,
+    groups_across,
+    local_components,
+    merge_members,
+    rank,
     survivors,
 )
 
