@@ -42,7 +42,7 @@ import numpy as np
 from apache_beam.metrics.metric import MetricsFilter
 
 from schemas.config import SemanticDedupConfig
-from stages.core.semantic import brute_force_pairs, normalise
+from stages.core.semantic import assign, brute_force_pairs, normalise, one_blas_thread
 from stages.semantic_dedup import NAMESPACE, SemanticDecisions
 
 CHUNK = 20_000
@@ -89,7 +89,7 @@ class _Generate(beam.DoFn):
 
 
 def run(args) -> dict:
-    config = SemanticDedupConfig()
+    config = SemanticDedupConfig() if args.boundary is None else SemanticDedupConfig(boundary=args.boundary)
     params = dict(n=args.embeddings, pairs=args.pairs, dim=args.dim, centres=args.centres, threshold=config.threshold, seed=args.seed)
     chunks = -(-args.embeddings // CHUNK)
     out = tempfile.mkdtemp(prefix="semantic_bench_")
@@ -103,10 +103,14 @@ def run(args) -> dict:
         | "Json" >> beam.Map(lambda kv: json.dumps(list(kv[1])))
         | beam.io.WriteToText(decisions_path, shard_name_template="")
     )
+    load_before = os.getloadavg()
+    cpu_before = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     started = time.perf_counter()
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - started
+    pipeline_cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_before
+    load_after = os.getloadavg()
 
     duplicates = {}
     with open(decisions_path) as f:
@@ -117,15 +121,25 @@ def run(args) -> dict:
     def root(key):
         return duplicates[key][0] if key in duplicates else key
 
-    planted = []
+    # The planted pairs, and how many of them k-means alone splits (nearest centroids differ: found only
+    # through the boundary rule).
+    centroids = np.load(os.path.join(out, "semantic", "centroids.npy"))
+    planted, split = [], 0
     for chunk in range(chunks):
-        planted += generate_chunk(chunk, **params)[2]
+        keys_c, x_c, planted_c = generate_chunk(chunk, **params)
+        planted += planted_c
+        index_c = {k: i for i, k in enumerate(keys_c)}
+        members = sorted({index_c[k] for a, b, _ in planted_c for k in (a, b)})
+        with one_blas_thread():
+            labels = dict(zip(members, assign(normalise(x_c[members]), centroids).tolist()))
+        split += sum(labels[index_c[a]] != labels[index_c[b]] for a, b, _ in planted_c)
     found = sum(root(a) == root(b) for a, b, _ in planted)
 
     # Brute force on chunk 0: every pair above the threshold, and the groups the pipeline gave them.
     keys0, x0, _ = generate_chunk(0, **params)
     t0 = time.perf_counter()
-    truth = brute_force_pairs(x0.astype(np.float32), config.threshold)
+    with one_blas_thread():  # as the pipeline's products run
+        truth = brute_force_pairs(x0.astype(np.float32), config.threshold)
     brute_s = time.perf_counter() - t0
     brute_recall = sum(root(keys0[i]) == root(keys0[j]) for i, j in truth) / max(len(truth), 1)
     index0 = {k: i for i, k in enumerate(keys0)}
@@ -148,6 +162,11 @@ def run(args) -> dict:
         "planted_pairs": len(planted),
         "planted_pairs_found": found,
         "recall_planted": found / len(planted),
+        "planted_pairs_split_by_nearest_cluster": int(split),
+        "boundary_assignments": counters.get("boundary_assignments", 0),
+        "boundary_assignments_per_embedding": round(counters.get("boundary_assignments", 0) / n, 3),
+        "boundary_capped": counters.get("boundary_capped", 0),
+        "members_in_several_clusters": counters.get("members_in_several_clusters", 0),
         "dropped": len(duplicates),
         "drops_below_threshold": below,
         "brute_force_chunk_rows": len(keys0),
@@ -158,7 +177,11 @@ def run(args) -> dict:
         "all_pairs": all_pairs,
         "pairs_compared_fraction": counters.get("pairs_compared", 0) / all_pairs,
         "wall_s": round(wall, 1),
+        "pipeline_cpu_s": round(pipeline_cpu, 1),
         "process_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_min_before": [round(v, 2) for v in load_before],
+        "load_average_1_5_15_min_after": [round(v, 2) for v in load_after],
         "s_per_million": round(wall / (n / 1e6), 1),
         "brute_force_s_extrapolated_to_n": round(brute_1m, 1),
         "block_rows_max": block_rows.max,
@@ -177,6 +200,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--centres", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--boundary", type=float, default=None, help="override SemanticDedupConfig.boundary (0: plain SemDeDup)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     report = run(args)

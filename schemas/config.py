@@ -167,7 +167,26 @@ class SemanticDedupConfig(_StageConfig):
         description="Pairs whose embeddings' cosine similarity is >= this are duplicates; their connected "
         "components keep one survivor (highest clip_similarity, then most pixels, then smallest key).",
     )
-    clusters: int = Field(1000, ge=1, description="k of the k-means; only pairs inside one cluster are compared.")
+    clusters: int = Field(
+        1000, ge=1, description="k of the k-means; pairs are compared inside clusters (see `boundary`)."
+    )
+    boundary: float = Field(
+        0.05,
+        ge=0.0,
+        le=2.0,
+        description="An embedding is also compared in every other cluster whose bisector with its nearest "
+        "centroid lies within this Euclidean distance of it, so a pair split by a cluster boundary is found unless "
+        "more than 2 * boundary of its difference vector lies along the line between the two centroids. "
+        ">= sqrt(2 * (1 - threshold)) / 2 (0.158 at 0.95) compares every pair above the threshold (while no "
+        "embedding reaches `max_boundary_clusters`); 0 compares inside clusters only (plain SemDeDup). See "
+        "stages/core/semantic.py.",
+    )
+    max_boundary_clusters: int = Field(
+        16,
+        ge=0,
+        description="Most clusters an embedding joins besides its nearest (the nearest bisectors first); one with "
+        "more is counted in `boundary_capped`.",
+    )
     sample_size: int = Field(
         100_000, ge=1, description="Embeddings drawn at random (on one worker) to fit the k-means centroids."
     )

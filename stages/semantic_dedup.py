@@ -3,8 +3,9 @@
 What is dropped, and in favour of what
 --------------------------------------
 Samples whose L2-normalised CLIP image embeddings have a cosine similarity of
-at least `threshold` (default 0.95) with another sample of the same k-means
-cluster are duplicates; duplicates are connected into groups (connected
+at least `threshold` (default 0.95) with another sample compared with them
+(in the same k-means cluster, or across a cluster boundary, below) are
+duplicates; duplicates are connected into groups (connected
 components), and each group keeps one survivor: the highest
 `clip_similarity`, then the most decoded pixels, then the smallest key. Every
 other member is rejected `semantic_duplicate` (stage `dedup`) with
@@ -18,32 +19,52 @@ all copies, by the score the selection thresholds read first.
 
 Steps
 -----
+    Batch       rows into arrays of BATCH_ROWS (16384) embeddings; from here on
+                embeddings travel as arrays, never one element per sample
     Centroids   k-means (`stages/core/semantic.kmeans`) on one worker over a
                 sample of `sample_size` embeddings (the rows with the smallest
                 key hashes: the same sample every run), or the centroids of an
                 earlier run (`centroids`); written to DIR/semantic/centroids.npy
-    Assign      each embedding to its most similar centroid (matrix products
-                over batches of rows; centroids as a side input: K x D floats)
-    Blocks      a cluster of more than `max_cluster_size` embeddings is cut
-                into B blocks of about max_cluster_size / 2 by key hash, and
-                each embedding is sent to its B block pairs; so one worker
-                holds at most about `max_cluster_size` embeddings
-    Pairs       per block pair, pairs >= threshold by matrix products of
-                `batch_rows` rows, reduced to component links and each node's
-                best neighbour (`block_links`)
-    Groups      per cluster, connected components over those links (keys and
-                ranks only, no embeddings) and the survivor of each
+    Count       each embedding to its nearest centroid (primary) and to the
+                clusters whose bisector with it lies within `boundary`
+                (secondary, at most `max_boundary_clusters`), by matrix products
+                over a batch (centroids as a side input: K x D floats); only the
+                members per cluster leave this step (K ints per batch)
+    Route       the same assignment again, and each membership to its block
+                pairs: a cluster of more than `max_cluster_size` members is cut
+                into blocks of about max_cluster_size / 4 by key hash, and a
+                member goes to each of its B block pairs, so one worker holds at
+                most about `max_cluster_size` embeddings. Members cross the
+                shuffle packed, one bytes record array per block pair and batch
+    Pairs       per block pair, primary x primary and primary x secondary pairs
+                >= threshold by matrix products of `batch_rows` rows, reduced to
+                component links and each member's best neighbour (`block_links`)
+    Components  per cluster, connected components over those links (keys and
+                ranks only, no embeddings); per key, its components in several
+                clusters merged; the keys that belong to components of two
+                clusters (few: duplicates across a boundary) gathered on one
+                worker to join those components (a dict of their roots, the side
+                input of the next step); per joined component, the survivor
     Join        records with their decision (metadata only)
 
-Only pairs within a cluster are compared: a pair split across two clusters
-by k-means is missed. `benchmarks/semantic_bench.py` measures recall against
-brute force, the pairs compared against all pairs, and the time per million.
-Embeddings cross two shuffles here (Blocks and the embeddings writer), never
-with the records.
+Which pairs are compared, and what is guaranteed, is in the docstring of
+`stages/core/semantic.py`: a pair split by a cluster boundary is found
+unless more than 2 * `boundary` of its difference vector lies along the line
+between the two centroids (`boundary` >= sqrt(2 (1 - threshold)) / 2 makes
+it exhaustive; 0 is plain SemDeDup). `benchmarks/semantic_bench.py` measures
+recall against brute force, the pairs compared against all pairs, and the
+time per million. Embeddings cross one shuffle here (block pairs; secondaries
+add their share) and one in the embeddings writer, never with the records.
+Assigning twice (Count, Route) costs one more product per batch but keeps the
+batches from being materialised twice. NumPy's BLAS runs on one thread in
+these steps (`semantic.one_blas_thread`).
 
-Counters (namespace `semantic_dedup`): `embeddings`, `clusters`,
-`pairs_compared`, `kept`, `dropped_semantic_duplicate`; distribution
-`block_rows` (embeddings per worker per block pair).
+Counters (namespace `semantic_dedup`): `embeddings`, `boundary_assignments`
+(secondary memberships), `boundary_capped` (embeddings with more clusters
+within the boundary than the cap), `pairs_compared`,
+`clusters_with_duplicates`, `members_in_several_clusters` (keys joining
+components of different clusters), `kept`, `dropped_semantic_duplicate`;
+distribution `block_rows` (embeddings per worker per block pair).
 """
 
 from __future__ import annotations
@@ -60,14 +81,17 @@ from apache_beam.metrics import Metrics
 from schemas import RejectReason, SampleRecord, Stage
 from schemas.config import SemanticDedupConfig
 from stages.base import REJECTS, Drop, rejection
-from stages.core import semantic
-from stages.embeddings import partition_of, vectors, write_atomically
+from stages.core import semantic, semantic_groups
+from stages.core.semantic_batches import key_hashes, memberships, to_chunks, unpack_chunks
+from stages.embeddings import vectors, write_atomically
 
 LOG = logging.getLogger(__name__)
 
 NAMESPACE = "semantic_dedup"
 SEMANTIC_DIR = "semantic"
 CENTROIDS = "centroids.npy"
+BATCH_ROWS = 16384  # embeddings per element once batched (16 MiB of 512-d float16): the fewer elements, the
+# less per-element work on the runner; a bundle's last batch may be smaller
 
 
 def centroids_path(output_dir: str) -> str:
@@ -85,31 +109,91 @@ def load_centroids(path: str) -> np.ndarray:
     return semantic.normalise(centroids)
 
 
-def _sample_order(row: tuple) -> int:
-    return partition_of(row[0], 2**32)
+class _Pack(beam.DoFn):
+    """[EmbeddingRow] -> one Batch: (keys, clip_similarities, pixels int64 [n], float16 [n, D]).
+    From here on embeddings travel as arrays, up to BATCH_ROWS per element."""
+
+    def process(self, rows: list[tuple]) -> Iterator[tuple]:
+        sizes = {len(row[3]) for row in rows}
+        if len(sizes) > 1:
+            raise ValueError(f"semantic dedup: embeddings of different sizes ({sorted(sizes)} bytes) near key {rows[0][0]}")
+        yield (
+            [row[0] for row in rows],
+            [row[1] for row in rows],
+            np.array([row[2] or 0 for row in rows], dtype=np.int64),
+            vectors([row[3] for row in rows]),
+        )
+
+
+class _Sample(beam.CombineFn):
+    """Batches -> (keys, float16 [n, D]): the `size` rows with the smallest
+    CRC-32 key hashes (ties: the smaller key), sorted by key: the same sample
+    every run, whatever the bundles. Holds at most about 2 * `size` rows."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def create_accumulator(self):
+        return ([], [], [], 0)  # hashes, keys, vectors (lists of parts), rows
+
+    def add_input(self, acc, batch):
+        keys, _, _, x = batch
+        hashes, keyparts, parts, rows = acc
+        acc = (hashes + [key_hashes(keys)], keyparts + [list(keys)], parts + [x], rows + len(keys))
+        return self._trim(acc) if acc[3] > 2 * self.size else acc
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for h, k, v, n in accumulators:
+            merged = (merged[0] + h, merged[1] + k, merged[2] + v, merged[3] + n)
+            if merged[3] > 2 * self.size:
+                merged = self._trim(merged)  # as they come: many bundles never hold more than ~3 samples
+        return self._trim(merged) if merged[3] > self.size else merged
+
+    def _trim(self, acc):
+        hashes, keyparts, parts, rows = acc
+        if not rows:
+            return acc
+        h = np.concatenate(hashes)
+        keys = [k for part in keyparts for k in part]
+        x = np.concatenate(parts)
+        if rows > self.size:
+            order = np.argsort(h, kind="stable")
+            cut = h[order[self.size - 1]]
+            below = np.flatnonzero(h < cut)
+            tied = sorted(np.flatnonzero(h == cut).tolist(), key=lambda i: keys[i])[: self.size - len(below)]
+            keep = np.sort(np.concatenate([below, np.array(tied, dtype=np.int64)]))
+            h, x, keys = h[keep], x[keep], [keys[i] for i in keep.tolist()]
+        return ([h], [keys], [x], len(keys))
+
+    def extract_output(self, acc):
+        _, keyparts, parts, rows = self._trim(acc)
+        if not rows:
+            return [], np.zeros((0, 0), dtype=np.float16)
+        keys = keyparts[0]
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # row order decides the seeding
+        return [keys[i] for i in order], parts[0][order]
 
 
 class _FitCentroids(beam.DoFn):
-    """[EmbeddingRow] (the sample) -> centroids [K, D] float32, written to the output."""
+    """(keys, vectors) sample -> centroids [K, D] float32, written to the output."""
 
     def __init__(self, config: SemanticDedupConfig, output_dir: str | None):
         self.config = config
         self.output_dir = output_dir
 
-    def process(self, sample: list[tuple]) -> Iterator[np.ndarray]:
-        if self.config.centroids is None and not sample:
-            yield np.zeros((1, 1), dtype=np.float32)  # no embeddings at all: nothing will be assigned
-            return
+    def process(self, sample: tuple) -> Iterator[np.ndarray]:
         if self.config.centroids is not None:
             centroids = load_centroids(self.config.centroids)
         else:
-            sample = sorted(sample, key=lambda row: row[0])  # row order decides the seeding
-            centroids = semantic.kmeans(
-                vectors([row[3] for row in sample]),
-                self.config.clusters,
-                iterations=self.config.iterations,
-                seed=self.config.seed,
-            )
+            keys, x = sample
+            if not keys:
+                yield np.zeros((1, 1), dtype=np.float32)  # no embeddings at all: nothing will be assigned
+                return
+            with semantic.one_blas_thread():
+                centroids = semantic.kmeans(
+                    x, self.config.clusters, iterations=self.config.iterations, seed=self.config.seed
+                )
         LOG.info("semantic dedup: %d centroids of %d dims", *centroids.shape)
         if self.output_dir is not None:
             buffer = io.BytesIO()
@@ -119,40 +203,69 @@ class _FitCentroids(beam.DoFn):
 
 
 class _Assign(beam.DoFn):
-    """[EmbeddingRow] batch -> (cluster, row) for each row."""
+    """Batch -> its cluster memberships (`semantic.assign_with_boundary`):
+    with `count`, an int64 [K'] array of members per cluster (and the
+    counters); else the batch's block-pair chunks (`to_chunks`), which need
+    `sizes`. Assigning twice (once to count, once to route) costs one more
+    product per batch but keeps the batches from being materialised twice."""
 
-    def __init__(self):
+    def __init__(self, boundary: float, max_boundary_clusters: int, max_cluster_size: int, count: bool):
+        self.boundary = boundary
+        self.max_boundary_clusters = max_boundary_clusters
+        self.max_cluster_size = max_cluster_size
+        self.counting = count
         self.count = Metrics.counter(NAMESPACE, "embeddings")
+        self.extra = Metrics.counter(NAMESPACE, "boundary_assignments")
+        self.capped = Metrics.counter(NAMESPACE, "boundary_capped")
 
-    def process(self, batch: list[tuple], centroids: np.ndarray) -> Iterator[tuple[int, tuple]]:
-        x = vectors([row[3] for row in batch])
+    def process(self, batch: tuple, centroids: np.ndarray, sizes: np.ndarray | None = None) -> Iterator:
+        x = batch[3]
         if x.shape[1] != centroids.shape[1]:
             raise ValueError(
                 f"semantic dedup: embeddings have {x.shape[1]} dims but the centroids {centroids.shape[1]}; "
                 "centroids from another CLIP model?"
             )
-        labels = semantic.assign(x, centroids)
-        self.count.inc(len(batch))
-        for label, row in zip(labels.tolist(), batch):
-            yield label, row
+        with semantic.one_blas_thread():
+            found = semantic.assign_with_boundary(x, centroids, self.boundary, self.max_boundary_clusters)
+        rows, clusters, is_primary = memberships(len(x), found)
+        if self.counting:
+            self.count.inc(len(x))
+            self.extra.inc(len(found.extra_rows))
+            self.capped.inc(found.capped)
+            yield np.bincount(clusters)
+        else:
+            yield from to_chunks(batch, rows, clusters, is_primary, sizes, self.max_cluster_size)
 
 
-class _ToBlocks(beam.DoFn):
-    """(cluster, row) -> ((cluster, i, j), (block, row)) for each block pair (i, j) of the row's block."""
+class _ClusterSizes(beam.CombineFn):
+    """Per-batch member counts -> int64 [K']: members (primary and secondary) per cluster."""
 
-    def __init__(self, max_cluster_size: int):
-        self.max_cluster_size = max_cluster_size
+    def create_accumulator(self):
+        return np.zeros(0, dtype=np.int64)
 
-    def process(self, element, sizes: dict) -> Iterator[tuple]:
-        cluster, row = element
-        blocks = semantic.block_count(sizes[cluster], self.max_cluster_size)
-        block = semantic.block_of(row[0], blocks)
-        for i, j in semantic.block_pairs(block, blocks):
-            yield (cluster, i, j), (block, row)
+    def add_input(self, acc, counts):
+        return self._add(acc, counts)
+
+    def merge_accumulators(self, accumulators):
+        total = np.zeros(0, dtype=np.int64)
+        for acc in accumulators:
+            total = self._add(total, acc)
+        return total
+
+    @staticmethod
+    def _add(a, b):
+        if len(a) < len(b):
+            a, b = b, a
+        a = a.copy()
+        a[: len(b)] += b
+        return a
+
+    def extract_output(self, acc):
+        return acc
 
 
 class _BlockPairs(beam.DoFn):
-    """((cluster, i, j), [(block, row)]) -> (cluster, Node) for every row with a neighbour >= threshold."""
+    """((cluster, i, j), [Chunk]) -> (cluster, Node) for every member with a neighbour >= threshold."""
 
     def __init__(self, threshold: float, batch_rows: int):
         self.threshold = threshold
@@ -161,26 +274,36 @@ class _BlockPairs(beam.DoFn):
         self.block_rows = Metrics.distribution(NAMESPACE, "block_rows")
 
     def process(self, element) -> list[tuple]:
-        (cluster, i, j), members = element
-        a = [row for block, row in members if block == i]
-        b = [row for block, row in members if block == j] if i != j else []
-        rows = a + b
-        self.block_rows.update(len(rows))
-        if not a or (i != j and not b):
-            return []  # an empty block: no pairs
-        links = semantic.block_links(
-            vectors([r[3] for r in a]),
-            None if i == j else vectors([r[3] for r in b]),
-            self.threshold,
-            batch_rows=self.batch_rows,
-        )
+        (cluster, i, j), chunks = element
+        block, is_primary, keys, clip, pixels, x = unpack_chunks(list(chunks))
+        self.block_rows.update(len(keys))
+
+        def side(b):  # the members of block b, primaries first
+            return np.concatenate([np.flatnonzero((block == b) & is_primary), np.flatnonzero((block == b) & ~is_primary)])
+
+        a = side(i)
+        b = side(j) if i != j else np.zeros(0, dtype=np.int64)
+        a_primary = int(np.count_nonzero(is_primary[a]))
+        b_primary = int(np.count_nonzero(is_primary[b]))
+        if not len(a) or (i != j and not len(b)) or a_primary + b_primary == 0:
+            return []  # an empty block, or secondaries only: no pairs
+        with semantic.one_blas_thread():
+            links = semantic.block_links(
+                x[a],
+                None if i == j else x[b],
+                self.threshold,
+                batch_rows=self.batch_rows,
+                a_primary=a_primary,
+                b_primary=b_primary,
+            )
         self.pairs.inc(links.compared)
-        nodes = semantic.nodes_of_block([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], links)
-        return [(cluster, tuple(node)) for node in nodes]
+        nodes = np.concatenate([a, b]).tolist()
+        found = semantic.nodes_of_block([keys[n] for n in nodes], [clip[n] for n in nodes], pixels[nodes], links)
+        return [(cluster, tuple(node)) for node in found]
 
 
-class _Groups(beam.DoFn):
-    """(cluster, [Node]) -> (key, Duplicate tuple) for every dropped member."""
+class _LocalComponents(beam.DoFn):
+    """(cluster, [Node]) -> (key, Member tuple) for every member of a component of two or more."""
 
     def __init__(self):
         self.clusters = Metrics.counter(NAMESPACE, "clusters_with_duplicates")
@@ -188,8 +311,36 @@ class _Groups(beam.DoFn):
     def process(self, element) -> Iterator[tuple[str, tuple]]:
         _, nodes = element
         self.clusters.inc()
-        for duplicate in semantic.groups(nodes):
-            yield duplicate.key, tuple(duplicate)
+        for member in semantic_groups.local_components(nodes):
+            yield member.key, tuple(member)
+
+
+BRIDGES = "bridges"
+
+
+class _MergeMembers(beam.DoFn):
+    """(key, [Member]) -> its merged Member; on BRIDGES the roots it joins when more than one."""
+
+    def __init__(self):
+        self.bridging = Metrics.counter(NAMESPACE, "members_in_several_clusters")
+
+    def process(self, element):
+        _, members = element
+        member, roots = semantic_groups.merge_members(members)
+        if len(roots) > 1:
+            self.bridging.inc()
+            yield beam.pvalue.TaggedOutput(BRIDGES, roots)
+        yield tuple(member)
+
+
+def _by_component(member: tuple, joined: dict) -> tuple[str, tuple]:
+    return joined.get(member[1], member[1]), member
+
+
+def _survivors(element) -> Iterator[tuple[str, tuple]]:
+    _, members = element
+    for duplicate in semantic_groups.survivors(members):
+        yield duplicate.key, tuple(duplicate)
 
 
 class SemanticDecisions(beam.PTransform):
@@ -205,28 +356,43 @@ class SemanticDecisions(beam.PTransform):
 
     def expand(self, rows):
         cfg = self.config
-        if cfg.centroids is not None:
-            sample = rows.pipeline | "NoSample" >> beam.Create([[]])
-        else:
-            sample = rows | "Sample" >> beam.combiners.Top.Of(cfg.sample_size, key=_sample_order, reverse=True)
-        centroids = sample | "Centroids" >> beam.ParDo(_FitCentroids(cfg, self.output_dir))
-        assigned = (
+        batches = (
             rows
-            | "BatchForAssign" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-            | "Assign" >> beam.ParDo(_Assign(), beam.pvalue.AsSingleton(centroids))
+            | "Batch" >> beam.BatchElements(min_batch_size=BATCH_ROWS, max_batch_size=BATCH_ROWS)
+            | "Pack" >> beam.ParDo(_Pack())
         )
+        if cfg.centroids is not None:
+            sample = rows.pipeline | "NoSample" >> beam.Create([([], None)])
+        else:
+            sample = batches | "Sample" >> beam.CombineGlobally(_Sample(cfg.sample_size))
+        centroids = sample | "Centroids" >> beam.ParDo(_FitCentroids(cfg, self.output_dir))
+        centroids = beam.pvalue.AsSingleton(centroids)
+        bounds = (cfg.boundary, cfg.max_boundary_clusters, cfg.max_cluster_size)
         sizes = (
-            assigned
-            | "Ones" >> beam.Map(lambda element: (element[0], 1))
-            | "ClusterSizes" >> beam.CombinePerKey(sum)
+            batches
+            | "Count" >> beam.ParDo(_Assign(*bounds, count=True), centroids)
+            | "ClusterSizes" >> beam.CombineGlobally(_ClusterSizes())
         )
-        return (
-            assigned
-            | "Blocks" >> beam.ParDo(_ToBlocks(cfg.max_cluster_size), beam.pvalue.AsDict(sizes))
+        members = (
+            batches
+            | "Route" >> beam.ParDo(_Assign(*bounds, count=False), centroids, beam.pvalue.AsSingleton(sizes))
             | "GroupBlockPairs" >> beam.GroupByKey()
             | "Pairs" >> beam.ParDo(_BlockPairs(cfg.threshold, cfg.batch_rows))
             | "GroupByCluster" >> beam.GroupByKey()
-            | "Groups" >> beam.ParDo(_Groups())
+            | "LocalComponents" >> beam.ParDo(_LocalComponents())
+            | "GroupByKey" >> beam.GroupByKey()
+            | "MergeMembers" >> beam.ParDo(_MergeMembers()).with_outputs(BRIDGES, main="members")
+        )
+        joined = (
+            members[BRIDGES]
+            | "AllBridges" >> beam.combiners.ToList()
+            | "JoinClusters" >> beam.Map(semantic_groups.bridges)
+        )
+        return (
+            members.members
+            | "ByComponent" >> beam.Map(_by_component, beam.pvalue.AsSingleton(joined))
+            | "GroupByComponent" >> beam.GroupByKey()
+            | "Survivors" >> beam.FlatMap(_survivors)
         )
 
 

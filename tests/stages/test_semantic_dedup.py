@@ -18,7 +18,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas import CurateConfig, Rejection, SampleRecord
 from schemas.scoring import ClipConfig, ScoringConfig
-from stages.core.semantic import rank
+from stages.core.semantic_groups import rank
 from stages.embeddings import EMBEDDINGS_DIR, TEXT_DIR
 from tests.portable import portable_services, service_logs  # noqa: F401  (fixture)
 from tests.stages.semantic_fixtures import PIXEL_CLIP_NAME, planted, reference_embeddings, save_pixel_clip, stage
@@ -217,3 +217,64 @@ def test_semantic_dedup_on_the_portable_runner(portable_services, clip, items, r
     assert state == PipelineState.DONE, service_logs(portable_services.workdir)
     keys = [k for npy in (tmp_path / "out" / EMBEDDINGS_DIR).glob("metadata_*.parquet") for k in pq.read_table(npy)["key"].to_pylist()]
     assert sorted(keys) == sorted(set(r.key for r in records) - set(drops))
+
+
+def test_a_group_across_a_cluster_boundary_on_beam(tmp_path):
+    """The chain g1 ~ g2 ~ g3 ~ g4 of tests/stages/core/test_semantic.py,
+    whose middle pair k-means splits (saved centroids e0 and e1): the stage
+    finds the whole group of four across both clusters, with one survivor."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from schemas.config import SemanticDedupConfig
+    from stages.semantic_dedup import SemanticDecisions
+    from tests.stages.core.test_semantic import _chain_across_the_boundary
+
+    keys, x, clip, pixels, centroids = _chain_across_the_boundary()
+    np.save(tmp_path / "centroids.npy", centroids)
+    rows = [(k, c, p, v.astype(np.float16).tobytes(), b"") for k, v, c, p in zip(keys, x, clip, pixels)]
+    config = SemanticDedupConfig(threshold=0.95, centroids=str(tmp_path / "centroids.npy"))
+    p = TestPipeline(runner=FnApiRunner())
+    decisions = p | beam.Create(rows) | SemanticDecisions(config)
+    assert_that(
+        decisions | beam.Map(lambda kv: (kv[0], kv[1][1], kv[1][2], kv[1][4])),
+        equal_to([("g1", "g4", "g2", 4), ("g2", "g4", "g3", 4), ("g3", "g4", "g2", 4)]),
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("semantic_dedup"))["counters"]
+    }
+    assert counters["boundary_assignments"] == 2  # g2 joins e1's cluster, g3 joins e0's
+    # Cluster e0 groups {g1, g2, g3}, cluster e1 {g2, g3, g4}: g2 and g3 join the two.
+    assert counters["members_in_several_clusters"] == 2
+
+
+def test_the_k_means_sample_does_not_depend_on_bundles():
+    """The `size` rows with the smallest key hashes, sorted by key, however
+    the batches are split into accumulators and merged."""
+    from stages.embeddings import partition_of
+    from stages.semantic_dedup import _Sample
+
+    rng = np.random.default_rng(0)
+    keys = [f"key{i:04d}" for i in range(300)]
+    x = rng.standard_normal((300, 4)).astype(np.float16)
+    batches = [(keys[i : i + 17], [None] * 17, np.ones(17), x[i : i + 17]) for i in range(0, 300, 17)]
+    want = sorted(sorted(range(300), key=lambda i: (partition_of(keys[i], 2**32), keys[i]))[:40], key=keys.__getitem__)
+    sample = _Sample(40)
+
+    def combined(groups):
+        accumulators = []
+        for group in groups:
+            acc = sample.create_accumulator()
+            for batch in group:
+                acc = sample.add_input(acc, batch)
+            accumulators.append(acc)
+        return sample.extract_output(sample.merge_accumulators(accumulators))
+
+    for groups in ([batches], [batches[::-1]], [[b] for b in batches], [batches[:3], batches[3:9], batches[9:]]):
+        got_keys, got_x = combined(groups)
+        assert got_keys == [keys[i] for i in want]
+        np.testing.assert_array_equal(got_x, x[want])
+    assert combined([[]])[0] == []
