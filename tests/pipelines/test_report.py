@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import outputs, report
+from pipelines import outputs, report, report_html
 from pipelines.cli import main
 from schemas import ImageRef, Provenance, RejectReason, Rejection, SampleRecord, Stage
 from tests.browser import console_errors, screenshot, start_browser
@@ -76,10 +76,10 @@ def test_demo_report_opens_in_a_browser(tmp_path, corpus, browser):  # noqa: F81
     screenshot(browser, "report_demo", tmp_path)
     samples = seen["samples"]
     kept = [r["key"] for r in pq.read_table(out / "index.parquet").to_pylist()]
-    assert len(samples["kept"]) == min(len(kept), report.N_KEPT) and all(c["thumbnail"] for c in samples["kept"])
+    assert len(samples["kept"]) == min(len(kept), report_html.N_KEPT) and all(c["thumbnail"] for c in samples["kept"])
     expected = corpus.expected
     for reason, cards in samples["rejects"].items():
-        assert cards and len(cards) <= report.N_PER_REASON
+        assert cards and len(cards) <= report_html.N_PER_REASON
         for card in cards:
             assert f"{expected[card['key']].stage}/{expected[card['key']].reason}" == reason
             # Only images that reached staging (dedup onwards) have a thumbnail.
@@ -108,7 +108,7 @@ def test_report_of_a_run_with_every_model_stage(tmp_path, corpus, models, browse
     clip_chart = browser.find_element("id", "chart-clip_similarity")
     assert "rejected by threshold" in clip_chart.text
     recaptioned = [r for r in pq.read_table(out / "index.parquet").to_pylist() if r["caption_synthetic"]]
-    assert len(seen["samples"]["recaptioned"]) == min(len(recaptioned), report.N_RECAPTIONED)
+    assert len(seen["samples"]["recaptioned"]) == min(len(recaptioned), report_html.N_RECAPTIONED)
     for card in seen["samples"]["recaptioned"]:
         assert f"after: {card['caption_synthetic']}" in seen["text"]
     assert seen["samples"]["rejects"].get("select/low_clip_similarity")
@@ -202,10 +202,10 @@ def test_report_size_is_bounded_on_10000_rows(tmp_path):
         )
     size = (out / "report.html").stat().st_size
     samples = json.loads((out / "report_files" / "samples.json").read_text())
-    print(f"report.html for {N_ROWS} rows: {size} bytes (bound {report.MAX_REPORT_BYTES})")
-    assert size <= report.MAX_REPORT_BYTES
-    assert len(samples["kept"]) == report.N_KEPT and len(samples["recaptioned"]) == report.N_RECAPTIONED
+    print(f"report.html for {N_ROWS} rows: {size} bytes (bound {report_html.MAX_REPORT_BYTES})")
+    assert size <= report_html.MAX_REPORT_BYTES
+    assert len(samples["kept"]) == report_html.N_KEPT and len(samples["recaptioned"]) == report_html.N_RECAPTIONED
     assert len(samples["rejects"]) == len(counts)
-    assert all(len(cards) == report.N_PER_REASON for cards in samples["rejects"].values())
+    assert all(len(cards) == report_html.N_PER_REASON for cards in samples["rejects"].values())
     assert all(card["thumbnail"] for cards in samples["rejects"].values() for card in cards)
-    assert all(len(card["url"]) <= report.TEXT_CHARS for cards in samples["rejects"].values() for card in cards)
+    assert all(len(card["url"]) <= report_html.TEXT_CHARS for cards in samples["rejects"].values() for card in cards)
