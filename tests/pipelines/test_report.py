@@ -18,15 +18,8 @@ from PIL import Image
 from pipelines import outputs, report, report_html
 from pipelines.cli import main
 from schemas import ImageRef, Provenance, RejectReason, Rejection, SampleRecord, Stage
-from tests.browser import console_errors, screenshot, start_browser
+from tests.browser import console_errors, screenshot
 from tests.pipelines.test_curate import corpus, models, run_curate, run_curate_with_models, web  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = start_browser()
-    yield driver
-    driver.quit()
 
 
 def open_report(driver, path: Path) -> None:
