@@ -18,7 +18,9 @@ step in `pipelines/report.py` drew and thumbnailed), `report.json`,
 `config.json` and score histograms streamed from `index.parquet` /
 `rejects.parquet` in record batches (bounded memory). `beam report DIR`
 (`run_report`) runs `render` again on a finished output. This module reads and
-writes files through Beam's FileSystems but builds no pipeline.
+writes files through Beam's FileSystems but builds no pipeline. The JavaScript
+bundle, which vl-convert makes on the fly in about 5 s, is kept in
+`cache_dir()` (`$IMAGEMILL_CACHE_DIR`, default `~/.cache/imagemill`).
 
 Size bound (`MAX_REPORT_BYTES`, 6 MiB, tested on a 10,000-row run where every
 sample has an image): the JavaScript bundle (~0.9 MB); at most `N_KEPT +
@@ -32,11 +34,14 @@ thumbnails, and reports are well under 2 MB.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -52,6 +57,7 @@ LOG = logging.getLogger(__name__)
 REPORT_HTML = "report.html"
 REPORT_FILES = "report_files"
 SAMPLES = "samples.json"
+CACHE_DIR_ENV = "IMAGEMILL_CACHE_DIR"
 
 # The bounds that keep the report's size independent of the run's (see above).
 # The sample sizes are drawn by the pipeline step (`pipelines/report.py`).
@@ -225,11 +231,43 @@ def histogram_chart(score: str, rows: list[dict], threshold: float | None) -> di
     return (bars + rule).to_dict()
 
 
+def cache_dir() -> Path:
+    """Where imagemill keeps what it can rebuild: `$IMAGEMILL_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/imagemill`, else `~/.cache/imagemill`."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagemill"
+
+
 def _vega_bundle() -> str:
+    """The Vega, Vega-Lite and vega-embed JavaScript, safe inside a <script> element.
+
+    vl-convert bundles it on the fly, about 5 s of CPU in every new process (each
+    `beam run`, each worker that writes a report), so it is kept in `cache_dir()`
+    under vl-convert's version and read from there. A cache that cannot be read
+    or written is passed over: the bundle is then made here, as without one."""
     import vl_convert
 
+    path = cache_dir() / f"vega-embed-vl-convert-{vl_convert.__version__}.js"
+    try:
+        cached = path.read_text(encoding="utf-8")
+        if cached:
+            return cached
+    except (OSError, UnicodeDecodeError):
+        pass
     # Inside a <script> element, "</script" would end it.
-    return vl_convert.javascript_bundle().replace("</script", "<\\/script")
+    bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{random.getrandbits(32):08x}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(bundle, encoding="utf-8")
+        os.replace(tmp, path)  # whole or not at all: a concurrent reader never sees half a file
+    except OSError as err:
+        LOG.debug("report: not caching the JavaScript bundle in %s: %s", path, err)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return bundle
 
 
 # ---------------------------------------------------------------- html

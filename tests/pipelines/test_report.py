@@ -107,6 +107,31 @@ def test_report_of_a_run_with_every_model_stage(tmp_path, corpus, models, browse
     assert seen["samples"]["rejects"].get("select/low_clip_similarity")
 
 
+def test_the_javascript_bundle_is_made_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    import vl_convert
+
+    made = []
+    real = vl_convert.javascript_bundle
+    monkeypatch.setattr(vl_convert, "javascript_bundle", lambda: made.append(1) or real())
+    from tests.conftest import CACHE_DIR_ENV
+
+    assert report_html.CACHE_DIR_ENV == CACHE_DIR_ENV  # the name the suite's session cache sets
+    monkeypatch.setenv(report_html.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    bundle = report_html._vega_bundle()
+    assert "vegaEmbed" in bundle and "</script" not in bundle and made == [1]
+    cached = tmp_path / "cache" / f"vega-embed-vl-convert-{vl_convert.__version__}.js"
+    assert cached.read_text(encoding="utf-8") == bundle
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temporary file left
+    assert report_html._vega_bundle() == bundle and made == [1]
+    cached.write_text("/* what the cache holds */", encoding="utf-8")
+    assert report_html._vega_bundle() == "/* what the cache holds */"
+
+    # A cache folder that cannot be made: the bundle is made each time, and still right.
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    monkeypatch.setenv(report_html.CACHE_DIR_ENV, str(tmp_path / "blocked" / "cache"))
+    assert report_html._vega_bundle() == bundle and made == [1, 1]
+
+
 def test_bad_report_dir_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no report.json" in capsys.readouterr().err
