@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "schemas":
         return run_schemas(rest)
     if command == "report":
-        from pipelines.report import run_report  # noqa: PLC0415 - imports Beam
+        from pipelines.report_html import run_report  # noqa: PLC0415 - imports Beam
 
         return run_report(rest)
     if command == "run":

@@ -17,8 +17,10 @@ bundles. Select has no hints (it is cheap and fuses with what follows).
 
 Every model is off until configured (see `schemas/scoring.py`); with nothing
 configured `ModelStages.enabled` is False and the curate pipeline skips it.
-Configs are validated when `ModelStages` is constructed, so a missing or
-unreadable checkpoint fails before the pipeline starts.
+Building the graph reads no model file (the workers load them in `setup()` /
+`load_model()`); `check_models` checks every model file the config names, and
+`beam run curate` calls it before it builds the graph, so a missing or
+unreadable checkpoint is refused before any work starts.
 """
 
 from __future__ import annotations

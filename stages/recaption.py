@@ -60,7 +60,7 @@ from schemas.scoring import RecaptionConfig
 from stages.core.caption_gate import Generation, apply_generation
 from stages.core.decode import decode_rgb
 from stages.inference import model_handler_kwargs, resource_hints
-from stages.models.captioner import Captioner, format_prompt, load_processor, validate_model
+from stages.models.captioner import Captioner, format_prompt, load_processor
 from stages.staging import ImageReader
 
 LOG = logging.getLogger(__name__)
@@ -176,29 +176,22 @@ class Recaption(beam.PTransform):
     with `recaption_status` set and `caption_synthetic` set where the quality
     gate passed. Apply it to the selected samples only.
 
-    The model path is validated when the transform is applied (pipeline
-    construction), so a bad path fails before anything runs; call `validate()`
-    to check it earlier. Resource hints from the config (`accelerator`,
-    `min_ram`) are set on the whole composite; override them with
-    `.with_resource_hints(...)`.
+    Building the graph reads no model file: the workers load the model in
+    `setup()`/`load_model()`. Check the model folder before building the graph
+    with `stages.models.captioner.validate_model` (`beam run curate` does, in
+    `pipelines.scoring.check_models`, so a bad path is refused before any work
+    starts). Resource hints from the config (`accelerator`, `min_ram`) are set
+    on the whole composite; override them with `.with_resource_hints(...)`.
     """
 
     def __init__(self, config: RecaptionConfig, label: str | None = None):
         super().__init__(label)
         self.config = config
-        self._validated = False
         hints = resource_hints(config)
         if hints:
             self.with_resource_hints(**hints)
 
-    def validate(self) -> None:
-        """Raise ValueError if the model or its processor cannot be loaded."""
-        if not self._validated:
-            validate_model(self.config)
-            self._validated = True
-
     def expand(self, records: beam.PCollection[SampleRecord]) -> beam.PCollection[SampleRecord]:
-        self.validate()
         prepared = records | "Prepare" >> beam.ParDo(PrepareDoFn(self.config)).with_outputs(FALLBACK, main="examples")
         generated = prepared.examples | "Generate" >> RunInference(CaptionModelHandler(self.config))
         gated = generated | "Gate" >> beam.ParDo(GateDoFn(self.config))

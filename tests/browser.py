@@ -6,6 +6,13 @@ browser is a failure: CI must run them.
 
 Screenshots go to `$IMAGEMILL_SCREENSHOTS` (default: the test's tmp folder);
 `IMAGEMILL_SCREENSHOTS=docs/screenshots` refreshes the ones the README shows.
+
+Fixtures (registered for the whole suite in tests/conftest.py): `browser_session`,
+one Chromium for the test session (starting one costs seconds), and `browser`,
+that Chromium handed to one test in a known state: a blank page, the default
+window size, earlier console entries dropped, downloads going to the test's own
+`tmp_path / "downloads"` (`driver.downloads`). A test that needs another window
+size sets it (`driver.set_window_size`); the next test gets the default again.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+WIDTH, HEIGHT = 1280, 1400
 
 
 def _find_browser() -> tuple[str | None, str | None]:
@@ -24,7 +32,7 @@ def _find_browser() -> tuple[str | None, str | None]:
     return binary, shutil.which("chromedriver")
 
 
-def start_browser(download_dir: Path | None = None, width: int = 1280, height: int = 1400):
+def start_browser(download_dir: Path | None = None, width: int = WIDTH, height: int = HEIGHT):
     """A headless Chromium WebDriver with the browser console log enabled."""
     binary, driver = _find_browser()
     if binary is None or driver is None:
@@ -45,6 +53,37 @@ def start_browser(download_dir: Path | None = None, width: int = 1280, height: i
             "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
         )
     return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def set_download_dir(driver, folder: Path) -> None:
+    """Send the browser's downloads to `folder` from now on (Chrome DevTools
+    `Browser.setDownloadBehavior`; no prompt)."""
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+
+
+@pytest.fixture(scope="session")
+def browser_session():
+    """One headless Chromium for the whole test session (see `browser`)."""
+    driver = start_browser()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(browser_session, tmp_path):
+    """The session's Chromium for one test: blank page, default window size, no
+    earlier console entries, downloads into `driver.downloads` (this test's folder)."""
+    driver = browser_session
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(exist_ok=True)
+    set_download_dir(driver, downloads)
+    driver.downloads = downloads
+    driver.set_window_size(WIDTH, HEIGHT)
+    driver.get("about:blank")
+    console_errors(driver)
+    yield driver
+    # Leave no page of this test running (its timers, sockets) while the next one works.
+    driver.get("about:blank")
 
 
 def console_errors(driver) -> list[dict]:

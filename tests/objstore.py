@@ -10,6 +10,12 @@ gcp-storage-emulator (GCS's JSON API), each in its own process.
 Servers bind port 0 and report the port they got, so nothing else on the
 machine can hold it. Each is stopped (and its process group killed) on exit.
 
+Starting a server costs seconds, so the suite shares one of each: the
+session-scoped fixtures `s3_server` and `gcs_server` (registered in
+tests/conftest.py). They set no environment variables; a test or module enters
+`environment(store.env)` itself, and keeps to its own key prefixes in the
+shared bucket.
+
 GCS credentials: Beam's GCS file system asks google-auth for application
 default credentials and, when there are none, retries for about 30 s before
 going anonymous (in every worker process). `env` therefore points
@@ -17,11 +23,12 @@ GOOGLE_APPLICATION_CREDENTIALS at an `authorized_user` file holding an access
 token that expires in 2100, so google-auth finds credentials at once and never
 asks a token endpoint.
 
-Fault injection (S3 only): with `hold=DIR`, the server holds every request
-that completes an upload (`CompleteMultipartUpload`, or a plain PUT) of a key
-containing `/.tmp/`, writes `DIR/held` with the key, and answers only once
-`DIR/release` exists. A test can then kill the workers while a shard is being
-committed.
+Fault injection (S3 only): inside `with store.holding_uploads() as folder:`,
+the server holds every request that completes an upload
+(`CompleteMultipartUpload`, or a plain PUT) of a key containing `/.tmp/`,
+writes `folder/held` with the key, and answers only once `folder/release`
+exists (or the block has ended). A test can then kill the workers while a shard
+is being committed.
 """
 
 from __future__ import annotations
@@ -37,10 +44,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs would ask a gRPC control API the emulator lacks
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "data"
 STARTUP_TIMEOUT_S = 60.0
+HOLD_DIR = "hold"  # under an S3 server's workdir: the fault-injection switch (ObjectStore.holding_uploads)
 
 
 @dataclasses.dataclass
@@ -89,6 +99,22 @@ class ObjectStore:
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
 
+    @contextlib.contextmanager
+    def holding_uploads(self) -> Iterator[Path]:
+        """S3 only: hold upload-completing requests of `/.tmp/` keys for the block
+        (see the module doc); yields the folder where `held` appears and `release`
+        is to be written. On exit every held request is let through."""
+        if self.kind != "s3":
+            raise ValueError("holding uploads needs the S3 server")
+        folder = self.workdir / HOLD_DIR
+        for name in ("held", "release"):
+            (folder / name).unlink(missing_ok=True)
+        (folder / "armed").write_text("")
+        try:
+            yield folder
+        finally:
+            (folder / "armed").unlink(missing_ok=True)
+
     def open_uploads(self) -> list[str]:
         """Keys of S3 multipart uploads that were started and never completed or aborted."""
         return [u["Key"] for u in self.s3_client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])]
@@ -106,15 +132,17 @@ def _wait_for_port_file(process: subprocess.Popen, path: Path, log: Path) -> int
 
 
 @contextlib.contextmanager
-def object_store(kind: str, workdir: Path, hold: Path | None = None) -> Iterator[ObjectStore]:
+def object_store(kind: str, workdir: Path) -> Iterator[ObjectStore]:
     """Start the server for `kind` ("s3" or "gcs") with bucket `data`; yield an ObjectStore."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port_file, log = workdir / f"{kind}.port", workdir / f"{kind}.log"
     port_file.unlink(missing_ok=True)  # a reused workdir must not hand out an old port
     command = [sys.executable, "-m", "tests.objstore", kind, str(port_file)]
-    if hold is not None:
-        command += ["--hold", str(hold)]
+    if kind == "s3":
+        (workdir / HOLD_DIR).mkdir(exist_ok=True)
+        (workdir / HOLD_DIR / "armed").unlink(missing_ok=True)
+        command += ["--hold", str(workdir / HOLD_DIR)]
     env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST",)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with open(log, "wb") as out:
@@ -162,6 +190,20 @@ def object_store(kind: str, workdir: Path, hold: Path | None = None) -> Iterator
             process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[ObjectStore]:
+    """moto's S3 server for the whole test session (no environment set: see the module doc)."""
+    with object_store("s3", tmp_path_factory.mktemp("s3-server")) as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator[ObjectStore]:
+    """gcp-storage-emulator for the whole test session (no environment set: see the module doc)."""
+    with object_store("gcs", tmp_path_factory.mktemp("gcs-server")) as store:
+        yield store
+
+
 @contextlib.contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the block (this process and the children it starts)."""
@@ -181,7 +223,8 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 
 
 class _Hold:
-    """WSGI middleware: holds upload-completing requests of `/.tmp/` keys (see module doc)."""
+    """WSGI middleware: while `DIR/armed` exists, holds upload-completing requests of
+    `/.tmp/` keys until `DIR/release` exists or `armed` is gone (see module doc)."""
 
     def __init__(self, app, directory: Path):
         self.app = app
@@ -190,9 +233,10 @@ class _Hold:
     def __call__(self, environ, start_response):
         path, query, method = environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""), environ["REQUEST_METHOD"]
         completes = (method == "POST" and "uploadId=" in query) or (method == "PUT" and "partNumber=" not in query and "uploadId=" not in query)
-        if completes and "/.tmp/" in path:
+        armed = self.directory / "armed"
+        if completes and "/.tmp/" in path and armed.exists():
             (self.directory / "held").write_text(path)
-            while not (self.directory / "release").exists():
+            while armed.exists() and not (self.directory / "release").exists():
                 time.sleep(0.05)
         return self.app(environ, start_response)
 

@@ -33,7 +33,7 @@ from pipelines.testing import webcorpus
 from pipelines.testing.localweb import LocalWeb
 from schemas import ShardManifest
 from stages.core.tario import scan_tar
-from tests.objstore import environment, object_store
+from tests.objstore import environment
 from tests.portable import portable_runner
 
 SAMPLES_PER_SHARD = 3
@@ -65,16 +65,14 @@ def inputs(tmp_path_factory, corpus) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """Both object stores, their client environment set for this module (and for the
-    portable runner's workers, which inherit it)."""
-    root = tmp_path_factory.mktemp("objstore")
-    with object_store("s3", root / "s3") as s3, object_store("gcs", root / "gcs") as gcs:
-        # Not AWS_ENDPOINT_URL: Beam must find the S3 server from --s3_endpoint_url alone,
-        # in the launcher and on the workers.
-        env = {k: v for k, v in {**s3.env, **gcs.env}.items() if k != "AWS_ENDPOINT_URL"}
-        with environment(env):
-            yield {"s3": s3, "gcs": gcs}
+def servers(s3_server, gcs_server):
+    """Both object stores (the session's: tests/objstore.py), their client environment
+    set for this module (and for the portable runner's workers, which inherit it)."""
+    # Not AWS_ENDPOINT_URL: Beam must find the S3 server from --s3_endpoint_url alone,
+    # in the launcher and on the workers.
+    env = {k: v for k, v in {**s3_server.env, **gcs_server.env}.items() if k != "AWS_ENDPOINT_URL"}
+    with environment(env):
+        yield {"s3": s3_server, "gcs": gcs_server}
 
 
 @pytest.fixture(scope="module")
@@ -226,21 +224,20 @@ def _sdk_workers(workdir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.portable
-def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs, servers, portable, tmp_path):
+def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs, servers, portable):
     """The S3 server holds the upload of the first temporary shard; the SDK workers are
     killed while it is held. The run fails and that shard never appears under its final
     name (nor does any partial object); shards committed before are complete."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
     argv, workdir = portable
-    with object_store("s3", tmp_path / "s3", hold=hold) as store:
-        # (the workers get this server from --s3_endpoint_url; credentials come from `servers`' environment)
-        store.fs.put(str(inputs / "urls.parquet"), "data/in/urls.parquet")
+    store = servers["s3"]
+    with store.holding_uploads() as hold:
+        # (the workers get the server from --s3_endpoint_url; credentials come from `servers`' environment)
+        store.fs.put(str(inputs / "urls.parquet"), "data/killed/in/urls.parquet")
         outcome = {}
 
         def launch():
             try:
-                outcome["code"] = main(["run", "curate", "--input", store.url("in/urls.parquet"), "--output", store.url("out"),
+                outcome["code"] = main(["run", "curate", "--input", store.url("killed/in/urls.parquet"), "--output", store.url("killed/out"),
                                         "--config", str(inputs / "config.yaml"), "--allow-private-network", *store.beam_args, *argv])
             except BaseException as error:  # noqa: BLE001 - the failure is what we expect
                 outcome["error"] = error
@@ -251,7 +248,7 @@ def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs,
         while not (hold / "held").exists():
             assert time.monotonic() < deadline and launcher.is_alive(), f"no shard upload was held: {outcome}"
             time.sleep(0.1)
-        held = (hold / "held").read_text()  # /data/out/shards/.tmp/NNNNNN.<uuid>.tar
+        held = (hold / "held").read_text()  # /data/killed/out/shards/.tmp/NNNNNN.<uuid>.tar
         workers = _sdk_workers(workdir)
         assert workers, "no SDK worker process found"
         for worker in workers:
@@ -262,10 +259,10 @@ def test_a_worker_killed_while_committing_a_shard_leaves_no_final_object(inputs,
         assert "error" in outcome or outcome.get("code") != 0
 
         name = held.rsplit("/", 1)[1].split(".")[0]
-        objects = store.objects("out")
-        assert f"out/shards/{name}.tar" not in objects and f"out/shards/{name}.json" not in objects
+        objects = store.objects("killed/out")
+        assert f"killed/out/shards/{name}.tar" not in objects and f"killed/out/shards/{name}.json" not in objects
         for key in objects:
-            if key.startswith("out/shards/") and key.count("/") == 2 and key.endswith(".tar"):
+            if key.startswith("killed/out/shards/") and key.count("/") == 3 and key.endswith(".tar"):
                 found = scan_tar(io.BytesIO(store.read(key)), key)
                 assert not found.truncated, key
                 manifest = f"{key[:-4]}.json"

@@ -15,18 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import outputs, report
+from pipelines import outputs, report, report_html
 from pipelines.cli import main
 from schemas import ImageRef, Provenance, RejectReason, Rejection, SampleRecord, Stage
-from tests.browser import console_errors, screenshot, start_browser
+from tests.browser import console_errors, screenshot
 from tests.pipelines.test_curate import corpus, models, run_curate, run_curate_with_models, web  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = start_browser()
-    yield driver
-    driver.quit()
 
 
 def open_report(driver, path: Path) -> None:
@@ -76,10 +69,10 @@ def test_demo_report_opens_in_a_browser(tmp_path, corpus, browser):  # noqa: F81
     screenshot(browser, "report_demo", tmp_path)
     samples = seen["samples"]
     kept = [r["key"] for r in pq.read_table(out / "index.parquet").to_pylist()]
-    assert len(samples["kept"]) == min(len(kept), report.N_KEPT) and all(c["thumbnail"] for c in samples["kept"])
+    assert len(samples["kept"]) == min(len(kept), report_html.N_KEPT) and all(c["thumbnail"] for c in samples["kept"])
     expected = corpus.expected
     for reason, cards in samples["rejects"].items():
-        assert cards and len(cards) <= report.N_PER_REASON
+        assert cards and len(cards) <= report_html.N_PER_REASON
         for card in cards:
             assert f"{expected[card['key']].stage}/{expected[card['key']].reason}" == reason
             # Only images that reached staging (dedup onwards) have a thumbnail.
@@ -108,10 +101,35 @@ def test_report_of_a_run_with_every_model_stage(tmp_path, corpus, models, browse
     clip_chart = browser.find_element("id", "chart-clip_similarity")
     assert "rejected by threshold" in clip_chart.text
     recaptioned = [r for r in pq.read_table(out / "index.parquet").to_pylist() if r["caption_synthetic"]]
-    assert len(seen["samples"]["recaptioned"]) == min(len(recaptioned), report.N_RECAPTIONED)
+    assert len(seen["samples"]["recaptioned"]) == min(len(recaptioned), report_html.N_RECAPTIONED)
     for card in seen["samples"]["recaptioned"]:
         assert f"after: {card['caption_synthetic']}" in seen["text"]
     assert seen["samples"]["rejects"].get("select/low_clip_similarity")
+
+
+def test_the_javascript_bundle_is_made_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    import vl_convert
+
+    made = []
+    real = vl_convert.javascript_bundle
+    monkeypatch.setattr(vl_convert, "javascript_bundle", lambda: made.append(1) or real())
+    from tests.conftest import CACHE_DIR_ENV
+
+    assert report_html.CACHE_DIR_ENV == CACHE_DIR_ENV  # the name the suite's session cache sets
+    monkeypatch.setenv(report_html.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    bundle = report_html._vega_bundle()
+    assert "vegaEmbed" in bundle and "</script" not in bundle and made == [1]
+    cached = tmp_path / "cache" / f"vega-embed-vl-convert-{vl_convert.__version__}.js"
+    assert cached.read_text(encoding="utf-8") == bundle
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temporary file left
+    assert report_html._vega_bundle() == bundle and made == [1]
+    cached.write_text("/* what the cache holds */", encoding="utf-8")
+    assert report_html._vega_bundle() == "/* what the cache holds */"
+
+    # A cache folder that cannot be made: the bundle is made each time, and still right.
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    monkeypatch.setenv(report_html.CACHE_DIR_ENV, str(tmp_path / "blocked" / "cache"))
+    assert report_html._vega_bundle() == bundle and made == [1, 1]
 
 
 def test_bad_report_dir_is_a_clear_error(tmp_path, capsys):
@@ -202,10 +220,10 @@ def test_report_size_is_bounded_on_10000_rows(tmp_path):
         )
     size = (out / "report.html").stat().st_size
     samples = json.loads((out / "report_files" / "samples.json").read_text())
-    print(f"report.html for {N_ROWS} rows: {size} bytes (bound {report.MAX_REPORT_BYTES})")
-    assert size <= report.MAX_REPORT_BYTES
-    assert len(samples["kept"]) == report.N_KEPT and len(samples["recaptioned"]) == report.N_RECAPTIONED
+    print(f"report.html for {N_ROWS} rows: {size} bytes (bound {report_html.MAX_REPORT_BYTES})")
+    assert size <= report_html.MAX_REPORT_BYTES
+    assert len(samples["kept"]) == report_html.N_KEPT and len(samples["recaptioned"]) == report_html.N_RECAPTIONED
     assert len(samples["rejects"]) == len(counts)
-    assert all(len(cards) == report.N_PER_REASON for cards in samples["rejects"].values())
+    assert all(len(cards) == report_html.N_PER_REASON for cards in samples["rejects"].values())
     assert all(card["thumbnail"] for cards in samples["rejects"].values() for card in cards)
-    assert all(len(card["url"]) <= report.TEXT_CHARS for cards in samples["rejects"].values() for card in cards)
+    assert all(len(card["url"]) <= report_html.TEXT_CHARS for cards in samples["rejects"].values() for card in cards)

@@ -261,10 +261,34 @@ def test_validate_names_what_is_wrong(tmp_path, checkpoints, monkeypatch):
     assert "neither a local directory nor reachable on the Hugging Face Hub" in error("some-org/no-such-llava")
 
 
-def test_a_bad_model_path_fails_at_pipeline_construction(tmp_path):
+def test_building_the_graph_reads_no_model_file(tmp_path):
+    # The model folder is checked before the graph is built (pipelines.scoring.check_models),
+    # not while it is: applying the transform to a missing folder builds the graph.
+    p = beam.Pipeline()
+    _ = p | beam.Create([_record(0, None)]) | "Recaption" >> Recaption(_config(str(tmp_path / "missing")))
+    assert any(t.unique_name == "Recaption/Gate" for t in p.to_runner_api().components.transforms.values())
+
+
+def test_a_bad_model_path_is_refused_by_beam_run_curate_before_any_work(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import main
+    from pipelines.scoring import check_models
+    from schemas import CurateConfig
+
+    missing = str(tmp_path / "missing")
     with pytest.raises(ValueError, match="no such directory"):
-        with BeamTestPipeline(runner=FnApiRunner()) as p:
-            _ = p | beam.Create([_record(0, None)]) | Recaption(_config(str(tmp_path / "missing")))
+        check_models(CurateConfig(recaption=_config(missing)))
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/x.jpg"], "caption": ["a red bicycle"]}), tmp_path / "in.parquet")
+    (tmp_path / "c.yaml").write_text(json.dumps({"recaption": {"model": missing}}))
+    argv = ["run", "curate", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+            "--config", str(tmp_path / "c.yaml"), "--allow-private-network"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"recaption.model {missing!r}: no such directory" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- Beam
