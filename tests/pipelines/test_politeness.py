@@ -86,7 +86,9 @@ def test_per_host_budgets_hold_across_two_workers_from_the_servers_logs(tmp_path
     # the hot hosts (crawled under two sub-keys, on two workers) included.
     for i, entries in ((i, logs.get(address[i], [])) for i in range(len(address))):
         assert peak_in_flight(entries) <= MAX_PER_HOST, f"host {address[i]}: {peak_in_flight(entries)} requests at once"
-        assert peak_rate(entries, 1.0) <= MAX_HOST_RATE + 1, f"host {address[i]}: {peak_rate(entries, 1.0)} requests in 1 s"
+        # Each of a host's sub-keys (at most max_per_host of them) keeps its
+        # share of the rate, so a 1 s window holds at most rate + sub-keys requests.
+        assert peak_rate(entries, 1.0) <= MAX_HOST_RATE + MAX_PER_HOST, f"host {address[i]}: {peak_rate(entries, 1.0)} requests in 1 s"
     assert all(len(logs[address[i]]) >= 40 for i in (0, 1, 2))
 
     # Retry-After honoured: after a throttled answer, the host's next request waits for it.
