@@ -43,15 +43,12 @@ are followed one hop at a time and each hop is checked the same way, opt-outs
 of the hop's host included. Environment proxies are ignored: a proxy would
 resolve names itself.
 
-Per host: robots.txt and tdmrep.json are fetched once per worker process
-(concurrent fetches of a new host wait for that one fetch); a host name is
-resolved once per process and the answer kept for at most `dns_cache_ttl_s`;
-connections are kept alive in a pool per Fetcher (HTTP/1.1); at most
-`max_per_host` requests run against one host at a time in a worker process,
-whatever the number of threads or DoFn instances (a `host_budgets` entry's
-`max_per_host` for the hosts it matches). The job-wide rate and
-concurrency budgets are the host scheduler's (`stages/core/host_schedule.py`),
-which reads `retry_after_s`, `host_failure` and `requests` off each result.
+Per worker process: robots.txt and tdmrep.json are fetched once per host, a
+host name is resolved once and kept for at most `dns_cache_ttl_s`, connections
+are kept alive per Fetcher, and at most `max_per_host` requests (a matching
+`host_budgets` entry's) run against one host at a time. The job-wide budgets
+are the host scheduler's (`stages/core/host_schedule.py`): it paces every
+request through `before_request` and reads `retry_after_s` and `host_failure`.
 
 Not bounded by `timeout_s`: name resolution (the system resolver's own
 timeouts apply) and the total duration of a body that keeps trickling in
@@ -74,29 +71,12 @@ from collections.abc import Callable
 from schemas import CrawlConfig, RejectReason
 from stages.core import connections
 from stages.core.address import IPAddress, host_of, non_public_reason, quote_component, resolve, split_url
-from stages.core.connections import (
-    HOST_FAILURE_REASONS,
-    HOST_SLOTS,
-    REDIRECT_STATUSES,
-    THROTTLE_STATUSES,
-    ConnectionPool,
-    PoolKey,
-    classify_error,
-    dns_cache_for,
-    drain,
-    new_connection,
-    parse_retry_after,
-    retry_after_of,
+from stages.core.connections import (  # noqa: I001 - grouped to keep the module short
+    HOST_FAILURE_REASONS, HOST_SLOTS, REDIRECT_STATUSES, THROTTLE_STATUSES, ConnectionPool, PoolKey, classify_error,
+    dns_cache_for, drain, new_connection, parse_retry_after, retry_after_of,
 )
 from stages.core.robots import (
-    OPT_OUT_CACHE,
-    ROBOTS_PATH,
-    TDMREP_PATH,
-    OptOutCache,
-    RobotsRules,
-    SiteFileFetching,
-    Unresolved,
-    header_reservation,
+    OPT_OUT_CACHE, ROBOTS_PATH, TDMREP_PATH, OptOutCache, RobotsRules, SiteFileFetching, Unresolved, header_reservation,
 )
 from stages.core.verdict import Drop
 
