@@ -41,7 +41,6 @@ over the remaining steps). `fit` refuses to start only when no file is readable.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import struct
@@ -55,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.records import SampleRecord, ShardManifest
 from schemas.trainer import LatentCacheManifest
-from stages.core.decode import decode_rgb
+from trainer.buckets import bucket_batches, load_rgb  # noqa: F401 (load_rgb re-exported: the one square crop)
 from stages.core.tario import (
     OpenFiles,
     RangeReader,
@@ -73,6 +72,10 @@ logger = logging.getLogger(__name__)
 # Tensor names inside a cache file.
 LATENTS = "latents"
 HAS_SYNTHETIC = "has_synthetic"
+ORIGINAL_SIZE = "original_size"  # (N, 2) int32 (h, w) of the source image
+CROP_TOP_LEFT = "crop_top_left"  # (N, 2) int32 (top, left) of the crop in the resized image
+TARGET_SIZE = "target_size"  # (N, 2) int32 (h, w) of the bucket
+MICRO_KEYS = (ORIGINAL_SIZE, CROP_TOP_LEFT, TARGET_SIZE)
 
 
 def text_key(kind: str) -> str:
@@ -152,20 +155,6 @@ def lost_text(lost: int | None) -> str:
 
 def read_member(handle, offset: int, size: int) -> bytes:
     return read_range(handle, offset, size)
-
-
-def load_rgb(data: bytes, resolution: int) -> np.ndarray:
-    """Decode (the stages' one decoder), resize the shorter side to `resolution`
-    (bicubic) and center-crop: (R, R, 3) uint8."""
-    image = decode_rgb(data)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
 
 
 def captions_of(sample: TarSample, read: Callable[[str], bytes], where: str) -> tuple[str, str | None]:
@@ -282,13 +271,33 @@ class StreamDataset(IterableDataset):
     def load_batch(self, rows: list[tuple[int, int, int]], rng: np.random.Generator) -> dict:  # pragma: no cover
         raise NotImplementedError
 
+    def bucket_plan(self) -> tuple[list[int], list[int]] | None:
+        """(bucket index of each file, batch size of each bucket) when files hold aspect
+        buckets; None: one bucket, `batch_size`."""
+        return None
+
+    def batches(self, slot: StreamSlot, done: int) -> Iterator[list[tuple[int, int, int]]]:
+        """The rows of `slot`'s batches after its first `done` (`trainer.buckets.bucket_batches`)."""
+        plan = self.bucket_plan()
+        if plan is None or len(plan[1]) == 1:
+            # One bucket: consecutive samples, and the skip is pure arithmetic (nothing permuted).
+            size = self.batch_size if plan is None else plan[1][0]
+            stream = sample_order(self.size_of, self.num_files, self.seed, slot, self.span, skip=done * size)
+            while True:
+                yield [next(stream) for _ in range(size)]
+        # Several buckets: which batch completes when depends on the order, so the skipped
+        # batches are replayed from the index stream (file sizes and buckets come from the
+        # manifest: nothing is read; about a second per million samples skipped per worker).
+        stream = sample_order(self.size_of, self.num_files, self.seed, slot, self.span)
+        for index, (_, rows) in enumerate(bucket_batches(stream, *plan)):
+            if index >= done:
+                yield rows
+
     def __iter__(self):
         slot = self._slot()
         done = batches_before(self.start_batches, slot.worker, slot.num_workers)
-        stream = sample_order(self.size_of, self.num_files, self.seed, slot, self.span, skip=done * self.batch_size)
         batch_index = done
-        while True:
-            rows = [next(stream) for _ in range(self.batch_size)]
+        for rows in self.batches(slot, done):
             rng = np.random.default_rng([self.seed, slot.index, batch_index, 3])
             yield self.load_batch(rows, rng)
             batch_index += 1
@@ -323,11 +332,14 @@ class SafetensorsRows:
 
 class CachedLatents(StreamDataset):
     """Batches from a latent cache: {"latents" (B, C, h, w), "text" (B, L, D), "pooled" (B, P)}
-    in the cache's storage dtype; each sample's caption is the synthetic one with
-    probability `synthetic_prob` (when the cache has both). The cache may be on any
-    fsspec URL; unreadable files are replaced as the module doc says."""
+    in the cache's storage dtype, and "micro" (B, 6) int32 (original h, w, crop top, left,
+    target h, w in pixels) when the cache stores them; each sample's caption is the synthetic
+    one with probability `synthetic_prob` (when the cache has both). A bucketed cache gives
+    batches of one bucket each, of `batch_sizes[bucket]` samples (default `batch_size`). The
+    cache may be on any fsspec URL; unreadable files are replaced (by files of the same
+    bucket) as the module doc says."""
 
-    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None):
+    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None, batch_sizes: dict[tuple[int, int], int] | None = None):
         super().__init__(len(manifest.files), batch_size, seed, rank, world_size, num_workers, span, start_batches, "cache files")
         self.paths = [join_url(str(cache_dir), f.file) for f in manifest.files]
         self.sizes = [f.num_samples for f in manifest.files]
@@ -339,6 +351,12 @@ class CachedLatents(StreamDataset):
             raise ValueError("no file of the latent cache is readable")
         self._files: OpenFiles | None = None
         self._headers: dict[int, SafetensorsRows] = {}
+        buckets = [tuple(b) for b in manifest.spec.buckets or []]
+        self.bucket_of_file = [buckets.index(tuple(f.bucket)) if buckets else 0 for f in manifest.files]
+        self.bucket_sizes = [(batch_sizes or {}).get(b, batch_size) for b in buckets] if buckets else [batch_size]
+
+    def bucket_plan(self) -> tuple[list[int], list[int]] | None:
+        return (self.bucket_of_file, self.bucket_sizes) if len(self.bucket_sizes) > 1 else None
 
     def size_of(self, file: int) -> int:
         return self.sizes[file]
@@ -351,23 +369,26 @@ class CachedLatents(StreamDataset):
             if file not in self._headers:
                 self._headers[file] = SafetensorsRows(path, handle)
             rows = self._headers[file]
-            return rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)
+            values = [rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)]
+            if ORIGINAL_SIZE in rows.tensors:
+                values.append(torch.cat([rows.row(handle, key, row) for key in MICRO_KEYS]))  # (6,)
+            return values
 
         return with_retries(read, f"reading row {row} of {path}", on_retry=lambda: self._files.discard(path))
 
     def _substitute(self, file: int) -> int:
-        """The next readable file after `file` in manifest order (cyclic)."""
+        """The next readable file of the same bucket after `file` in manifest order (cyclic)."""
         for step in range(1, len(self.paths) + 1):
             candidate = (file + step) % len(self.paths)
-            if candidate not in self.unreadable:
+            if candidate not in self.unreadable and self.bucket_of_file[candidate] == self.bucket_of_file[file]:
                 return candidate
-        raise ValueError("no file of the latent cache is readable any more")
+        raise ValueError(f"no file of the latent cache is readable any more (in the bucket of {self.paths[file]})")
 
     def load_batch(self, rows, rng) -> dict:
         if self._files is None:
             self._files = OpenFiles(open_url)
         use_synthetic = rng.random(len(rows)) < self.synthetic_prob
-        latents, text, pooled = [], [], []
+        latents, text, pooled, micro = [], [], [], []
         for (_, file, row), synthetic in zip(rows, use_synthetic):
             kind = "synthetic" if synthetic else "original"
             while True:
@@ -388,7 +409,11 @@ class CachedLatents(StreamDataset):
             latents.append(values[0])
             text.append(values[1])
             pooled.append(values[2])
-        return {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
+            micro.extend(values[3:])
+        batch = {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
+        if len(micro) == len(rows):
+            batch["micro"] = torch.stack(micro)
+        return batch
 
 
 def check_cache_files(cache_dir: str, manifest: LatentCacheManifest) -> set[int]:
@@ -524,135 +549,3 @@ def make_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int
     """The DataLoader around a batch-yielding dataset (its batch_size is None)."""
     kwargs = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
-
-
-# ---- sequential reading for `trainer cache` ------------------------------------------------
-
-
-def file_sha256(path: str) -> tuple[str, int]:
-    """(SHA-256, size in bytes) of a file at any fsspec URL, streamed."""
-    digest = hashlib.sha256()
-    size = 0
-    with open_for_index(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-class _HashingRanges:
-    """Reads increasing byte ranges of one open file, hashing every byte of the file
-    along the way (the gaps between ranges too), so a shard is read once for its
-    samples and its checksum."""
-
-    def __init__(self, handle, name: str):
-        self.handle = handle
-        self.name = name
-        self.digest = hashlib.sha256()
-        self.position = 0
-        handle.seek(0)
-
-    def _advance(self, size: int) -> bytes:
-        data = self.handle.read(size)
-        self.digest.update(data)
-        self.position += len(data)
-        return data
-
-    def read(self, offset: int, size: int) -> bytes:
-        if offset < self.position:
-            raise ValueError(f"{self.name}: ranges must increase ({offset} < {self.position})")
-        while self.position < offset:
-            if not self._advance(min(offset - self.position, 1 << 20)):
-                raise OSError(f"{self.name}: file ended at byte {self.position}")
-        data = self._advance(size)
-        if len(data) != size:
-            raise OSError(f"{self.name}: expected {size} bytes at offset {offset}, got {len(data)}")
-        return data
-
-    def finish(self) -> tuple[str, int]:
-        while self._advance(1 << 20):
-            pass
-        return self.digest.hexdigest(), self.position
-
-
-class ShardReader(IterableDataset):
-    """Reads whole shards in order for caching; shards are split across workers.
-
-    Yields per-shard batches: {"shard": index into `paths`, "keys", "pixels" uint8 (b, 3, R, R),
-    "original", "synthetic" (lists of str / None), "last": bool, and with the last batch
-    "sha256", "size_bytes", "num_samples", "skipped", "lost", "problem"}. A shard with no
-    decodable sample yields just its last (empty) batch.
-
-    Each shard (any fsspec URL) is read twice, sequentially: its headers (the tar index),
-    then its members in file order, which also hashes it. A shard that is truncated keeps
-    the samples before the cut; one that cannot be read at all, or vanishes while being
-    read, keeps what was read before; either way the shard is named in the log with the
-    samples lost (from its manifest when it has one), and `problem` says what happened.
-    """
-
-    def __init__(self, paths: list[str], resolution: int, batch_size: int):
-        self.paths = paths
-        self.resolution = resolution
-        self.batch_size = batch_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for shard in range(worker, len(self.paths), workers):
-            yield from self._read(shard)
-
-    def _read(self, shard: int):
-        path = self.paths[shard]
-        skipped, done = 0, 0
-        problem = None
-        samples: list[TarSample] = []
-        sha256, size = "", 0
-        batch: dict = self._empty(shard)
-        try:
-            with open_for_index(path) as handle:
-                found = with_retries(lambda: scan_tar(handle, path), f"indexing {path}")
-                samples = _with_images(found.samples, path)
-                if found.truncated:
-                    problem = f"truncated ({found.detail})"
-                ranges = _HashingRanges(handle, path)
-                for sample in samples:
-                    members = {ext: ranges.read(*span) for ext, span in sorted(sample.members.items(), key=lambda kv: kv[1][0])}
-                    done += 1
-
-                    def read(extension: str, members=members) -> bytes:
-                        return members[extension]
-
-                    try:
-                        pixels = load_rgb(read(sample.image_extension), self.resolution)
-                    except (OSError, ValueError, Image.DecompressionBombError) as error:
-                        logger.warning("%s: sample %s cannot be decoded (%s); skipped", path, sample.key, error)
-                        skipped += 1
-                        continue
-                    original, synthetic = captions_of(sample, read, path)
-                    batch["keys"].append(sample.key)
-                    batch["pixels"].append(torch.from_numpy(pixels).permute(2, 0, 1))
-                    batch["original"].append(original)
-                    batch["synthetic"].append(synthetic)
-                    if len(batch["keys"]) == self.batch_size:
-                        yield self._finish(batch)
-                        batch = self._empty(shard)
-                sha256, size = ranges.finish()
-        except (OSError, ValueError) as error:
-            problem = f"vanished while being read ({error})" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
-        usable = done - skipped
-        lost = 0
-        if problem is not None:
-            total = manifest_samples(path)
-            lost = max(0, total - done) if total is not None else max(1, len(samples) - done)
-            logger.error("%s is %s: %d sample(s) read, %s", path, problem, done, lost_text(lost if total is not None else None))
-        batch["last"] = True
-        batch.update(sha256=sha256, size_bytes=size, num_samples=usable, skipped=skipped, lost=lost, problem=problem)
-        yield self._finish(batch)
-
-    def _empty(self, shard: int) -> dict:
-        return {"shard": shard, "keys": [], "pixels": [], "original": [], "synthetic": [], "last": False}
-
-    def _finish(self, batch: dict) -> dict:
-        pixels = batch["pixels"]
-        batch["pixels"] = torch.stack(pixels) if pixels else torch.zeros((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
-        return batch
