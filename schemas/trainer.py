@@ -96,6 +96,10 @@ class DataConfig(_Config):
         "False: square centre crops.",
     )
     max_aspect: float = Field(3.0, ge=1.0, description="Widest bucket's long side / short side (the curation keeps up to 3).")
+    bucket_step: int | None = Field(
+        None, ge=1, description="Bucket sides are multiples of this (pixels); None: the VAE factor x the patch size (the "
+        "finest whole token grid). Must be a multiple of that; SDXL used 64.",
+    )
     batch_size: int = Field(32, ge=1, description="Micro-batch per device (images).")
     num_workers: int = Field(4, ge=0, description="Data-loader worker processes per device.")
     prefetch_factor: int = Field(4, ge=1, description="Batches each worker keeps ready.")

@@ -50,8 +50,10 @@ def bucket_set(resolution: int, step: int, max_aspect: float) -> list[Bucket]:
     ordered from tallest to widest; always includes the square (resolution, resolution) when
     `resolution` is a multiple of `step`.
 
-    For each landscape height h (a multiple of `step`, at most the square side) the width is
-    the multiple of `step` nearest to resolution^2 / h; portrait buckets are their mirrors.
+    Landscape candidates: for each height h (a multiple of `step`, at most the square side)
+    the width nearest to resolution^2 / h, and for each width w (at least the square side) the
+    height nearest to resolution^2 / w, both rounded to multiples of `step`; portrait buckets
+    are their mirrors.
     """
     if resolution % step:
         raise ValueError(f"resolution {resolution} is not a multiple of {step} (VAE factor x patch size)")
@@ -59,8 +61,9 @@ def bucket_set(resolution: int, step: int, max_aspect: float) -> list[Bucket]:
         raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
     area = resolution * resolution
     landscape = set()
-    for height in range(step, resolution + 1, step):
-        width = max(step, round(area / height / step) * step)
+    candidates = [(max(step, round(area / h / step) * step), h) for h in range(step, resolution + 1, step)]
+    candidates += [(w, max(step, round(area / w / step) * step)) for w in range(resolution, int(resolution * max_aspect) + step, step)]
+    for width, height in candidates:
         if width >= height and width / height <= max_aspect + 1e-9:
             landscape.add((width, height))
     both = landscape | {(h, w) for w, h in landscape}

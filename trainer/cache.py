@@ -65,6 +65,10 @@ def cache_spec(config: TrainConfig, components: Components, resolution: int | No
     data.resolution: a stage's resolution for staged training)."""
     resolution = resolution or config.data.resolution
     step = components.vae_scale_factor * config.model.patch_size
+    if config.data.bucket_step:
+        if config.data.bucket_step % step:
+            raise ValueError(f"data.bucket_step {config.data.bucket_step} is not a multiple of the VAE factor x patch size ({step})")
+        step = config.data.bucket_step
     buckets = bucket_set(resolution, step, config.data.max_aspect) if config.data.buckets else None
     return CacheSpec(
         vae=components.vae_identity,
