@@ -166,7 +166,6 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
         super().__init__()
-        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn1 = Attention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=True, eps=1e-6)
@@ -249,6 +248,7 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             else None
         )
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
@@ -327,7 +327,7 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cond_act = F.silu(cond)  # (B, D), shared by every block's adaLN
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))  # (B, L, D)
         for block in self.blocks:
-            if torch.is_grad_enabled() and block.gradient_checkpointing:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, cond_act)  # (B, N, D), recomputed in backward
             else:
                 x = block(x, context, cond_act)  # (B, N, D)
