@@ -169,7 +169,15 @@ def cmd_bench(args) -> int:
     from trainer.bench import run_bench
 
     config = _config_from_args(args)
-    result = run_bench(
+    buckets = [None]
+    if args.all_buckets or args.bucket:
+        from trainer.buckets import bucket_set, parse_bucket
+
+        if args.all_buckets:
+            buckets = bucket_set(config.data.resolution, config.data.bucket_step or args.vae_factor * config.model.patch_size, config.data.max_aspect)
+        else:
+            buckets = [parse_bucket(b) for b in args.bucket]
+    results = [run_bench(
         config,
         steps=args.steps,
         warmup=args.warmup,
@@ -181,8 +189,23 @@ def cmd_bench(args) -> int:
         text_len=args.text_len,
         peak=args.peak_tflops,
         profile_attention=not args.no_profile,
-    )
-    print(result.report())
+        bucket=bucket,
+        batch_size=args.batch_size,
+    ) for bucket in buckets]
+    for result in results:
+        print(result.report())
+        print()
+    if len(results) > 1:
+        from trainer.bench import BUCKET_TABLE_HEADER
+
+        print(f"per bucket ({results[0].device}, preset {config.model.preset}):")
+        print(BUCKET_TABLE_HEADER)
+        for result in results:
+            print(result.row())
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     return 0
 
 
@@ -270,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooled-dim", type=int, default=768)
     p.add_argument("--text-len", type=int, help="default: components.max_text_length")
     p.add_argument("--no-profile", action="store_true", help="skip listing the attention kernels")
+    p.add_argument("--bucket", action="append", metavar="WxH", help="bench batches of this bucket (pixels); repeat for several")
+    p.add_argument("--all-buckets", action="store_true", help="bench every bucket of data.resolution (data.max_aspect)")
+    p.add_argument("--batch-size", type=int, help="images per batch; default: data.batch_size, token-scaled per bucket")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export a checkpoint's EMA weights as a diffusers pipeline")
