@@ -169,6 +169,9 @@ def run_bench(
     if text_len is None:
         text_len = config.components.max_text_length
     width, height = bucket or (d.resolution, d.resolution)
+    token = vae_factor * config.model.patch_size
+    if width % token or height % token:
+        raise ValueError(f"bucket {width}x{height}: sides must be multiples of {token} (VAE factor {vae_factor} x patch {config.model.patch_size})")
     if batch_size is None:
         batch_size = d.batch_size
         if bucket and d.bucket_batch_sizes:
