@@ -193,7 +193,7 @@ def run_bench(
         dataset = SyntheticLatents(batch_size, (latent_channels, latent_h, latent_w), (text_len, text_dim), pooled_dim)
     loader = make_loader(dataset, d.num_workers, d.prefetch_factor, pin_memory=device.type == "cuda")
 
-    model = build_denoiser(config, latent_channels, latent_size, text_dim, pooled_dim).to(device)
+    model = build_denoiser(config, latent_channels, latent_size, text_dim, pooled_dim, vae_factor).to(device)
     ema = EMA(model, config.optim.ema_decay, config.optim.ema_warmup)
     optimizer = build_optimizer(model, config, device)
     if config.model.compile:

@@ -224,7 +224,8 @@ def cmd_export(args) -> int:
     if checkpoint is None:
         raise SystemExit(f"trainer export: {run} has no checkpoint")
     components = load_components(config.components, "cpu", torch.float32)
-    model = build_denoiser(config, components.latent_channels, config.data.resolution // components.vae_scale_factor, components.text_dim, components.pooled_dim)
+    first = config.resolved_stages()[0].resolution  # the size the model was built for
+    model = build_denoiser(config, components.latent_channels, first // components.vae_scale_factor, components.text_dim, components.pooled_dim, components.vae_scale_factor)
     load_model(model, str(checkpoint / "ema.safetensors"), strict=True)
     out = export_pipeline(make_pipeline(model.eval(), components), Path(args.output) if args.output else run / EXPORT)
     print(f"exported the EMA weights of {checkpoint} to {out}")

@@ -204,6 +204,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             an MLP and added to the timestep conditioning. The MLP's last layer starts at zero,
             so turning it on does not change an untrained model's output. False: no such input
             (the square, centre-cropped training of earlier runs).
+        pixels_per_latent: the VAE factor, for the default conditions when a caller passes none
+            (an uncropped image of the latent's size: what `trainer lora` trains on).
 
     Positions: fixed 2D sin-cos, interpolated to other token grids (`position_scale`).
     Gradient checkpointing: `enable_gradient_checkpointing()` (diffusers) recomputes each
@@ -228,6 +230,7 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         timestep_scale: float = 1000.0,
         frequency_dim: int = 256,
         micro_conditioning: bool = False,
+        pixels_per_latent: int = 8,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -306,8 +309,9 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     ) -> torch.Tensor:
         """hidden_states (B, C, H, W) noisy latents; timestep (B,) in [0, 1] (1 = pure noise);
         encoder_hidden_states (B, L, text_dim); pooled_projections (B, pooled_dim);
-        micro_conditions (B, 6) pixels: original (h, w), crop (top, left), target (h, w), required
-        when the model was built with `micro_conditioning` and refused otherwise.
+        micro_conditions (B, 6) pixels: original (h, w), crop (top, left), target (h, w), for a
+        model built with `micro_conditioning` (default: an uncropped image of the latent's size
+        in pixels) and refused by one built without.
         Returns the predicted velocity (B, C, H, W)."""
         batch, channels, height, width = hidden_states.shape
         p = self.config.patch_size
@@ -318,7 +322,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cond = self.t_embedder(t_freq.to(x.dtype)) + self.pooled_embedder(pooled_projections.to(x.dtype))  # (B, D)
         if self.size_embedder is not None:
             if micro_conditions is None:
-                raise ValueError("this model is size- and crop-conditioned: pass micro_conditions (B, 6)")
+                h, w = height * self.config.pixels_per_latent, width * self.config.pixels_per_latent
+                micro_conditions = hidden_states.new_tensor([h, w, 0, 0, h, w], dtype=torch.float32).expand(batch, MICRO_CONDITIONS)
             sizes = micro_conditions.reshape(-1).float()  # (B * 6,)
             size_freq = timestep_embedding(sizes, self.config.frequency_dim, scale=1.0).view(batch, -1)  # (B, 6 * 256)
             cond = cond + self.size_embedder(size_freq.to(x.dtype))  # (B, D)
@@ -378,6 +383,7 @@ def build_transformer(
     mlp_ratio: float = 4.0,
     qk_norm: bool = True,
     micro_conditioning: bool = False,
+    pixels_per_latent: int = 8,
 ) -> DiffusionTransformer:
     """A `DiffusionTransformer` from a named preset, with optional size overrides."""
     if preset not in PRESETS:
@@ -395,5 +401,6 @@ def build_transformer(
         pooled_dim=pooled_dim,
         qk_norm=qk_norm,
         micro_conditioning=micro_conditioning,
+        pixels_per_latent=pixels_per_latent,
         **size,
     )

@@ -125,7 +125,7 @@ class EMA:
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
 
 
-def build_denoiser(config: TrainConfig, latent_channels: int, latent_size: int, text_dim: int, pooled_dim: int) -> DiffusionTransformer:
+def build_denoiser(config: TrainConfig, latent_channels: int, latent_size: int, text_dim: int, pooled_dim: int, pixels_per_latent: int = 8) -> DiffusionTransformer:
     m = config.model
     model = build_transformer(
         m.preset,
@@ -140,6 +140,7 @@ def build_denoiser(config: TrainConfig, latent_channels: int, latent_size: int, 
         mlp_ratio=m.mlp_ratio,
         qk_norm=m.qk_norm,
         micro_conditioning=config.uses_micro_conditioning(),
+        pixels_per_latent=pixels_per_latent,
     )
     model.use_attention(m.attention)
     if m.gradient_checkpointing:
@@ -310,7 +311,7 @@ def fit(config: TrainConfig, run_dir: str | Path, resume: bool = False) -> Path:
 
     # The model is built for the first stage's latent size; later stages interpolate positions.
     first_latent = stages[0].resolution // components.vae_scale_factor
-    model = build_denoiser(config, components.latent_channels, first_latent, components.text_dim, components.pooled_dim).to(device)
+    model = build_denoiser(config, components.latent_channels, first_latent, components.text_dim, components.pooled_dim, components.vae_scale_factor).to(device)
     ema = EMA(model, config.optim.ema_decay, config.optim.ema_warmup)
     optimizer = build_optimizer(model, config, device)
     if len(stages) == 1 and stages[0].lr == config.optim.lr:

@@ -132,8 +132,9 @@ def test_size_and_crop_conditioning():
     changed[:, 2:4] += 8  # another crop offset
     assert not torch.allclose(base, conditioned(x, t, text, pooled, changed))
     assert not torch.allclose(base, conditioned(x, t, text, pooled, micro(seed=2)))
-    with pytest.raises(ValueError, match="pass micro_conditions"):
-        conditioned(x, t, text, pooled)
+    # Without conditions: an uncropped image of the latent's size (8 pixels per latent by default).
+    uncropped = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, 6)
+    torch.testing.assert_close(conditioned(x, t, text, pooled), conditioned(x, t, text, pooled, uncropped))
     with pytest.raises(ValueError, match="built without micro_conditioning"):
         plain(x, t, text, pooled, micro())
     # The FLOP count includes the size MLP.
