@@ -184,7 +184,7 @@ def run_bench(
         manifest = read_manifest(cache)
         spec = manifest.spec
         latent_channels, text_dim, pooled_dim, text_len = spec.latent_channels, spec.text_dim, spec.pooled_dim, spec.max_text_length
-        dataset = CachedLatents(cache, manifest, synthetic_prob=d.synthetic_caption_prob, batch_size=batch_size, seed=config.seed, num_workers=d.num_workers, span=d.shuffle_span, world_size=accelerator.num_processes, rank=accelerator.process_index)
+        dataset = CachedLatents(cache, manifest, micro=config.uses_micro_conditioning(), synthetic_prob=d.synthetic_caption_prob, batch_size=batch_size, seed=config.seed, num_workers=d.num_workers, span=d.shuffle_span, world_size=accelerator.num_processes, rank=accelerator.process_index)
         first = next(iter(make_loader(dataset, 0, 1, False)))
         latent_h, latent_w = first["latents"].shape[-2:]
         latent_size = latent_w

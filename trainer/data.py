@@ -332,19 +332,21 @@ class SafetensorsRows:
 
 class CachedLatents(StreamDataset):
     """Batches from a latent cache: {"latents" (B, C, h, w), "text" (B, L, D), "pooled" (B, P)}
-    in the cache's storage dtype, and "micro" (B, 6) int32 (original h, w, crop top, left,
-    target h, w in pixels) when the cache stores them; each sample's caption is the synthetic
+    in the cache's storage dtype, and with `micro` "micro" (B, 6) int32 (original h, w, crop
+    top, left, target h, w in pixels: three more ranged reads per sample, so only when the
+    model is size-conditioned); each sample's caption is the synthetic
     one with probability `synthetic_prob` (when the cache has both). A bucketed cache gives
     batches of one bucket each, of `batch_sizes[bucket]` samples (default `batch_size`). The
     cache may be on any fsspec URL; unreadable files are replaced (by files of the same
     bucket) as the module doc says."""
 
-    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None, batch_sizes: dict[tuple[int, int], int] | None = None):
+    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None, batch_sizes: dict[tuple[int, int], int] | None = None, micro: bool = False):
         super().__init__(len(manifest.files), batch_size, seed, rank, world_size, num_workers, span, start_batches, "cache files")
         self.paths = [join_url(str(cache_dir), f.file) for f in manifest.files]
         self.sizes = [f.num_samples for f in manifest.files]
         kinds = {"original": ["original"], "synthetic": ["synthetic"], "both": ["original", "synthetic"]}[manifest.spec.captions]
         self.kinds = kinds
+        self.micro = micro
         self.synthetic_prob = synthetic_prob if len(kinds) == 2 else (1.0 if kinds == ["synthetic"] else 0.0)
         self.unreadable: set[int] = set(unreadable or ())
         if len(self.unreadable) == len(self.paths):
@@ -370,7 +372,9 @@ class CachedLatents(StreamDataset):
                 self._headers[file] = SafetensorsRows(path, handle)
             rows = self._headers[file]
             values = [rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)]
-            if ORIGINAL_SIZE in rows.tensors:
+            if self.micro:
+                if ORIGINAL_SIZE not in rows.tensors:
+                    raise KeyError(f"{path} has no size/crop conditions (an older cache): rebuild it with `trainer cache`")
                 values.append(torch.cat([rows.row(handle, key, row) for key in MICRO_KEYS]))  # (6,)
             return values
 
@@ -411,7 +415,7 @@ class CachedLatents(StreamDataset):
             pooled.append(values[2])
             micro.extend(values[3:])
         batch = {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
-        if len(micro) == len(rows):
+        if self.micro:
             batch["micro"] = torch.stack(micro)
         return batch
 

@@ -219,7 +219,7 @@ def open_source(config: TrainConfig, components: Components, rank: int, world_si
         if manifest.spec.buckets and d.bucket_batch_sizes:
             step = components.vae_scale_factor * config.model.patch_size
             sizes = bucket_batch_sizes([tuple(b) for b in manifest.spec.buckets], stage.batch_size, stage.resolution, step)
-        dataset = CachedLatents(stage.cache, manifest, synthetic_prob=d.synthetic_caption_prob, unreadable=unreadable, batch_sizes=sizes, **common)
+        dataset = CachedLatents(stage.cache, manifest, synthetic_prob=d.synthetic_caption_prob, unreadable=unreadable, batch_sizes=sizes, micro=micro, **common)
         return DataSource(
             dataset=dataset,
             num_files=len(manifest.files),

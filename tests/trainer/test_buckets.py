@@ -175,7 +175,7 @@ def test_bucketed_loader_batches_are_one_bucket_and_resume_exactly(bucket_cache_
     sizes = {b: 2 + i % 2 for i, b in enumerate(buckets)}  # differing sizes per bucket
 
     def batches(start, count, workers):
-        dataset = CachedLatents(bucket_cache_dir, manifest, synthetic_prob=0.5, batch_size=3, seed=4, num_workers=workers, span=2, start_batches=start, batch_sizes=sizes)
+        dataset = CachedLatents(bucket_cache_dir, manifest, synthetic_prob=0.5, batch_size=3, seed=4, num_workers=workers, span=2, start_batches=start, batch_sizes=sizes, micro=True)
         return list(itertools.islice(iter(make_loader(dataset, workers, 2, pin_memory=False)), count))
 
     full = batches(0, 14, 2)
