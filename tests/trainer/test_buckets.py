@@ -28,7 +28,9 @@ from trainer.buckets import (
 )
 from trainer.cache import CacheMismatch, cache_spec, check_cache, read_manifest
 from trainer.components import load_components
-from trainer.data import CachedLatents, index_tar, load_rgb, make_loader, read_member
+from trainer.buckets import load_rgb
+from trainer.data import CachedLatents, index_tar, make_loader, read_member
+from trainer.stream import StreamSlot, epoch_files
 
 
 @pytest.mark.parametrize("resolution,step,max_aspect", [(32, 8, 3.0), (256, 16, 3.0), (512, 16, 2.0), (1024, 64, 4.0)])
@@ -202,8 +204,6 @@ def test_ranks_and_workers_split_the_bucketed_files(bucket_cache_dir):
     for rank in range(2):
         dataset = CachedLatents(bucket_cache_dir, manifest, synthetic_prob=0.0, batch_size=1, seed=0, rank=rank, world_size=2, num_workers=2, span=2)
         for worker in range(2):
-            from trainer.data import StreamSlot, epoch_files
-
             readers.append(epoch_files(len(manifest.files), 0, 0, StreamSlot(rank, 2, worker, 2)))
         assert dataset.bucket_plan() is not None
     flat = sorted(f for files in readers for f in files)
