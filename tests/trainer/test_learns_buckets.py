@@ -96,7 +96,7 @@ def layout_score(images: np.ndarray, combos: list[tuple[str, str]], wide: bool) 
     return float(np.mean(hits))
 
 
-@pytest.mark.slow  # ~15-30 min on 2 busy cores; test_model / test_stages cover the conditioning code fast
+@pytest.mark.slow  # 6-15 min on 2 shared cores; test_model / test_stages cover the conditioning code fast
 @pytest.mark.timeout(3600)
 def test_buckets_and_size_conditioning_reproduce_edge_layouts_better_than_square_crops(tmp_path, components_dir):
     paths = write_bar_shards(tmp_path / "shards", shards=4, per_shard=32)
