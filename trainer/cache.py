@@ -9,8 +9,8 @@ samples (tensors `latents`, `text.original`, `pooled.original`, `text.synthetic`
 caption carries its original caption's embedding in the synthetic slot). With
 `data.buckets` every image goes to its aspect bucket (`trainer/buckets.py`) and each file
 holds one bucket (`STEM-WxH-NNN.safetensors`; the manifest records the bucket set in the
-spec, each file's bucket and the samples per bucket, and the log prints the histogram). A finished shard writes
-`parts/STEM.json`, so an interrupted cache resumes shard by shard; `manifest.json` lists
+spec, each file's bucket and the samples per bucket, and the log prints the histogram).
+A finished shard writes `parts/STEM.json`, so an interrupted cache resumes shard by shard; `manifest.json` lists
 every file and records the `CacheSpec` (VAE and text encoder fingerprints, resolution,
 dtype, captions). `fit` recomputes that spec from its own config and components and
 refuses a cache that differs, naming each field.
