@@ -22,7 +22,8 @@ A shard that is truncated, unreadable or vanishes while being read is reported b
 with the samples lost (`SourceShard.lost`, `problem`) and the cache goes on without them.
 
 Multi-GPU: under `accelerate launch`, shard i is encoded by rank i % world_size.
-Memory: one file's worth of samples per shard in flight (at most num_workers shards).
+Memory: up to one file's worth of samples per shard and bucket in flight (at most num_workers
+shards).
 """
 
 from __future__ import annotations
