@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TRAINER_SCHEMA_VERSION = "1.0"
 
@@ -64,6 +64,14 @@ class ModelConfig(_Config):
         "torch scaled_dot_product_attention (which picks flash/cuDNN/efficient kernels itself).",
     )
     compile: bool = Field(False, description="torch.compile the denoiser (CUDA runs; slow to warm up).")
+    micro_conditioning: bool | None = Field(
+        None,
+        description="SDXL's size and crop conditioning (original size, crop top-left, target size added to the "
+        "timestep conditioning). None: on when data.buckets is on, off otherwise.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward pass: less memory, ~30% more compute."
+    )
 
 
 class DataConfig(_Config):
@@ -75,12 +83,33 @@ class DataConfig(_Config):
         "With `cache` also set, only used to check that the cache is not stale.",
     )
     cache: str | None = Field(None, description="Latent cache directory written by `trainer cache`.")
-    resolution: int = Field(256, ge=8, description="Square training size in pixels (resize shorter side, center crop).")
+    resolution: int = Field(
+        256,
+        ge=8,
+        description="Training size in pixels: the square side (resize shorter side, center crop), or with `buckets` "
+        "the side of the square whose pixel count every bucket has about.",
+    )
+    buckets: bool = Field(
+        False,
+        description="Aspect-ratio buckets (SDXL): each image goes to the bucket of about resolution^2 pixels whose "
+        "aspect ratio is closest to its own, resized to cover it and cropped the minimum; batches hold one bucket. "
+        "False: square centre crops.",
+    )
+    max_aspect: float = Field(3.0, ge=1.0, description="Widest bucket's long side / short side (the curation keeps up to 3).")
+    bucket_step: int | None = Field(
+        None, ge=1, description="Bucket sides are multiples of this (pixels); None: the VAE factor x the patch size (the "
+        "finest whole token grid). Must be a multiple of that; SDXL used 64.",
+    )
     batch_size: int = Field(32, ge=1, description="Micro-batch per device (images).")
     num_workers: int = Field(4, ge=0, description="Data-loader worker processes per device.")
     prefetch_factor: int = Field(4, ge=1, description="Batches each worker keeps ready.")
     shuffle_span: int = Field(
         4, ge=1, description="Shards whose samples a worker shuffles together (shard order is shuffled every epoch)."
+    )
+    bucket_batch_sizes: bool = Field(
+        True,
+        description="With buckets: batch size per bucket = batch_size x square tokens / bucket tokens (rounded down, "
+        "at least 1), so every batch holds about as many tokens as a square one. False: batch_size everywhere.",
     )
     synthetic_caption_prob: float = Field(
         0.95,
@@ -89,6 +118,18 @@ class DataConfig(_Config):
         description="Chance of training on the synthetic caption when a sample has one (DALL-E 3 used 0.95); "
         "0 trains on original captions only, 1 on synthetic ones wherever present.",
     )
+
+
+class StageConfig(_Config):
+    """One resolution stage: train `steps` optimizer steps at `resolution` from that
+    resolution's latent cache, starting from the weights, optimizer and EMA the previous
+    stage ended with (SDXL, PixArt: 256 px, then 512 px, then 1024 px)."""
+
+    resolution: int = Field(ge=8, description="Pixels (the square side, or the buckets' pixel count with data.buckets).")
+    steps: int = Field(ge=1, description="Optimizer steps in this stage.")
+    batch_size: int | None = Field(None, ge=1, description="Micro-batch per device; None: data.batch_size.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; None: optim.lr. Each stage warms up and decays anew.")
+    cache: str | None = Field(None, description="Latent cache at this resolution; None: data.cache (one stage only).")
 
 
 class CacheConfig(_Config):
@@ -170,6 +211,37 @@ class TrainConfig(_Config):
     validation: ValidationConfig = ValidationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Resolution stages, run in order; max_steps is their total. Empty: one stage from data.resolution, "
+        "data.batch_size, optim.lr, data.cache and max_steps.",
+    )
+
+    @model_validator(mode="after")
+    def _stages_add_up(self) -> TrainConfig:
+        if self.stages:
+            total = sum(stage.steps for stage in self.stages)
+            if "max_steps" not in self.model_fields_set:
+                self.max_steps = total
+            elif self.max_steps != total:
+                raise ValueError(f"max_steps is {self.max_steps} but the stages' steps add up to {total}; make them agree (or leave max_steps out)")
+        return self
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages with every field filled in (one stage when `stages` is empty)."""
+        stages = self.stages or [StageConfig(resolution=self.data.resolution, steps=self.max_steps)]
+        single = len(stages) == 1
+        return [
+            s.model_copy(update={
+                "batch_size": s.batch_size or self.data.batch_size,
+                "lr": s.lr or self.optim.lr,
+                "cache": s.cache or (self.data.cache if single else None),
+            })
+            for s in stages
+        ]
+
+    def uses_micro_conditioning(self) -> bool:
+        return self.data.buckets if self.model.micro_conditioning is None else self.model.micro_conditioning
 
 
 # ---- what a latent cache records -------------------------------------------------------------
@@ -197,6 +269,9 @@ class CacheSpec(_Config):
     text_dim: int
     pooled_dim: int
     resolution: int
+    buckets: list[tuple[int, int]] | None = Field(
+        None, description="The aspect buckets (width, height) in pixels; None: square centre crops at `resolution`."
+    )
     crop: Literal["center"] = "center"
     latent_mode: Literal["mean"] = Field("mean", description="The VAE posterior's mean is stored (no sampling).")
     dtype: TensorDtype
@@ -216,6 +291,7 @@ class CacheFile(_Config):
     file: str = Field(description="Name of a safetensors file inside the cache directory.")
     source: str = Field(description="Shard the samples came from.")
     num_samples: int = Field(ge=1)
+    bucket: tuple[int, int] | None = Field(None, description="The (width, height) bucket of every sample in the file; None: square.")
 
 
 class CachePart(_Config):
@@ -240,6 +316,7 @@ class LatentCacheManifest(_Config):
     skipped: int = Field(0, description="Samples that could not be decoded (named in the log).")
     preview_captions: list[str] = Field(default_factory=list, description="A few captions, for default previews.")
     null_text_file: str = "null_text.safetensors"
+    bucket_counts: dict[str, int] = Field(default_factory=dict, description="Samples per bucket ('WxH'), in aspect order.")
 
 
 # ---- what a checkpoint records ----------------------------------------------------------------
@@ -254,6 +331,7 @@ class DataPosition(_Config):
     num_workers: int = Field(0, ge=0)
     batch_size: int = Field(1, ge=1)
     files: int = Field(0, ge=0, description="Number of shard or cache files the stream reads.")
+    stage: int = Field(0, ge=0, description="Resolution stage the micro-batches were consumed in (index into stages).")
 
 
 class CheckpointState(_Config):

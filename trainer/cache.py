@@ -4,9 +4,13 @@ For every source shard the VAE encodes each image (posterior mean, scaled by the
 `scaling_factor`) and the text encoder each caption, original and synthetic, and the
 results go to `CACHE_DIR/STEM-NNN.safetensors` files of at most `cache.samples_per_file`
 samples (tensors `latents`, `text.original`, `pooled.original`, `text.synthetic`,
-`pooled.synthetic`, `has_synthetic`; a sample without a synthetic caption carries its
-original caption's embedding in the synthetic slot). A finished shard writes
-`parts/STEM.json`, so an interrupted cache resumes shard by shard; `manifest.json` lists
+`pooled.synthetic`, `has_synthetic`, and SDXL's conditions `original_size`, `crop_top_left`,
+`target_size`, (N, 2) int32 pixels as (h, w) / (top, left); a sample without a synthetic
+caption carries its original caption's embedding in the synthetic slot). With
+`data.buckets` every image goes to its aspect bucket (`trainer/buckets.py`) and each file
+holds one bucket (`STEM-WxH-NNN.safetensors`; the manifest records the bucket set in the
+spec, each file's bucket and the samples per bucket, and the log prints the histogram).
+A finished shard writes `parts/STEM.json`, so an interrupted cache resumes shard by shard; `manifest.json` lists
 every file and records the `CacheSpec` (VAE and text encoder fingerprints, resolution,
 dtype, captions). `fit` recomputes that spec from its own config and components and
 refuses a cache that differs, naming each field.
@@ -18,7 +22,8 @@ A shard that is truncated, unreadable or vanishes while being read is reported b
 with the samples lost (`SourceShard.lost`, `problem`) and the cache goes on without them.
 
 Multi-GPU: under `accelerate launch`, shard i is encoded by rank i % world_size.
-Memory: one file's worth of samples per shard in flight (at most num_workers shards).
+Memory: up to one file's worth of samples per shard and bucket in flight (at most num_workers
+shards).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from schemas.trainer import CacheFile, CachePart, CacheSpec, LatentCacheManifest, SourceShard, TrainConfig
+from trainer.buckets import Bucket, bucket_histogram, bucket_name, bucket_set
 from trainer.components import DTYPES, Components, cpu_threads_beside_workers, load_components
-from trainer.data import HAS_SYNTHETIC, LATENTS, ShardReader, expand_shards, pooled_key, text_key, url_fs
+from trainer.data import CROP_TOP_LEFT, HAS_SYNTHETIC, LATENTS, ORIGINAL_SIZE, TARGET_SIZE, expand_shards, pooled_key, text_key, url_fs
+from trainer.shard_reader import ShardReader
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +61,16 @@ def caption_kinds(captions: str) -> list[str]:
     return {"original": ["original"], "synthetic": ["synthetic"], "both": ["original", "synthetic"]}[captions]
 
 
-def cache_spec(config: TrainConfig, components: Components) -> CacheSpec:
-    """What a cache made with `config` and `components` contains."""
+def cache_spec(config: TrainConfig, components: Components, resolution: int | None = None) -> CacheSpec:
+    """What a cache made with `config` and `components` contains (at `resolution`, default
+    data.resolution: a stage's resolution for staged training)."""
+    resolution = resolution or config.data.resolution
+    step = components.vae_scale_factor * config.model.patch_size
+    if config.data.bucket_step:
+        if config.data.bucket_step % step:
+            raise ValueError(f"data.bucket_step {config.data.bucket_step} is not a multiple of the VAE factor x patch size ({step})")
+        step = config.data.bucket_step
+    buckets = bucket_set(resolution, step, config.data.max_aspect) if config.data.buckets else None
     return CacheSpec(
         vae=components.vae_identity,
         vae_scaling_factor=components.scaling_factor,
@@ -65,7 +80,8 @@ def cache_spec(config: TrainConfig, components: Components) -> CacheSpec:
         max_text_length=components.max_text_length,
         text_dim=components.text_dim,
         pooled_dim=components.pooled_dim,
-        resolution=config.data.resolution,
+        resolution=resolution,
+        buckets=buckets,
         dtype=config.cache.dtype,
         captions=config.cache.captions,
     )
@@ -172,8 +188,9 @@ def _unique_stems(paths: list[str]) -> list[str]:
 class _ShardBuffer:
     """Encoded samples of one shard waiting to fill a cache file."""
 
-    def __init__(self, stem: str, kinds: list[str]):
+    def __init__(self, stem: str, kinds: list[str], bucket: Bucket | None = None):
         self.stem = stem
+        self.bucket = bucket
         self.kinds = kinds
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.keys: list[str] = []
@@ -194,10 +211,11 @@ class _ShardBuffer:
             return
         joined = {name: torch.cat(parts) for name, parts in self.tensors.items()}
         take = min(limit, len(self.keys))
-        name = f"{self.stem}-{len(self.files):03d}.safetensors"
+        label = f"{bucket_name(self.bucket)}-" if self.bucket else ""
+        name = f"{self.stem}-{label}{len(self.files):03d}.safetensors"
         chunk = {k: v[:take].contiguous() for k, v in joined.items()}
         output.write(save(chunk, metadata={"keys": json.dumps(self.keys[:take]), "source": source}), name)
-        self.files.append(CacheFile(file=name, source=source, num_samples=take))
+        self.files.append(CacheFile(file=name, source=source, num_samples=take, bucket=self.bucket))
         self.keys = self.keys[take:]
         self.tensors = {k: [v[take:]] for k, v in joined.items()} if self.keys else {}
 
@@ -214,6 +232,10 @@ def _encode(components: Components, batch: dict, kinds: list[str], dtype: torch.
         out[text_key(kind)] = hidden.to("cpu", dtype)
         out[pooled_key(kind)] = pooled.to("cpu", dtype)
     out[HAS_SYNTHETIC] = torch.tensor([bool(s) for s in batch["synthetic"]])
+    width, height = batch["bucket"]
+    out[ORIGINAL_SIZE] = batch["original_size"]
+    out[CROP_TOP_LEFT] = batch["crop_top_left"]
+    out[TARGET_SIZE] = torch.tensor([[height, width]], dtype=torch.int32).expand(len(batch["keys"]), 2).contiguous()
     return out
 
 
@@ -258,29 +280,37 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
         logger.info("rank %d: %d of its %d shards are already cached; skipping them", state.process_index, len(mine) - len(todo), len(mine))
 
     if todo:
-        reader = ShardReader([paths[i] for i in todo], config.data.resolution, config.cache.batch_size)
+        reader = ShardReader([paths[i] for i in todo], spec.resolution, config.cache.batch_size, buckets=spec.buckets)
         workers = min(config.cache.num_workers, len(todo))
         loader = torch.utils.data.DataLoader(reader, batch_size=None, num_workers=workers)
-        buffers: dict[int, _ShardBuffer] = {}
+        buffers: dict[int, dict[Bucket | None, _ShardBuffer]] = {}  # shard -> bucket -> samples waiting
         progress = tqdm(total=len(todo), desc=f"cache (rank {state.process_index})", unit="shard", disable=not state.is_local_main_process)
         for batch in loader:
             i = todo[batch["shard"]]
-            buffer = buffers.setdefault(i, _ShardBuffer(stems[i], kinds))
+            shard_buffers = buffers.setdefault(i, {})
             if batch["keys"]:
+                bucket = tuple(batch["bucket"]) if spec.buckets else None
+                buffer = shard_buffers.setdefault(bucket, _ShardBuffer(stems[i], kinds, bucket))
                 buffer.add(batch["keys"], _encode(components, batch, kinds, store_dtype))
                 buffer.captions.extend(s or o for s, o in zip(batch["synthetic"], batch["original"]))
                 while len(buffer) >= config.cache.samples_per_file:
                     buffer.flush(output, paths[i], config.cache.samples_per_file)
             if batch["last"]:
-                buffer.flush(output, paths[i], config.cache.samples_per_file)
+                files, captions = [], []
+                order = {tuple(b): n for n, b in enumerate(spec.buckets or [])}
+                for bucket in sorted(shard_buffers, key=lambda b: order.get(b, 0)):  # files in bucket order
+                    buffer = shard_buffers[bucket]
+                    buffer.flush(output, paths[i], config.cache.samples_per_file)
+                    files += buffer.files
+                    captions += buffer.captions[:PREVIEW_CAPTIONS]
                 part = CachePart(
                     source=SourceShard(
                         path=paths[i], size_bytes=batch["size_bytes"], sha256=batch["sha256"], num_samples=batch["num_samples"],
                         lost=batch["lost"], problem=batch["problem"],
                     ),
-                    files=buffer.files,
+                    files=files,
                     skipped=batch["skipped"],
-                    preview_captions=buffer.captions[:PREVIEW_CAPTIONS],
+                    preview_captions=captions[:PREVIEW_CAPTIONS],
                 )
                 output.write(part.model_dump_json(indent=2).encode(), "parts", f"{stems[i]}.json")
                 del buffers[i]
@@ -293,6 +323,11 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
         null_hidden, null_pooled = components.encode_text([""])
         output.write(save({"text": null_hidden.to("cpu", store_dtype).contiguous(), "pooled": null_pooled.to("cpu", store_dtype).contiguous()}), NULL_TEXT)
         previews = [c for part in parts for c in part.preview_captions]
+        counts: dict[str, int] = {}
+        if spec.buckets:
+            counts = {bucket_name(tuple(b)): 0 for b in spec.buckets}
+            for f in (f for part in parts for f in part.files):
+                counts[bucket_name(f.bucket)] += f.num_samples
         manifest = LatentCacheManifest(
             created_at=datetime.now(timezone.utc),
             spec=spec,
@@ -302,9 +337,12 @@ def build_cache(config: TrainConfig, shards: str, output: str | Path) -> LatentC
             skipped=sum(part.skipped for part in parts),
             preview_captions=list(dict.fromkeys(previews))[:PREVIEW_CAPTIONS],
             null_text_file=NULL_TEXT,
+            bucket_counts=counts,
         )
         output.write(manifest.model_dump_json(indent=2).encode(), MANIFEST)
         logger.info("latent cache %s: %d samples in %d files from %d shards (%d skipped)", output.url, manifest.num_samples, len(manifest.files), len(paths), manifest.skipped)
+        if counts:
+            logger.info("samples per bucket (width x height):\n%s", bucket_histogram(counts))
         damaged = [s for s in manifest.sources if s.problem]
         for source in damaged:
             logger.error("shard %s: %s; %d sample(s) lost", source.path, source.problem, source.lost)

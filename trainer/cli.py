@@ -3,8 +3,8 @@
     trainer init-components --output DIR                 tiny offline VAE + text encoder (demo/test aid)
     trainer cache  --shards SPEC --config CFG --output CACHE_DIR
     trainer fit    --config CFG --output RUN_DIR [--resume] [--cache DIR | --shards SPEC]
-    trainer sample --run RUN_DIR [--prompt P ...] [--steps N --guidance G --seed S] --out FILE.png
-    trainer bench  --config CFG [--steps N] [--cache DIR] [--peak-tflops T]
+    trainer sample --run RUN_DIR [--prompt P ...] [--steps N --guidance G --seed S] [--width W --height H] --out FILE.png
+    trainer bench  --config CFG [--steps N] [--cache DIR] [--peak-tflops T] [--bucket WxH ... | --all-buckets]
     trainer export --run RUN_DIR [--checkpoint DIR]
     trainer ui     --base RUN_DIR [--workdir DIR] [--host 127.0.0.1] [--port 7860]
 
@@ -89,11 +89,45 @@ def cmd_cache(args) -> int:
     from trainer.cache import build_cache
 
     config = _config_from_args(args)
+    if args.stage is not None:  # one resolution stage's cache
+        stages = config.resolved_stages()
+        if not 0 <= args.stage < len(stages):
+            raise SystemExit(f"trainer cache: --stage {args.stage}, but the config has {len(stages)} stage(s) (0-based)")
+        config = TrainConfig.model_validate(config.model_copy(update={"data": config.data.model_copy(update={"resolution": stages[args.stage].resolution})}).model_dump())
     manifest = build_cache(config, args.shards, args.output)  # a path or any fsspec URL (s3://, gs://)
     lost = sum(s.lost for s in manifest.sources)
     damaged = f"; {lost} lost from {sum(1 for s in manifest.sources if s.problem)} damaged shard(s), named above" if lost else ""
     print(f"latent cache {args.output}: {manifest.num_samples} samples in {len(manifest.files)} files ({manifest.skipped} skipped{damaged})")
+    if manifest.bucket_counts:
+        from trainer.buckets import bucket_histogram
+
+        print(f"samples per bucket (width x height, {len(manifest.bucket_counts)} buckets at {manifest.spec.resolution} px):")
+        print(bucket_histogram(manifest.bucket_counts))
     return 0
+
+
+def sample_size(saved: TrainConfig | None, pipe, width: int | None, height: int | None) -> tuple[int | None, int | None]:
+    """(width, height) for `trainer sample`: a bucket of the run's last stage (default its
+    square), or any multiple of the token size for a run without a saved config."""
+    from trainer.buckets import bucket_name, bucket_set
+
+    if (width is None) != (height is None):
+        raise SystemExit("trainer sample: give both --width and --height, or neither")
+    step = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if saved is None:
+        if width is not None and (width % step or height % step):
+            raise SystemExit(f"trainer sample: --width and --height must be multiples of {step} (VAE factor x patch size)")
+        return width, height
+    stage = saved.resolved_stages()[-1]
+    if width is None:
+        return stage.resolution, stage.resolution
+    buckets = bucket_set(stage.resolution, saved.data.bucket_step or step, saved.data.max_aspect) if saved.data.buckets else [(stage.resolution, stage.resolution)]
+    if (width, height) not in buckets:
+        raise SystemExit(
+            f"trainer sample: {width}x{height} is not a bucket the run was trained on ({stage.resolution} px stage): "
+            + ", ".join(bucket_name(b) for b in buckets)
+        )
+    return width, height
 
 
 def cmd_fit(args) -> int:
@@ -122,7 +156,8 @@ def cmd_sample(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_exported_pipeline(export_dir(run), device=device)
     apply_sample_lora(pipe, args)  # --lora adapters from `trainer lora`, before sampling
-    image = sample_grid(pipe, prompts, images_per_prompt=args.num_per_prompt, steps=steps, guidance=guidance, seed=args.seed)
+    width, height = sample_size(saved, pipe, args.width, args.height)
+    image = sample_grid(pipe, prompts, images_per_prompt=args.num_per_prompt, steps=steps, guidance=guidance, seed=args.seed, height=height, width=width)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
@@ -134,7 +169,15 @@ def cmd_bench(args) -> int:
     from trainer.bench import run_bench
 
     config = _config_from_args(args)
-    result = run_bench(
+    buckets = [None]
+    if args.all_buckets or args.bucket:
+        from trainer.buckets import bucket_set, parse_bucket
+
+        if args.all_buckets:
+            buckets = bucket_set(config.data.resolution, config.data.bucket_step or args.vae_factor * config.model.patch_size, config.data.max_aspect)
+        else:
+            buckets = [parse_bucket(b) for b in args.bucket]
+    results = [run_bench(
         config,
         steps=args.steps,
         warmup=args.warmup,
@@ -146,8 +189,23 @@ def cmd_bench(args) -> int:
         text_len=args.text_len,
         peak=args.peak_tflops,
         profile_attention=not args.no_profile,
-    )
-    print(result.report())
+        bucket=bucket,
+        batch_size=args.batch_size,
+    ) for bucket in buckets]
+    for result in results:
+        print(result.report())
+        print()
+    if len(results) > 1:
+        from trainer.bench import BUCKET_TABLE_HEADER
+
+        print(f"per bucket ({results[0].device}, preset {config.model.preset}):")
+        print(BUCKET_TABLE_HEADER)
+        for result in results:
+            print(result.row())
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
     return 0
 
 
@@ -166,7 +224,8 @@ def cmd_export(args) -> int:
     if checkpoint is None:
         raise SystemExit(f"trainer export: {run} has no checkpoint")
     components = load_components(config.components, "cpu", torch.float32)
-    model = build_denoiser(config, components.latent_channels, config.data.resolution // components.vae_scale_factor, components.text_dim, components.pooled_dim)
+    first = config.resolved_stages()[0].resolution  # the size the model was built for
+    model = build_denoiser(config, components.latent_channels, first // components.vae_scale_factor, components.text_dim, components.pooled_dim, components.vae_scale_factor)
     load_model(model, str(checkpoint / "ema.safetensors"), strict=True)
     out = export_pipeline(make_pipeline(model.eval(), components), Path(args.output) if args.output else run / EXPORT)
     print(f"exported the EMA weights of {checkpoint} to {out}")
@@ -189,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="encode shards into a latent cache")
     p.add_argument("--shards", required=True, help="brace spec, e.g. 'out/shards/{000000..000009}.tar'")
     p.add_argument("--output", required=True)
+    p.add_argument("--stage", type=int, help="cache for this resolution stage of the config (0-based; sets data.resolution)")
     _add_config_args(p)
     p.set_defaults(func=cmd_cache)
 
@@ -207,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-per-prompt", type=int, default=4)
+    p.add_argument("--width", type=int, help="pixels; a bucket of the run's last stage (default: its square)")
+    p.add_argument("--height", type=int, help="pixels; with --width")
     p.add_argument("--device")
     p.add_argument("--out", required=True, help="PNG file")
     add_sample_lora_arguments(p)
@@ -232,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooled-dim", type=int, default=768)
     p.add_argument("--text-len", type=int, help="default: components.max_text_length")
     p.add_argument("--no-profile", action="store_true", help="skip listing the attention kernels")
+    p.add_argument("--bucket", action="append", metavar="WxH", help="bench batches of this bucket (pixels); repeat for several")
+    p.add_argument("--all-buckets", action="store_true", help="bench every bucket of data.resolution (data.max_aspect)")
+    p.add_argument("--batch-size", type=int, help="images per batch; default: data.batch_size, token-scaled per bucket")
+    p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export a checkpoint's EMA weights as a diffusers pipeline")

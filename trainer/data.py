@@ -1,21 +1,8 @@
 """Training data: curated WebDataset shards or a latent cache, streamed so resume is exact.
 
-The unit of splitting is a *file* (a shard `.tar`, or a cache `.safetensors` file). Every
-epoch the file list is shuffled with the run seed; global data-loader worker
-`g = rank * num_workers + worker` reads files `order[g::ranks * num_workers]`, so within
-an epoch every file is read by exactly one worker of one rank. A worker shuffles the
-samples of `shuffle_span` consecutive files of its list together (a block shuffle),
-then moves on; at the end of its list it starts its next epoch. Each worker's stream is
-infinite, so the DataLoader hands out batches round-robin forever (batch i comes from
-worker i % num_workers) and no rank runs out before another. (When readers' files hold
-different numbers of samples their epochs drift apart; the per-epoch reshuffle of the
-assignment evens this out over epochs.)
-
-The whole stream is a pure function of (seed, file sizes, ranks, workers, batch size), so
-the data position in a checkpoint is one number: micro-batches consumed. On resume each
-worker works out how many of those it produced and skips that many samples by index
-arithmetic, without reading them. Caption choices are drawn from a generator seeded by
-(seed, worker, batch index), never from a worker's global RNG.
+The order (which worker of which rank reads which rows of which file, and how a resumed
+run skips to its position without reading) is `trainer/stream.py`'s; this module reads
+what it names.
 
 Samples are read by random access, from any fsspec URL (local paths, `gs://`, `s3://`,
 `https://`): cache files by byte range through their safetensors header (one ranged read
@@ -40,12 +27,10 @@ over the remaining steps). `fit` refuses to start only when no file is readable.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -55,7 +40,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.records import SampleRecord, ShardManifest
 from schemas.trainer import LatentCacheManifest
-from stages.core.decode import decode_rgb
 from stages.core.tario import (
     OpenFiles,
     RangeReader,
@@ -68,11 +52,18 @@ from stages.core.tario import (
     with_retries,
 )
 
+from trainer.buckets import load_rgb
+from trainer.stream import StreamDataset
+
 logger = logging.getLogger(__name__)
 
 # Tensor names inside a cache file.
 LATENTS = "latents"
 HAS_SYNTHETIC = "has_synthetic"
+ORIGINAL_SIZE = "original_size"  # (N, 2) int32 (h, w) of the source image
+CROP_TOP_LEFT = "crop_top_left"  # (N, 2) int32 (top, left) of the crop in the resized image
+TARGET_SIZE = "target_size"  # (N, 2) int32 (h, w) of the bucket
+MICRO_KEYS = (ORIGINAL_SIZE, CROP_TOP_LEFT, TARGET_SIZE)
 
 
 def text_key(kind: str) -> str:
@@ -154,20 +145,6 @@ def read_member(handle, offset: int, size: int) -> bytes:
     return read_range(handle, offset, size)
 
 
-def load_rgb(data: bytes, resolution: int) -> np.ndarray:
-    """Decode (the stages' one decoder), resize the shorter side to `resolution`
-    (bicubic) and center-crop: (R, R, 3) uint8."""
-    image = decode_rgb(data)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
-
-
 def captions_of(sample: TarSample, read: Callable[[str], bytes], where: str) -> tuple[str, str | None]:
     """(original, synthetic or None) from KEY.json (a SampleRecord); KEY.txt if the record is missing."""
     if "json" in sample.members:
@@ -179,119 +156,6 @@ def captions_of(sample: TarSample, read: Callable[[str], bytes], where: str) -> 
     if "txt" in sample.members:
         return read("txt").decode("utf-8").strip(), None
     return "", None
-
-
-# ---- the sample stream ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamSlot:
-    """Which part of the data one data-loader worker of one rank reads."""
-
-    rank: int
-    world_size: int
-    worker: int
-    num_workers: int
-
-    @property
-    def index(self) -> int:
-        return self.rank * self.num_workers + self.worker
-
-    @property
-    def total(self) -> int:
-        return self.world_size * self.num_workers
-
-
-def check_split(num_files: int, world_size: int, num_workers: int, what: str) -> None:
-    """Fail fast when some worker would get no file at all."""
-    readers = world_size * max(1, num_workers)
-    if num_files < readers:
-        raise ValueError(
-            f"{num_files} {what} cannot be split across {world_size} rank(s) x {max(1, num_workers)} data-loader "
-            f"worker(s) = {readers} readers: every reader needs at least one file. Lower data.num_workers, "
-            "or write more, smaller files (cache.samples_per_file, or the curation's shards.samples_per_shard)."
-        )
-
-
-def epoch_files(num_files: int, seed: int, epoch: int, slot: StreamSlot) -> list[int]:
-    """The files `slot` reads in `epoch`, in reading order."""
-    order = np.random.default_rng([seed, epoch, 1]).permutation(num_files)
-    return [int(f) for f in order[slot.index :: slot.total]]
-
-
-def sample_order(
-    size_of: Callable[[int], int], num_files: int, seed: int, slot: StreamSlot, span: int, skip: int = 0
-) -> Iterator[tuple[int, int, int]]:
-    """Endless (epoch, file, row) stream of `slot`, after skipping its first `skip` samples
-    (by arithmetic: skipped blocks are never permuted or read)."""
-    epoch = 0
-    while True:
-        files = epoch_files(num_files, seed, epoch, slot)
-        epoch_total = 0
-        for start in range(0, len(files), span):
-            block = files[start : start + span]
-            counts = [size_of(f) for f in block]
-            total = sum(counts)
-            epoch_total += total
-            if skip >= total:
-                skip -= total
-                continue
-            bounds = np.cumsum(counts)
-            permutation = np.random.default_rng([seed, epoch, slot.index, start, 2]).permutation(total)
-            for flat in permutation[skip:]:
-                j = int(np.searchsorted(bounds, flat, side="right"))
-                yield epoch, block[j], int(flat - (bounds[j - 1] if j else 0))
-            skip = 0
-        if epoch_total == 0:
-            raise ValueError(f"data-loader reader {slot.index} got only empty files in epoch {epoch}")
-        epoch += 1
-
-
-def batches_before(consumed: int, worker: int, num_workers: int) -> int:
-    """How many of the first `consumed` round-robin batches came from `worker`."""
-    return max(0, (consumed - worker + num_workers - 1) // num_workers)
-
-
-class StreamDataset(IterableDataset):
-    """Base of the training datasets: yields whole batches (the DataLoader's batch_size is None)."""
-
-    def __init__(self, num_files: int, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int, span: int, start_batches: int, what: str):
-        check_split(num_files, world_size, num_workers, what)
-        self.num_files = num_files
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.span = span
-        self.start_batches = start_batches
-
-    def _slot(self) -> StreamSlot:
-        info = get_worker_info()
-        if info is None:
-            return StreamSlot(self.rank, self.world_size, 0, 1)
-        if info.num_workers != max(1, self.num_workers):
-            raise RuntimeError(f"dataset built for {self.num_workers} workers runs under {info.num_workers}")
-        # A restarted loader's worker i hands out global batches start + i, start + i + W, ...:
-        # those belong to the stream of worker (start + i) % W of the original numbering.
-        return StreamSlot(self.rank, self.world_size, (info.id + self.start_batches) % info.num_workers, info.num_workers)
-
-    def size_of(self, file: int) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def load_batch(self, rows: list[tuple[int, int, int]], rng: np.random.Generator) -> dict:  # pragma: no cover
-        raise NotImplementedError
-
-    def __iter__(self):
-        slot = self._slot()
-        done = batches_before(self.start_batches, slot.worker, slot.num_workers)
-        stream = sample_order(self.size_of, self.num_files, self.seed, slot, self.span, skip=done * self.batch_size)
-        batch_index = done
-        while True:
-            rows = [next(stream) for _ in range(self.batch_size)]
-            rng = np.random.default_rng([self.seed, slot.index, batch_index, 3])
-            yield self.load_batch(rows, rng)
-            batch_index += 1
 
 
 class SafetensorsRows:
@@ -323,22 +187,33 @@ class SafetensorsRows:
 
 class CachedLatents(StreamDataset):
     """Batches from a latent cache: {"latents" (B, C, h, w), "text" (B, L, D), "pooled" (B, P)}
-    in the cache's storage dtype; each sample's caption is the synthetic one with
-    probability `synthetic_prob` (when the cache has both). The cache may be on any
-    fsspec URL; unreadable files are replaced as the module doc says."""
+    in the cache's storage dtype, and with `micro` "micro" (B, 6) int32 (original h, w, crop
+    top, left, target h, w in pixels: three more ranged reads per sample, so only when the
+    model is size-conditioned); each sample's caption is the synthetic
+    one with probability `synthetic_prob` (when the cache has both). A bucketed cache gives
+    batches of one bucket each, of `batch_sizes[bucket]` samples (default `batch_size`). The
+    cache may be on any fsspec URL; unreadable files are replaced (by files of the same
+    bucket) as the module doc says."""
 
-    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None):
+    def __init__(self, cache_dir: str, manifest: LatentCacheManifest, *, synthetic_prob: float, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, span: int = 4, start_batches: int = 0, unreadable: set[int] | None = None, batch_sizes: dict[tuple[int, int], int] | None = None, micro: bool = False):
         super().__init__(len(manifest.files), batch_size, seed, rank, world_size, num_workers, span, start_batches, "cache files")
         self.paths = [join_url(str(cache_dir), f.file) for f in manifest.files]
         self.sizes = [f.num_samples for f in manifest.files]
         kinds = {"original": ["original"], "synthetic": ["synthetic"], "both": ["original", "synthetic"]}[manifest.spec.captions]
         self.kinds = kinds
+        self.micro = micro
         self.synthetic_prob = synthetic_prob if len(kinds) == 2 else (1.0 if kinds == ["synthetic"] else 0.0)
         self.unreadable: set[int] = set(unreadable or ())
         if len(self.unreadable) == len(self.paths):
             raise ValueError("no file of the latent cache is readable")
         self._files: OpenFiles | None = None
         self._headers: dict[int, SafetensorsRows] = {}
+        buckets = [tuple(b) for b in manifest.spec.buckets or []]
+        self.bucket_of_file = [buckets.index(tuple(f.bucket)) if buckets else 0 for f in manifest.files]
+        self.bucket_sizes = [(batch_sizes or {}).get(b, batch_size) for b in buckets] if buckets else [batch_size]
+
+    def bucket_plan(self) -> tuple[list[int], list[int]] | None:
+        return (self.bucket_of_file, self.bucket_sizes) if len(self.bucket_sizes) > 1 else None
 
     def size_of(self, file: int) -> int:
         return self.sizes[file]
@@ -351,23 +226,28 @@ class CachedLatents(StreamDataset):
             if file not in self._headers:
                 self._headers[file] = SafetensorsRows(path, handle)
             rows = self._headers[file]
-            return rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)
+            values = [rows.row(handle, LATENTS, row), rows.row(handle, text_key(kind), row), rows.row(handle, pooled_key(kind), row)]
+            if self.micro:
+                if ORIGINAL_SIZE not in rows.tensors:
+                    raise KeyError(f"{path} has no size/crop conditions (an older cache): rebuild it with `trainer cache`")
+                values.append(torch.cat([rows.row(handle, key, row) for key in MICRO_KEYS]))  # (6,)
+            return values
 
         return with_retries(read, f"reading row {row} of {path}", on_retry=lambda: self._files.discard(path))
 
     def _substitute(self, file: int) -> int:
-        """The next readable file after `file` in manifest order (cyclic)."""
+        """The next readable file of the same bucket after `file` in manifest order (cyclic)."""
         for step in range(1, len(self.paths) + 1):
             candidate = (file + step) % len(self.paths)
-            if candidate not in self.unreadable:
+            if candidate not in self.unreadable and self.bucket_of_file[candidate] == self.bucket_of_file[file]:
                 return candidate
-        raise ValueError("no file of the latent cache is readable any more")
+        raise ValueError(f"no file of the latent cache is readable any more (in the bucket of {self.paths[file]})")
 
     def load_batch(self, rows, rng) -> dict:
         if self._files is None:
             self._files = OpenFiles(open_url)
         use_synthetic = rng.random(len(rows)) < self.synthetic_prob
-        latents, text, pooled = [], [], []
+        latents, text, pooled, micro = [], [], [], []
         for (_, file, row), synthetic in zip(rows, use_synthetic):
             kind = "synthetic" if synthetic else "original"
             while True:
@@ -388,7 +268,11 @@ class CachedLatents(StreamDataset):
             latents.append(values[0])
             text.append(values[1])
             pooled.append(values[2])
-        return {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
+            micro.extend(values[3:])
+        batch = {"latents": torch.stack(latents), "text": torch.stack(text), "pooled": torch.stack(pooled)}
+        if self.micro:
+            batch["micro"] = torch.stack(micro)
+        return batch
 
 
 def check_cache_files(cache_dir: str, manifest: LatentCacheManifest) -> set[int]:
@@ -524,135 +408,3 @@ def make_loader(dataset: IterableDataset, num_workers: int, prefetch_factor: int
     """The DataLoader around a batch-yielding dataset (its batch_size is None)."""
     kwargs = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
-
-
-# ---- sequential reading for `trainer cache` ------------------------------------------------
-
-
-def file_sha256(path: str) -> tuple[str, int]:
-    """(SHA-256, size in bytes) of a file at any fsspec URL, streamed."""
-    digest = hashlib.sha256()
-    size = 0
-    with open_for_index(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-class _HashingRanges:
-    """Reads increasing byte ranges of one open file, hashing every byte of the file
-    along the way (the gaps between ranges too), so a shard is read once for its
-    samples and its checksum."""
-
-    def __init__(self, handle, name: str):
-        self.handle = handle
-        self.name = name
-        self.digest = hashlib.sha256()
-        self.position = 0
-        handle.seek(0)
-
-    def _advance(self, size: int) -> bytes:
-        data = self.handle.read(size)
-        self.digest.update(data)
-        self.position += len(data)
-        return data
-
-    def read(self, offset: int, size: int) -> bytes:
-        if offset < self.position:
-            raise ValueError(f"{self.name}: ranges must increase ({offset} < {self.position})")
-        while self.position < offset:
-            if not self._advance(min(offset - self.position, 1 << 20)):
-                raise OSError(f"{self.name}: file ended at byte {self.position}")
-        data = self._advance(size)
-        if len(data) != size:
-            raise OSError(f"{self.name}: expected {size} bytes at offset {offset}, got {len(data)}")
-        return data
-
-    def finish(self) -> tuple[str, int]:
-        while self._advance(1 << 20):
-            pass
-        return self.digest.hexdigest(), self.position
-
-
-class ShardReader(IterableDataset):
-    """Reads whole shards in order for caching; shards are split across workers.
-
-    Yields per-shard batches: {"shard": index into `paths`, "keys", "pixels" uint8 (b, 3, R, R),
-    "original", "synthetic" (lists of str / None), "last": bool, and with the last batch
-    "sha256", "size_bytes", "num_samples", "skipped", "lost", "problem"}. A shard with no
-    decodable sample yields just its last (empty) batch.
-
-    Each shard (any fsspec URL) is read twice, sequentially: its headers (the tar index),
-    then its members in file order, which also hashes it. A shard that is truncated keeps
-    the samples before the cut; one that cannot be read at all, or vanishes while being
-    read, keeps what was read before; either way the shard is named in the log with the
-    samples lost (from its manifest when it has one), and `problem` says what happened.
-    """
-
-    def __init__(self, paths: list[str], resolution: int, batch_size: int):
-        self.paths = paths
-        self.resolution = resolution
-        self.batch_size = batch_size
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for shard in range(worker, len(self.paths), workers):
-            yield from self._read(shard)
-
-    def _read(self, shard: int):
-        path = self.paths[shard]
-        skipped, done = 0, 0
-        problem = None
-        samples: list[TarSample] = []
-        sha256, size = "", 0
-        batch: dict = self._empty(shard)
-        try:
-            with open_for_index(path) as handle:
-                found = with_retries(lambda: scan_tar(handle, path), f"indexing {path}")
-                samples = _with_images(found.samples, path)
-                if found.truncated:
-                    problem = f"truncated ({found.detail})"
-                ranges = _HashingRanges(handle, path)
-                for sample in samples:
-                    members = {ext: ranges.read(*span) for ext, span in sorted(sample.members.items(), key=lambda kv: kv[1][0])}
-                    done += 1
-
-                    def read(extension: str, members=members) -> bytes:
-                        return members[extension]
-
-                    try:
-                        pixels = load_rgb(read(sample.image_extension), self.resolution)
-                    except (OSError, ValueError, Image.DecompressionBombError) as error:
-                        logger.warning("%s: sample %s cannot be decoded (%s); skipped", path, sample.key, error)
-                        skipped += 1
-                        continue
-                    original, synthetic = captions_of(sample, read, path)
-                    batch["keys"].append(sample.key)
-                    batch["pixels"].append(torch.from_numpy(pixels).permute(2, 0, 1))
-                    batch["original"].append(original)
-                    batch["synthetic"].append(synthetic)
-                    if len(batch["keys"]) == self.batch_size:
-                        yield self._finish(batch)
-                        batch = self._empty(shard)
-                sha256, size = ranges.finish()
-        except (OSError, ValueError) as error:
-            problem = f"vanished while being read ({error})" if isinstance(error, FileNotFoundError) else f"unreadable ({error})"
-        usable = done - skipped
-        lost = 0
-        if problem is not None:
-            total = manifest_samples(path)
-            lost = max(0, total - done) if total is not None else max(1, len(samples) - done)
-            logger.error("%s is %s: %d sample(s) read, %s", path, problem, done, lost_text(lost if total is not None else None))
-        batch["last"] = True
-        batch.update(sha256=sha256, size_bytes=size, num_samples=usable, skipped=skipped, lost=lost, problem=problem)
-        yield self._finish(batch)
-
-    def _empty(self, shard: int) -> dict:
-        return {"shard": shard, "keys": [], "pixels": [], "original": [], "synthetic": [], "last": False}
-
-    def _finish(self, batch: dict) -> dict:
-        pixels = batch["pixels"]
-        batch["pixels"] = torch.stack(pixels) if pixels else torch.zeros((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
-        return batch

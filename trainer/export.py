@@ -101,8 +101,9 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
     return sheet
 
 
-def sample_grid(pipe, prompts: list[str], *, images_per_prompt: int, steps: int, guidance: float, seed: int) -> Image.Image:
-    """One row per prompt, `images_per_prompt` columns, noise from a CPU generator seeded `seed`."""
+def sample_grid(pipe, prompts: list[str], *, images_per_prompt: int, steps: int, guidance: float, seed: int, height: int | None = None, width: int | None = None) -> Image.Image:
+    """One row per prompt, `images_per_prompt` columns, noise from a CPU generator seeded `seed`;
+    images of `height` x `width` pixels (default: the pipeline's)."""
     generator = torch.Generator("cpu").manual_seed(seed)
     previous = getattr(pipe, "_progress_bar_config", {}).copy()
     pipe.set_progress_bar_config(disable=True)
@@ -113,6 +114,8 @@ def sample_grid(pipe, prompts: list[str], *, images_per_prompt: int, steps: int,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generator,
+            height=height,
+            width=width,
         ).images
     finally:
         pipe.set_progress_bar_config(**previous)

@@ -64,15 +64,18 @@ class RectifiedFlow:
         text: torch.Tensor,
         pooled: torch.Tensor,
         generator: torch.Generator,
+        micro: torch.Tensor | None = None,
     ) -> FlowLoss:
         """Mean squared error between the model's velocity and noise - x0.
 
         x0 (B, C, H, W) clean latents (already scaled); text (B, L, D) and pooled (B, P) the
         (possibly dropped-out) caption embeddings. Noise and t come from `generator`, whose
         state the checkpoint saves, so a resumed run draws exactly what the original would.
+        `micro` (B, 6): size and crop conditions, for a model that takes them (`trainer.model`).
         """
         t, noise, x_t = self.noisy(x0, generator)
-        prediction = model(x_t, t, text, pooled)  # (B, C, H, W)
+        extra = () if micro is None else (micro,)
+        prediction = model(x_t, t, text, pooled, *extra)  # (B, C, H, W)
         per_sample = self.per_sample_loss(prediction, x0, noise)  # (B,)
         return FlowLoss(loss=per_sample.mean(), per_sample=per_sample.detach(), t=t)
 

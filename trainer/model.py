@@ -48,6 +48,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flash_attn")
+MICRO_CONDITIONS = 6  # original (h, w), crop top-left (top, left), target (h, w)
 
 
 def flash_attn_available() -> bool:
@@ -65,22 +66,35 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> torch.Tensor:
     """Fixed 2D sine-cosine position embedding (MAE/DiT): (grid_h * grid_w, embed_dim), row-major.
 
     Half the channels encode the row, half the column; each half is [sin, cos] over
-    `embed_dim / 4` frequencies 1 / 10000^(i / (embed_dim / 4)).
+    `embed_dim / 4` frequencies 1 / 10000^(i / (embed_dim / 4)), of the token's row and
+    column index times `scale` (1: DiT's integer positions; see `position_scale`).
     """
     if embed_dim % 4:
         raise ValueError(f"hidden_size must be divisible by 4 for 2D sin-cos embeddings, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    rows = torch.arange(grid_h, dtype=torch.float64)[:, None].expand(grid_h, grid_w).reshape(-1)  # (N,)
-    cols = torch.arange(grid_w, dtype=torch.float64)[None, :].expand(grid_h, grid_w).reshape(-1)  # (N,)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None].expand(grid_h, grid_w).reshape(-1) * scale  # (N,)
+    cols = torch.arange(grid_w, dtype=torch.float64)[None, :].expand(grid_h, grid_w).reshape(-1) * scale  # (N,)
     row_angles = rows[:, None] * omega[None]  # (N, D/4)
     col_angles = cols[:, None] * omega[None]  # (N, D/4)
     emb = torch.cat([row_angles.sin(), row_angles.cos(), col_angles.sin(), col_angles.cos()], dim=1)  # (N, D)
     return emb.float()
+
+
+def position_scale(base_grid: int, grid_h: int, grid_w: int) -> float:
+    """Interpolated positions: the spacing that makes a (grid_h, grid_w) token grid span the
+    same position range, per unit of image area, as the square `base_grid` grid the model
+    was built for: base_grid / sqrt(grid_h * grid_w). 1 at the base grid (DiT's integer
+    positions, so square runs are unchanged); 0.5 on a grid twice as wide and high (the next
+    resolution stage), so a token at the same place in the image gets the same embedding it
+    had at the lower resolution (PixArt-alpha's and SD3's interpolated sin-cos tables); both
+    axes share one spacing, so an aspect bucket's positions keep its aspect ratio.
+    """
+    return base_grid / math.sqrt(grid_h * grid_w)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
@@ -184,9 +198,21 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         pooled_dim: width of its pooled embedding.
         qk_norm: RMSNorm on queries and keys.
         timestep_scale: t is multiplied by this before the sinusoidal embedding.
+        micro_conditioning: SDXL's size and crop micro-conditioning (Podell et al. 2023, sec. 2.2):
+            original size (h, w), crop top-left (top, left) and target size (h, w), in pixels,
+            each sinusoidally embedded (`frequency_dim` channels), concatenated, passed through
+            an MLP and added to the timestep conditioning. The MLP's last layer starts at zero,
+            so turning it on does not change an untrained model's output. False: no such input
+            (the square, centre-cropped training of earlier runs).
+        pixels_per_latent: the VAE factor, for the default conditions when a caller passes none
+            (an uncropped image of the latent's size: what `trainer lora` trains on).
+
+    Positions: fixed 2D sin-cos, interpolated to other token grids (`position_scale`).
+    Gradient checkpointing: `enable_gradient_checkpointing()` (diffusers) recomputes each
+    block's activations in the backward pass instead of storing them.
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -203,6 +229,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         qk_norm: bool = True,
         timestep_scale: float = 1000.0,
         frequency_dim: int = 256,
+        micro_conditioning: bool = False,
+        pixels_per_latent: int = 8,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -217,7 +245,13 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.context_embedder = nn.Sequential(
             nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
         )
+        self.size_embedder = (
+            nn.Sequential(nn.Linear(MICRO_CONDITIONS * frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if micro_conditioning
+            else None
+        )
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.gradient_checkpointing = False  # set by ModelMixin.enable_gradient_checkpointing
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
@@ -243,7 +277,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(block.adaLN.bias)
             nn.init.zeros_(block.attn2.to_out.weight)
             nn.init.zeros_(block.attn2.to_out.bias)
-        for layer in (self.adaLN_out, self.proj_out):
+        zeroed = [self.adaLN_out, self.proj_out] + ([self.size_embedder[2]] if self.size_embedder is not None else [])
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -260,7 +295,9 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _position_table(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
         if self.pos_embed.shape[1] == grid_h * grid_w and grid_h == grid_w:
             return self.pos_embed.to(like.dtype)
-        return sincos_2d(self.config.hidden_size, grid_h, grid_w)[None].to(like.device, like.dtype)
+        base = self.config.sample_size // self.config.patch_size
+        table = sincos_2d(self.config.hidden_size, grid_h, grid_w, position_scale(base, grid_h, grid_w))
+        return table[None].to(like.device, like.dtype)  # (1, N, D)
 
     def forward(
         self,
@@ -268,9 +305,13 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
+        micro_conditions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, C, H, W) noisy latents; timestep (B,) in [0, 1] (1 = pure noise);
-        encoder_hidden_states (B, L, text_dim); pooled_projections (B, pooled_dim).
+        encoder_hidden_states (B, L, text_dim); pooled_projections (B, pooled_dim);
+        micro_conditions (B, 6) pixels: original (h, w), crop (top, left), target (h, w), for a
+        model built with `micro_conditioning` (default: an uncropped image of the latent's size
+        in pixels) and refused by one built without.
         Returns the predicted velocity (B, C, H, W)."""
         batch, channels, height, width = hidden_states.shape
         p = self.config.patch_size
@@ -279,10 +320,22 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         x = x + self._position_table(grid_h, grid_w, x)  # (B, N, D)
         t_freq = timestep_embedding(timestep, self.config.frequency_dim, self.config.timestep_scale)  # (B, 256)
         cond = self.t_embedder(t_freq.to(x.dtype)) + self.pooled_embedder(pooled_projections.to(x.dtype))  # (B, D)
+        if self.size_embedder is not None:
+            if micro_conditions is None:
+                h, w = height * self.config.pixels_per_latent, width * self.config.pixels_per_latent
+                micro_conditions = hidden_states.new_tensor([h, w, 0, 0, h, w], dtype=torch.float32).expand(batch, MICRO_CONDITIONS)
+            sizes = micro_conditions.reshape(-1).float()  # (B * 6,)
+            size_freq = timestep_embedding(sizes, self.config.frequency_dim, scale=1.0).view(batch, -1)  # (B, 6 * 256)
+            cond = cond + self.size_embedder(size_freq.to(x.dtype))  # (B, D)
+        elif micro_conditions is not None:
+            raise ValueError("micro_conditions given to a model built without micro_conditioning")
         cond_act = F.silu(cond)  # (B, D), shared by every block's adaLN
         context = self.context_embedder(encoder_hidden_states.to(x.dtype))  # (B, L, D)
         for block in self.blocks:
-            x = block(x, context, cond_act)  # (B, N, D)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, cond_act)  # (B, N, D), recomputed in backward
+            else:
+                x = block(x, context, cond_act)  # (B, N, D)
         shift, scale = self.adaLN_out(cond_act)[:, None].chunk(2, dim=-1)  # 2 x (B, 1, D)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p * p * C)
         x = x.view(batch, grid_h, grid_w, p, p, channels)  # (B, h, w, p, p, C)
@@ -305,6 +358,8 @@ class DiffusionTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         flops += 2 * (c.frequency_dim * d + d * d)  # timestep MLP
         flops += 2 * (c.pooled_dim * d + d * d)  # pooled caption MLP
         flops += 2 * length * (c.text_dim * d + d * d)  # caption token projection
+        if c.get("micro_conditioning", False):
+            flops += 2 * (MICRO_CONDITIONS * c.frequency_dim * d + d * d)  # size/crop MLP
         per_block = 2 * d * 6 * d  # adaLN
         per_block += 4 * 2 * n * d * d + 4 * n * n * d  # self-attention: q, k, v, out + QK^T and AV
         per_block += 2 * 2 * n * d * d + 2 * 2 * length * d * d + 4 * n * length * d  # cross-attention
@@ -327,6 +382,8 @@ def build_transformer(
     num_heads: int | None = None,
     mlp_ratio: float = 4.0,
     qk_norm: bool = True,
+    micro_conditioning: bool = False,
+    pixels_per_latent: int = 8,
 ) -> DiffusionTransformer:
     """A `DiffusionTransformer` from a named preset, with optional size overrides."""
     if preset not in PRESETS:
@@ -343,5 +400,7 @@ def build_transformer(
         text_dim=text_dim,
         pooled_dim=pooled_dim,
         qk_norm=qk_norm,
+        micro_conditioning=micro_conditioning,
+        pixels_per_latent=pixels_per_latent,
         **size,
     )

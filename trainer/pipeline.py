@@ -116,6 +116,9 @@ class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ):
         """Generate images.
 
@@ -129,6 +132,10 @@ class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             height, width: pixels; default: the denoiser's `sample_size` times the VAE factor.
             generator, latents: the initial noise (B, C, H/f, W/f); drawn from `generator` if not given.
             output_type: "pil", "np", "pt" or "latent" (the final latents, unscaled back to the VAE's space).
+            original_size, crops_coords_top_left, target_size: SDXL's size and crop conditions
+                ((h, w), (top, left), (h, w) in pixels), for a model trained with them; the
+                defaults, (height, width), (0, 0), (height, width), ask for an uncropped image
+                at the generated size. Ignored by a model trained without them.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -145,6 +152,12 @@ class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             text = torch.cat([text, null_text.expand_as(text)])  # (2B, L, D)
             pooled = torch.cat([pooled, null_pooled.expand_as(pooled)])  # (2B, P)
 
+        micro = None
+        if getattr(self.transformer.config, "micro_conditioning", False):
+            values = [*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width))]
+            micro = torch.tensor([values], device=device, dtype=torch.float32).expand(text.shape[0], 6)  # (B', 6)
+        extra = () if micro is None else (micro,)
+
         shape = (batch, self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -156,7 +169,7 @@ class ImagemillPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
             sigma = (t / train_steps).expand(model_input.shape[0]).to(dtype)  # (B',) in [0, 1]
-            velocity = self.transformer(model_input.to(dtype), sigma, text, pooled).float()
+            velocity = self.transformer(model_input.to(dtype), sigma, text, pooled, *extra).float()
             if guided:
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance_scale * (v_cond - v_uncond)  # = flow.guided_velocity

@@ -138,3 +138,58 @@ def cache_dir(tmp_path_factory, components_dir, shard_paths) -> Path:
     directory = tmp_path_factory.mktemp("cache")
     build_cache(tiny_config(components_dir), shard_spec(shard_paths), directory)
     return directory
+
+
+# Source image sizes (width, height) from 1:3 to 3:1, for the bucket tests.
+ASPECT_SIZES = [(20, 60), (24, 48), (30, 45), (36, 36), (45, 30), (48, 24), (60, 20), (40, 40), (54, 27), (27, 54)]
+
+
+def write_aspect_shards(directory: Path, *, shards: int, per_shard: int, sizes=ASPECT_SIZES, seed: int = 0) -> list[str]:
+    """Shards of coloured shapes whose source sizes cycle through `sizes` (mixed aspect
+    ratios); each SampleRecord's width/height is the source size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = list(PALETTE)
+    paths, row = [], 0
+    for shard in range(shards):
+        path = directory / f"{shard:06d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for _ in range(per_shard):
+                width, height = sizes[row % len(sizes)]
+                color, background = (str(c) for c in rng.choice(colors, size=2, replace=False))
+                shape = str(rng.choice(SHAPES))
+                image = render(shape, color, background, 64, rng).resize((width, height))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                key = f"{shard:05d}{row:06d}"
+                caption = synthetic_caption(shape, color, background)
+                record = SampleRecord(
+                    key=key, url=f"http://example.test/{key}.png", caption_original=original_caption(shape, color, background),
+                    caption_synthetic=caption, caption=caption, width=width, height=height, image_format="png", status="kept",
+                    shard=path.name, provenance=Provenance(source_file="input.parquet", source_row=row),
+                )
+                writer.write({"__key__": key, "png": buffer.getvalue(), "txt": caption, "json": record.model_dump_json()})
+                row += 1
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def aspect_shard_paths(tmp_path_factory) -> list[str]:
+    return write_aspect_shards(tmp_path_factory.mktemp("aspect-shards"), shards=4, per_shard=15)
+
+
+def bucket_config(components_dir: Path, **sections) -> TrainConfig:
+    """`tiny_config` with aspect buckets (and so size conditioning) on."""
+    data = {"buckets": True, "max_aspect": 3.0}
+    data.update(sections.pop("data", {}))
+    return tiny_config(components_dir, data=data, **sections)
+
+
+@pytest.fixture(scope="session")
+def bucket_cache_dir(tmp_path_factory, components_dir, aspect_shard_paths) -> Path:
+    from trainer.cache import build_cache
+
+    directory = tmp_path_factory.mktemp("bucket-cache")
+    build_cache(bucket_config(components_dir, cache={"samples_per_file": 4}), shard_spec(aspect_shard_paths), directory)
+    return directory

@@ -13,7 +13,9 @@ from safetensors import safe_open
 from tests.trainer.conftest import TEXT_LENGTH, shard_spec, tiny_config, write_shards
 from trainer.cache import CacheMismatch, build_cache, cache_spec, check_cache, read_manifest
 from trainer.components import load_components
-from trainer.data import file_sha256, index_tar, load_rgb, read_member
+from trainer.buckets import load_rgb
+from trainer.data import index_tar, read_member
+from trainer.shard_reader import file_sha256
 
 
 def test_manifest_records_what_made_the_cache(cache_dir, shard_paths, components_dir):

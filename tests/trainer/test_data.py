@@ -12,21 +12,9 @@ import torch
 from PIL import Image
 
 from tests.trainer.conftest import TEXT_LENGTH, shard_spec, write_shards
-from trainer.data import (
-    CachedLatents,
-    RawShards,
-    StreamSlot,
-    batches_before,
-    captions_of,
-    check_split,
-    epoch_files,
-    expand_shards,
-    index_tar,
-    load_rgb,
-    make_loader,
-    read_member,
-    sample_order,
-)
+from trainer.buckets import load_rgb
+from trainer.data import CachedLatents, RawShards, captions_of, expand_shards, index_tar, make_loader, read_member
+from trainer.stream import StreamSlot, batches_before, check_split, epoch_files, sample_order
 
 
 def test_expand_shards(shard_paths, tmp_path):

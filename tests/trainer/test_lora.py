@@ -522,12 +522,11 @@ def test_overfitting_stops_or_keeps_the_best_adapter(tmp_path, base_run, monkeyp
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")  # a marker: the base_run fixture is not built
 def test_bf16_training_on_cuda(tmp_path, base_run):
     from trainer.export import load_exported_pipeline
     from trainer.lora import load_lora, train_lora
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     images = write_concept_folder(tmp_path / "images", count=12)
     summary = quiet(train_lora, images, base_run, tmp_path / "run", short_config(gradient_checkpointing=True), device="cuda")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -114,3 +114,70 @@ def test_presets_and_overrides():
         tiny(preset="XXL")
     with pytest.raises(ValueError, match="not installed"):
         model.use_attention("flash_attn")  # the flash_attn package is not installed on this machine
+
+
+def micro(batch=2, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (batch, 6), generator=g).float()
+
+
+def test_size_and_crop_conditioning():
+    plain, conditioned = tiny(), tiny(micro_conditioning=True)
+    x, t, text, pooled = inputs()
+    # Zero-initialised last layer: switching it on changes nothing before training.
+    assert torch.count_nonzero(conditioned(x, t, text, pooled, micro())) == 0
+    randomise(conditioned)
+    base = conditioned(x, t, text, pooled, micro())
+    changed = micro()
+    changed[:, 2:4] += 8  # another crop offset
+    assert not torch.allclose(base, conditioned(x, t, text, pooled, changed))
+    assert not torch.allclose(base, conditioned(x, t, text, pooled, micro(seed=2)))
+    # Without conditions: an uncropped image of the latent's size (8 pixels per latent by default).
+    uncropped = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, 6)
+    torch.testing.assert_close(conditioned(x, t, text, pooled), conditioned(x, t, text, pooled, uncropped))
+    with pytest.raises(ValueError, match="built without micro_conditioning"):
+        plain(x, t, text, pooled, micro())
+    # The FLOP count includes the size MLP.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        conditioned(x, t, text, pooled, micro())
+    assert counter.get_total_flops() == 2 * conditioned.forward_flops(8, 8, 5)
+
+
+def test_positions_are_interpolated_to_other_grids():
+    from trainer.model import position_scale, sincos_2d
+
+    model = tiny()  # sample_size 8, patch 2: a 4x4 base grid
+    assert position_scale(4, 4, 4) == 1.0
+    base = model._position_table(4, 4, torch.zeros(()))[0]  # (16, D)
+    torch.testing.assert_close(base, sincos_2d(32, 4, 4))
+    double = model._position_table(8, 8, torch.zeros(()))[0].view(8, 8, -1)  # the next stage's grid
+    # Token (2i, 2j) of the 8x8 grid sits where token (i, j) of the 4x4 grid did: same embedding.
+    torch.testing.assert_close(double[::2, ::2].reshape(16, -1), base)
+    wide = model._position_table(2, 8, torch.zeros(()))[0].view(2, 8, -1)  # a 4:1 bucket of the same area
+    torch.testing.assert_close(wide[:, :4].reshape(8, -1), sincos_2d(32, 4, 4).view(4, 4, -1)[:2].reshape(8, -1))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny(micro_conditioning=True)
+    randomise(model)
+    x, t, text, pooled = inputs()
+    conditions = micro()
+
+    saved = []
+
+    def gradients():
+        model.zero_grad()
+        saved.clear()
+        # Count what autograd keeps from the forward pass for the backward pass.
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            loss = model(x, t, text, pooled, conditions).square().mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    plain, kept_plain = gradients()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed, kept_checkpointed = gradients()
+    assert kept_checkpointed < 0.5 * kept_plain  # block activations are recomputed, not kept
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -98,7 +98,7 @@ def _manifest_for(shard: str, count: int) -> bytes:
 
 
 def test_truncated_and_vanishing_shards_are_reported_and_the_cache_goes_on(s3, shard_paths, components_dir, tmp_path, caplog, monkeypatch):
-    import trainer.data
+    import trainer.shard_reader
 
     for i, path in enumerate(shard_paths):
         data = Path(path).read_bytes()
@@ -111,7 +111,7 @@ def test_truncated_and_vanishing_shards_are_reported_and_the_cache_goes_on(s3, s
 
     # Shard 3 is deleted by someone else while shard 2 is being read.
     opened = []
-    real_open = trainer.data.open_for_index
+    real_open = trainer.shard_reader.open_for_index
 
     def open_and_delete(url):
         opened.append(url)
@@ -119,7 +119,7 @@ def test_truncated_and_vanishing_shards_are_reported_and_the_cache_goes_on(s3, s
             s3.fs.rm(vanishing)
         return real_open(url)
 
-    monkeypatch.setattr(trainer.data, "open_for_index", open_and_delete)
+    monkeypatch.setattr(trainer.shard_reader, "open_for_index", open_and_delete)
     with caplog.at_level(logging.ERROR):
         manifest = build_cache(tiny_config(components_dir), spec, s3.url("damaged/cache"))
     sources = {Path(s.path).name: s for s in manifest.sources}
