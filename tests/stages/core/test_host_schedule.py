@@ -20,8 +20,9 @@ class FakeWeb:
     how many were in flight; `answers` maps a host to a function of the
     request's ordinal on that host returning an Outcome (default: 200)."""
 
-    def __init__(self, delay_s: float = 0.01, answers=None, extra_requests=None):
+    def __init__(self, delay_s: float = 0.01, answers=None, extra_requests=None, delays=None):
         self.delay_s = delay_s
+        self.delays = delays or {}  # request ordinal on its host -> seconds, instead of delay_s
         self.answers = answers or {}
         self.extra_requests = extra_requests or {}
         self.lock = threading.Lock()
@@ -41,7 +42,7 @@ class FakeWeb:
             self.starts[host].append(time.monotonic())
             self.in_flight[host] += 1
             self.max_in_flight[host] = max(self.max_in_flight[host], self.in_flight[host])
-        time.sleep(self.delay_s)
+        time.sleep(self.delays.get(ordinal, self.delay_s))
         with self.lock:
             self.in_flight[host] -= 1
         answer = self.answers.get(host)
@@ -109,9 +110,10 @@ def test_a_row_that_failed_untried_is_queued_again_or_answered_unreachable_once_
     [(url, result)] = list(scheduler(web, {}).run(["http://wait.test/a"]))
     assert result.status == 200 and len(web.starts["wait.test"]) == 2
 
-    # On a host that goes down meanwhile, the untried row is not retried but unreachable.
+    # On a host that went down meanwhile (the untried answer comes last), the row is not retried but unreachable.
     web = FakeWeb(
         delay_s=0.05,
+        delays={0: 0.5},
         answers={"dead.test": lambda n: Outcome(untried=True, reached_host=False) if n == 0 else Outcome(host_failure=True)},
     )
     results = dict(scheduler(web, {"dead.test": Budget(4, 1000.0)}, down_after=2).run([f"http://dead.test/{i}" for i in range(3)]))
