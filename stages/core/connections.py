@@ -299,14 +299,86 @@ def classify_error(exc: BaseException) -> Drop:
 # -- DNS cache ----------------------------------------------------------------------
 
 
-class _Lookup:
-    __slots__ = ("done", "addresses", "error", "expires")
+class _Entry:
+    __slots__ = ("done", "value", "error", "expires")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.addresses: list[str] | None = None
+        self.value: object = None
         self.error: BaseException | None = None
-        self.expires = 0.0
+        self.expires = math.inf
+
+
+class SingleFlightCache:
+    """Values by key, each loaded by one thread while the others asking for it
+    wait for that load (so N threads meeting a new host make one DNS lookup or
+    one robots.txt fetch, not N); at most `max_entries` kept, the least
+    recently used dropped first; thread-safe. The DNS cache and the opt-out
+    cache (`stages/core/robots.py`) are this."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[object, _Entry] = collections.OrderedDict()
+        self.loads = 0  # loads started (for tests and logs)
+
+    def get(
+        self,
+        key: object,
+        load: Callable[[], object],
+        *,
+        ttl_s: float = math.inf,
+        keep: Callable[[object, BaseException | None], bool] = lambda value, error: error is None,
+    ) -> tuple[object, bool]:
+        """The value for `key`, calling `load()` if no thread has one younger
+        than `ttl_s` (or is loading it now). Returns (value, whether this call
+        loaded it); raises what `load` raised, to the waiters too. After a load,
+        `keep(value, error)` says whether to remember the outcome; either way the
+        threads already waiting get it."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.done.is_set() and entry.expires <= time.monotonic():
+                entry = None
+            owner = entry is None
+            if owner:
+                entry = self._entries[key] = _Entry()
+                self.loads += 1
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        assert entry is not None
+        if owner:
+            try:
+                entry.value = load()
+            except BaseException as exc:  # noqa: BLE001 - handed to every caller below
+                entry.error = exc
+            entry.expires = time.monotonic() + ttl_s
+            if not keep(entry.value, entry.error):
+                with self._lock:
+                    if self._entries.get(key) is entry:
+                        del self._entries[key]
+            entry.done.set()
+        else:
+            entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.value, owner
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+def _remember_lookup(addresses: object, error: BaseException | None) -> bool:
+    """Answers and "no such name" are kept; a temporary failure or a bug is not."""
+    if error is None:
+        return True
+    return isinstance(error, socket.gaierror | socket.herror) and getattr(error, "errno", None) != socket.EAI_AGAIN
 
 
 class DnsCache:
@@ -320,59 +392,30 @@ class DnsCache:
 
     def __init__(self, resolver: Resolver, max_entries: int = 100_000) -> None:
         self.resolver = resolver
-        self.max_entries = max_entries
-        self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[str, _Lookup] = collections.OrderedDict()
-        self.lookups = 0  # resolver calls made (for tests and logs)
+        self._cache = SingleFlightCache(max_entries)
+        self._uncached = 0
+
+    @property
+    def lookups(self) -> int:
+        """Resolver calls made (for tests and logs)."""
+        return self._cache.loads + self._uncached
 
     def resolve(self, host: str, port: int, ttl_s: float) -> list[str]:
         """The addresses of `host`, from the cache when looked up less than
         `ttl_s` ago (0: always ask the resolver). Raises what the resolver raised."""
         if ttl_s <= 0:
-            with self._lock:
-                self.lookups += 1
+            self._uncached += 1
             return self.resolver(host, port)
-        key = host.lower()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.done.is_set() and entry.expires <= time.monotonic():
-                entry = None
-            owner = entry is None
-            if owner:
-                entry = self._entries[key] = _Lookup()
-                self.lookups += 1
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
-            else:
-                self._entries.move_to_end(key)
-        assert entry is not None
-        if owner:
-            try:
-                entry.addresses = list(self.resolver(host, port))
-            except BaseException as exc:
-                entry.error = exc
-            entry.expires = time.monotonic() + ttl_s
-            if isinstance(entry.error, socket.gaierror) and entry.error.errno == socket.EAI_AGAIN or (
-                entry.error is not None and not isinstance(entry.error, socket.gaierror | socket.herror)
-            ):
-                with self._lock:  # a temporary failure or a bug: not worth remembering
-                    if self._entries.get(key) is entry:
-                        del self._entries[key]
-            entry.done.set()
-        else:
-            entry.done.wait()
-        if entry.error is not None:
-            raise entry.error
-        assert entry.addresses is not None
-        return list(entry.addresses)
+        addresses, _ = self._cache.get(
+            host.lower(), lambda: list(self.resolver(host, port)), ttl_s=ttl_s, keep=_remember_lookup
+        )
+        return list(addresses)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._cache.clear()
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return len(self._cache)
 
 
 _DNS_CACHES: weakref.WeakKeyDictionary[Resolver, DnsCache] = weakref.WeakKeyDictionary()

@@ -46,11 +46,9 @@ life (at most `max_hosts` hosts, least recently used dropped first).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import re
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 
@@ -62,6 +60,7 @@ from stages.core.connections import (
     HOST_FAILURE_REASONS,
     HOST_SLOTS,
     REDIRECT_STATUSES,
+    SingleFlightCache,
     classify_error,
     drain,
     retry_after_of,
@@ -320,64 +319,18 @@ class SiteFileFetching:
 # -- the per-process cache --------------------------------------------------------------
 
 
-class _Entry:
-    __slots__ = ("done", "value", "error")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.value: object = None
-        self.error: BaseException | None = None
-
-
-class OptOutCache:
+class OptOutCache(SingleFlightCache):
     """Per-host opt-out files, fetched once per process; see the module docstring."""
 
     def __init__(self, max_hosts: int = 20_000) -> None:
+        super().__init__(max_hosts)
         self.max_hosts = max_hosts
-        self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[tuple, _Entry] = collections.OrderedDict()
-        self.loads = 0  # fetches started (for tests and logs)
 
-    def get(self, key: tuple, load: Callable[[], object]) -> tuple[object, bool]:
+    def get(self, key: tuple, load: Callable[[], object]) -> tuple[object, bool]:  # type: ignore[override]
         """The value for `key`, calling `load()` if no thread has (or is doing
         so now). Returns (value, whether this call loaded it). A value that is
         an `Unresolved` is handed to the callers waiting for it, then dropped."""
-        with self._lock:
-            entry = self._entries.get(key)
-            owner = entry is None
-            if owner:
-                entry = self._entries[key] = _Entry()
-                self.loads += 1
-                while len(self._entries) > self.max_hosts:
-                    self._entries.popitem(last=False)
-            else:
-                self._entries.move_to_end(key)
-        assert entry is not None
-        if not owner:
-            entry.done.wait()
-            if entry.error is not None:
-                raise entry.error
-            return entry.value, False
-        try:
-            entry.value = load()
-        except BaseException as exc:
-            entry.error = exc
-            raise
-        finally:
-            if entry.error is not None or isinstance(entry.value, Unresolved):
-                with self._lock:
-                    if self._entries.get(key) is entry:
-                        del self._entries[key]
-            entry.done.set()
-        return entry.value, True
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return super().get(key, load, keep=lambda value, error: error is None and not isinstance(value, Unresolved))
 
     def __reduce__(self):
         # Verdicts belong to the process: a pickled copy (a Fetcher shipped to
