@@ -92,14 +92,19 @@ class Outcome:
 
 
 class _Pacer:
-    """Each host's next request slot and current rate, shared by the
-    dispatcher and the fetching threads (which wait for their slots)."""
+    """Each host's next request slot and lowered rate (after 429s), shared by
+    the dispatcher and the fetching threads (which wait for their slots).
+    Slots already past are pruned now and then, so the table follows the hosts
+    being crawled, not every host seen."""
+
+    PRUNE_EVERY = 4096
 
     def __init__(self, clock: Callable[[], float]):
         self.clock = clock
         self.lock = threading.Lock()
         self.next_slot: dict[str, float] = {}
-        self.rate: dict[str, float] = {}
+        self.lowered: dict[str, float] = {}
+        self._reserved = 0
 
     def due(self, host: str) -> float:
         with self.lock:
@@ -108,9 +113,13 @@ class _Pacer:
     def reserve(self, host: str, rate: float) -> float:
         """Take the host's next slot; returns its time (now or later)."""
         with self.lock:
-            rate = self.rate.setdefault(host, rate)
-            slot = max(self.clock(), self.next_slot.get(host, 0.0))
-            self.next_slot[host] = slot + 1.0 / rate
+            now = self.clock()
+            slot = max(now, self.next_slot.get(host, 0.0))
+            self.next_slot[host] = slot + 1.0 / self.lowered.get(host, rate)
+            self._reserved += 1
+            if self._reserved % self.PRUNE_EVERY == 0:
+                # A slot in the past allows the next request now: forgetting it changes nothing.
+                self.next_slot = {h: t for h, t in self.next_slot.items() if t > now}
             return slot
 
     def wait(self, host: str, rate: float) -> None:
@@ -123,10 +132,10 @@ class _Pacer:
         with self.lock:
             self.next_slot[host] = max(self.next_slot.get(host, 0.0), when)
 
-    def slow_down(self, host: str, floor: float) -> None:
+    def slow_down(self, host: str, rate: float, floor: float) -> None:
+        """Halve the host's rate (from `rate`, its budget, the first time), down to `floor`."""
         with self.lock:
-            if host in self.rate:
-                self.rate[host] = max(floor, self.rate[host] / 2)
+            self.lowered[host] = max(floor, self.lowered.get(host, rate) / 2)
 
 
 class _Host:
@@ -177,22 +186,24 @@ class HostScheduler(Generic[Row]):
     def run(self, rows: Iterable[Row]) -> Iterator[tuple[Row, object]]:
         source = iter(rows)
         exhausted = False
+        # State is kept only for hosts with rows queued or in flight (or with
+        # failures not yet reset), so memory and each pass over the hosts follow
+        # the window, not the number of hosts a crawl key holds; hosts declared
+        # down are remembered for the whole call.
         hosts: dict[str, _Host] = {}
         budgets: dict[str, Budget] = {}
+        ready: dict[str, None] = {}  # hosts with queued rows, in arrival order
+        down: dict[str, str] = {}
         buffered = 0
         max_buffered = 8 * self.window
-        answered: collections.deque = collections.deque()  # rows of down hosts, answered without a fetch
+        answered: collections.deque = collections.deque()  # rows answered without a fetch
         retries: dict[int, int] = {}
         in_flight: dict[concurrent.futures.Future, tuple[str, Row]] = {}
         pacer = self.pacer = _Pacer(self.clock)
 
-        def can_start(host: str, state: _Host, now: float) -> bool:
-            return (
-                bool(state.queue)
-                and not state.down
-                and state.in_flight < budgets[host].connections
-                and pacer.due(host) <= now
-            )
+        def can_start(host: str, now: float) -> bool:
+            state = hosts[host]
+            return bool(state.queue) and state.in_flight < budgets[host].connections and pacer.due(host) <= now
 
         def fetch_paced(row: Row, host: str, first_slot: float):
             # The first request to the row's host uses the slot taken when the
@@ -211,29 +222,42 @@ class HostScheduler(Generic[Row]):
 
             return self.fetch(row, pace)
 
-        def take(row: Row) -> str | None:
-            """Queue a row under its host (or answer it if the host is down); returns the host if queued."""
+        def queue(host: str, row: Row, front: bool = False) -> None:
             nonlocal buffered
-            host = host_of(self.url_of(row))
             state = hosts.get(host)
             if state is None:
                 budgets[host] = self.budget_of(host)
                 state = hosts[host] = _Host()
-            if state.down:
-                answered.append((row, Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)))
-                return None
-            state.queue.append(row)
+            if front:
+                state.queue.appendleft(row)
+            else:
+                state.queue.append(row)
+            ready[host] = None
             buffered += 1
+
+        def take(row: Row) -> str | None:
+            """Queue a row under its host (or answer it if the host is down); returns the host if queued."""
+            host = host_of(self.url_of(row))
+            if host in down:
+                answered.append((row, Drop(RejectReason.HOST_UNREACHABLE, down[host])))
+                return None
+            queue(host, row)
             return host
 
         def declare_down(host: str, state: _Host, detail: str) -> None:
             nonlocal buffered
             state.down = True
-            state.down_detail = detail
+            state.down_detail = down[host] = detail
             self.hosts_declared_down += 1
             while state.queue:
                 buffered -= 1
                 answered.append((state.queue.popleft(), Drop(RejectReason.HOST_UNREACHABLE, detail)))
+            ready.pop(host, None)
+
+        def forget_if_idle(host: str) -> None:
+            state = hosts[host]
+            if not state.queue and not state.in_flight and (state.failures == 0 or host in down):
+                del hosts[host], budgets[host]
 
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="crawl") as pool:
             while True:
@@ -248,13 +272,16 @@ class HostScheduler(Generic[Row]):
 
                 # 2. Start every fetch the budgets allow.
                 now = self.clock()
-                for host, state in hosts.items():
-                    while len(in_flight) < self.threads and can_start(host, state, now):
+                for host in list(ready):
+                    state = hosts[host]
+                    while len(in_flight) < self.threads and can_start(host, now):
                         row = state.queue.popleft()
                         buffered -= 1
                         state.in_flight += 1
                         slot = pacer.reserve(host, budgets[host].rate)
                         in_flight[pool.submit(fetch_paced, row, host, slot)] = (host, row)
+                    if not state.queue:
+                        del ready[host]
                     if len(in_flight) >= self.threads:
                         break
 
@@ -272,16 +299,12 @@ class HostScheduler(Generic[Row]):
                         except StopIteration:
                             exhausted = True
                             break
-                        found = host is not None and can_start(host, hosts[host], now)
+                        found = host is not None and can_start(host, now)
                     if found or answered:
                         continue
 
                 # 3. Wait for a fetch to finish, or for the first host whose next request is due.
-                waits = [
-                    pacer.due(host)
-                    for host, state in hosts.items()
-                    if state.queue and not state.down and state.in_flight < budgets[host].connections
-                ]
+                waits = [pacer.due(h) for h in ready if hosts[h].in_flight < budgets[h].connections]
                 timeout = max(0.0, min(waits) - self.clock()) if waits else None
                 if not in_flight:
                     time.sleep(timeout or 0.0)
@@ -295,11 +318,13 @@ class HostScheduler(Generic[Row]):
                         result = future.result()
                     except Exception as err:  # noqa: BLE001 - handed to the caller as the row's result
                         yield row, err
+                        forget_if_idle(host)
                         continue
                     settled = self._settle(host, state, budgets[host], row, self.outcome(result), retries, declare_down)
                     if settled is _REQUEUED:
-                        buffered += 1  # the row went back to its host's queue
+                        queue(host, row, front=True)
                         continue
+                    forget_if_idle(host)
                     yield row, result if settled is None else settled
                 while answered:
                     yield answered.popleft()
@@ -309,7 +334,7 @@ class HostScheduler(Generic[Row]):
         the row went back to its host's queue, a `Drop` that replaces the
         row's result, or None (the result stands)."""
         if outcome.status == 429:
-            self.pacer.slow_down(host, budget.rate * MIN_RATE_FRACTION)
+            self.pacer.slow_down(host, budget.rate, budget.rate * MIN_RATE_FRACTION)
         if outcome.host_failure:
             state.failures += 1
             if state.failures >= self.down_after and not state.down:
@@ -319,7 +344,7 @@ class HostScheduler(Generic[Row]):
         if outcome.untried:
             if state.down:
                 return Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)
-            return self._requeue(state, row, retries)
+            return self._retry(row, retries)
         if outcome.retry_after_s is not None and outcome.status in (429, 503) and not state.down:
             if outcome.retry_after_s > self.max_retry_after_s:
                 declare_down(
@@ -330,16 +355,16 @@ class HostScheduler(Generic[Row]):
                 )
                 return None
             self.pacer.hold_until(host, self.clock() + outcome.retry_after_s)
-            return self._requeue(state, row, retries)
+            return self._retry(row, retries)
         retries.pop(id(row), None)
         return None
 
     @staticmethod
-    def _requeue(state: _Host, row, retries: dict):
+    def _retry(row, retries: dict):
+        """`_REQUEUED` if the row may be tried again (the caller queues it), else None."""
         attempts = retries.get(id(row), 0)
         if attempts >= MAX_RETRY_AFTER_ATTEMPTS:
             retries.pop(id(row), None)
             return None
         retries[id(row)] = attempts + 1
-        state.queue.appendleft(row)
         return _REQUEUED

@@ -92,6 +92,20 @@ def test_every_request_a_fetch_sends_is_paced_not_only_the_first():
     assert min(b - a for a, b in zip(starts, starts[1:])) >= 1 / 20.0 - 0.005
 
 
+def test_state_follows_the_window_not_the_number_of_hosts():
+    # A crawl key of the long tail: thousands of hosts with one URL each.
+    web = FakeWeb(delay_s=0.0)
+    sched = scheduler(web, {}, threads=8)
+    hosts_in_flight_or_queued = []
+    results = []
+    for item in sched.run(f"http://h{i}.test/x" for i in range(6000)):
+        results.append(item)
+        hosts_in_flight_or_queued.append(len(sched.pacer.next_slot))
+    assert len(results) == 6000 and len(web.starts) == 6000
+    # Slots already past are pruned: the pacer's table never held every host.
+    assert max(hosts_in_flight_or_queued) < 6000 and hosts_in_flight_or_queued[-1] < 2000
+
+
 def test_a_host_failing_n_times_in_a_row_is_declared_down_and_its_other_rows_get_no_request():
     web = FakeWeb(answers={"dead.test": lambda n: Outcome(host_failure=True)})
     urls = [f"http://dead.test/{i}" for i in range(20)] + [f"http://ok.test/{i}" for i in range(5)]
