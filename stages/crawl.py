@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas import CrawlConfig, RejectReason, SampleRecord, Stage
+from schemas import CrawlConfig, SampleRecord, Stage
 from stages.base import REJECTS, StageMetrics, WithImage, internal_error, rejection
 from stages.core.fetch import HOST_FAILURE_REASONS, Fetcher, FetchResult
 from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
