@@ -193,3 +193,13 @@ def bucket_cache_dir(tmp_path_factory, components_dir, aspect_shard_paths) -> Pa
     directory = tmp_path_factory.mktemp("bucket-cache")
     build_cache(bucket_config(components_dir, cache={"samples_per_file": 4}), shard_spec(aspect_shard_paths), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def lora_base_run(tmp_path_factory, components_dir) -> Path:
+    """A base model trained on palette shapes (never the concept colour), built
+    once per session: the LoRA tests learn on it and the UI tests drive it."""
+    from tests.trainer.lora_helpers import train_base
+
+    return train_base(tmp_path_factory.mktemp("lora_base"), components_dir)
+

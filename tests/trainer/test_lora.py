@@ -36,7 +36,6 @@ from tests.trainer.lora_helpers import (
     reference_latents,
     sample_latents,
     short_config,
-    train_base,
     write_concept_folder,
     write_odd_folder,
 )
@@ -56,9 +55,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, components_dir) -> Path:
-    # components_dir (tests/trainer/conftest.py): its VAE separates the palette colours and the concept's.
-    return train_base(tmp_path_factory.mktemp("lora_base"), components_dir)
+def base_run(lora_base_run) -> Path:
+    # tests/trainer/conftest.py: built once per session (the UI tests use it too); its
+    # components' VAE separates the palette colours and the concept's.
+    return lora_base_run
 
 
 def quiet(fn, *args, **kwargs):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import console_errors, screenshot, start_browser
-from tests.trainer.lora_helpers import TRIGGER, train_base, write_concept_folder
+from tests.browser import console_errors, screenshot
+from tests.trainer.lora_helpers import TRIGGER, write_concept_folder
 from trainer.ui import Workspace, build_app, launch
 
 # `trainer lora` settings for short CPU runs (as tests/trainer/test_lora.py's short_config).
@@ -25,9 +25,10 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, components_dir) -> Path:
-    # A base trained for a few steps is enough: the UI tests check plumbing, not learning.
-    return train_base(tmp_path_factory.mktemp("ui_base"), components_dir, steps=20)
+def base_model(lora_base_run) -> Path:
+    # The LoRA tests' base (tests/trainer/conftest.py), built once per session: the UI
+    # tests check plumbing, not learning, so any base serves.
+    return lora_base_run
 
 
 def _free_port() -> int:
@@ -49,13 +50,10 @@ def served(tmp_path, base_model, monkeypatch):
 
 
 @pytest.fixture
-def browser(tmp_path):
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    driver = start_browser(download_dir=downloads, width=1280, height=1600)
-    driver.downloads = downloads
-    yield driver
-    driver.quit()
+def browser(browser):
+    # The session's Chromium (tests/browser.py), with a window tall enough for the whole form.
+    browser.set_window_size(1280, 1600)
+    return browser
 
 
 def wait_for(driver, predicate, timeout: float = 120, what: str = "condition"):
