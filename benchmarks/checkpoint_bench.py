@@ -1,7 +1,7 @@
 """What resume costs: crawl-to-shards throughput of `beam run curate` with
 committed work units (`checkpoint.enabled`, the default) against the same run
 without them, on one generated corpus served from 127.0.0.1, in the same
-process, both orders (A B B A).
+process, both orders (A B B A), after a warm-up run that is not counted.
 
     python -m benchmarks.checkpoint_bench [--images 4000] [--rounds 1] [--quick]
 
@@ -68,13 +68,15 @@ def main_bench(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="300 images: checks the benchmark runs, measures start-up")
+    parser.add_argument("--corpus", help="folder to keep the generated JPEGs in between runs (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images = 300
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        items = write_corpus(workdir / "web", args.images)
-        web = loopback_web(workdir / "web", [name for name, _ in items])
+        corpus = Path(args.corpus) if args.corpus else workdir / "web"
+        items = write_corpus(corpus, args.images)
+        web = loopback_web(corpus, [name for name, _ in items])
         urls = workdir / "urls.parquet"
         with web as served:
             rows = [{"url": url, "caption": caption} for url, (_, caption) in zip(served, items)]
@@ -88,6 +90,10 @@ def main_bench(argv: list[str] | None = None) -> None:
 
 def run_rounds(urls: Path, workdir: Path, args) -> dict[bool, list[float]]:
     """A B B A rounds; images/s of each run, by checkpointing on/off."""
+    # A first run that is not counted: it warms the page cache (the web reads its
+    # files from disk) and Python's imports, which would otherwise cost side A alone.
+    rate, seconds = run_side(urls, workdir, "warmup", False, args)
+    print(f"warm-up (not counted): {rate:7.1f} images/s  ({seconds:.0f} s)", flush=True)
     figures: dict[bool, list[float]] = {True: [], False: []}
     run = 0
     for _ in range(args.rounds):
