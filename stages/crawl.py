@@ -21,7 +21,6 @@ failures as one `Rejection` each (stage `crawl`), including
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import zlib
@@ -34,22 +33,10 @@ from apache_beam.metrics import Metrics
 from schemas import CrawlConfig, SampleRecord, Stage
 from stages.base import REJECTS, StageMetrics, WithImage, internal_error, rejection
 from stages.core.fetch import HOST_FAILURE_REASONS, Fetcher, FetchResult
-from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
+from stages.core.host_schedule import HostScheduler, Outcome, host_budget, host_of
 from stages.core.verdict import Drop
 
 logger = logging.getLogger(__name__)
-
-
-def host_budget(config: CrawlConfig, host: str, splits: int = 1) -> Budget:
-    """The budget of `host` (first matching `host_budgets` pattern, else the
-    defaults), divided among the `splits` sub-keys of a hot host."""
-    connections, rate = config.max_per_host, config.max_host_rate
-    for budget in config.host_budgets:
-        if fnmatch.fnmatchcase(host, budget.pattern.lower()):
-            connections = budget.max_per_host or connections
-            rate = budget.max_host_rate or rate
-            break
-    return Budget(connections=max(1, connections // splits), rate=rate / splits)
 
 
 def host_splits(config: CrawlConfig, host: str, rows: int) -> int:

@@ -58,7 +58,6 @@ timeouts apply) and the total duration of a body that keeps trickling in
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import http.client
 import ipaddress
 import logging
@@ -78,6 +77,7 @@ from stages.core.connections import (  # noqa: I001 - grouped to keep the module
 from stages.core.robots import (
     OPT_OUT_CACHE, ROBOTS_PATH, TDMREP_PATH, OptOutCache, RobotsRules, SiteFileFetching, Unresolved, header_reservation,
 )
+from stages.core.host_schedule import host_budget
 from stages.core.verdict import Drop
 
 # img2dataset's package import pulls in albumentations, which otherwise checks
@@ -241,14 +241,10 @@ class Fetcher(SiteFileFetching):
         self._pool.close()
 
     def connections_for(self, host: str) -> int:
-        """The most requests in flight to `host` in this process: the
-        `max_per_host` of the first `host_budgets` entry whose pattern matches
-        it (fnmatch; first match wins, and its None keeps the default), else
-        `config.max_per_host`."""
-        for budget in self.config.host_budgets:
-            if fnmatch.fnmatchcase(host, budget.pattern.lower()):
-                return budget.max_per_host or self.config.max_per_host
-        return self.config.max_per_host
+        """The most requests in flight to `host` in this process: its budget's
+        connections (`host_schedule.host_budget`: the first matching
+        `host_budgets` entry, else `config.max_per_host`)."""
+        return host_budget(self.config, host).connections
 
     def fetch(self, url: str, *, before_request: Callable[[str], None] | None = None) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to

@@ -34,13 +34,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import fnmatch
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
-from schemas import RejectReason
+from schemas import CrawlConfig, RejectReason
 from stages.core.verdict import Drop
 
 Row = TypeVar("Row")
@@ -68,6 +69,18 @@ class Budget:
 
     connections: int
     rate: float
+
+
+def host_budget(config: CrawlConfig, host: str, splits: int = 1) -> Budget:
+    """The budget of `host` (first matching `host_budgets` pattern, else the
+    defaults), divided among the `splits` sub-keys of a hot host."""
+    connections, rate = config.max_per_host, config.max_host_rate
+    for budget in config.host_budgets:
+        if fnmatch.fnmatchcase(host, budget.pattern.lower()):
+            connections = budget.max_per_host or connections
+            rate = budget.max_host_rate or rate
+            break
+    return Budget(connections=max(1, connections // splits), rate=rate / splits)
 
 
 @dataclasses.dataclass
