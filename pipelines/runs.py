@@ -381,8 +381,7 @@ def write_run_file(output_dir: str, content: dict) -> None:
 def read_run_file(output_dir: str) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(FileSystems.join(output_dir, RUN_FILE), compression_type="uncompressed") as f:
-        return json.loads(f.read())
+    return _read_json(FileSystems.join(output_dir, RUN_FILE))
 
 
 def finish_run(output_dir: str, status: str) -> None:
