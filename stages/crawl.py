@@ -127,10 +127,22 @@ class CrawlDoFn(beam.DoFn):
         `then(fetched: WithImage)`, if given, runs on the fetching thread right
         after a successful fetch (decoding there uses every core while the GIL is
         released), and its result (or the exception it raised) comes along."""
+        scheduler = self.scheduler(hot, then)
+        for record, done in scheduler.run(records):
+            yield self.emit(record, done)
+        self.count_hosts_down(scheduler)
+
+    def scheduler(self, hot: dict[str, int], then=None, record_of=None) -> HostScheduler:
+        """A `HostScheduler` that fetches rows (records, or anything `record_of`
+        maps to its record) and runs `then` after each successful fetch; read
+        its results with `emit`. Budgets are the crawl config's, each hot
+        host's divided by its number of sub-keys (`hot`)."""
         assert self._fetcher is not None and self._metrics is not None
         fetcher = self._fetcher
+        record_of = record_of or (lambda row: row)
 
-        def work(record: SampleRecord, pace):
+        def work(row, pace):
+            record = record_of(row)
             result = fetcher.fetch(record.url, before_request=pace)
             after = None
             if then is not None and result.drop is None and result.data is not None:
@@ -140,21 +152,25 @@ class CrawlDoFn(beam.DoFn):
                     after = err
             return result, after
 
-        scheduler = HostScheduler(
+        return HostScheduler(
             fetch=work,
             outcome=lambda done: fetch_outcome(done[0]),
-            url_of=lambda record: record.url,
+            url_of=lambda row: record_of(row).url,
             budget_of=lambda host: host_budget(self.config, host, hot.get(host, 1)),
             threads=self.config.threads,
             down_after=self.config.host_down_after,
             max_retry_after_s=self.config.max_retry_after_s,
         )
-        for record, done in scheduler.run(records):
-            if isinstance(done, tuple):
-                result, after = done
-                yield self._emit(record, result), after
-            else:
-                yield self._emit(record, done), None
+
+    def emit(self, record: SampleRecord, done) -> tuple:
+        """A scheduler result -> `(output, then_result)` (see `crawl`); counts
+        it in the metrics, so it runs on the DoFn's thread."""
+        if isinstance(done, tuple):
+            result, after = done
+            return self._emit(record, result), after
+        return self._emit(record, done), None
+
+    def count_hosts_down(self, scheduler: HostScheduler) -> None:
         if scheduler.hosts_declared_down:
             self._hosts_down.inc(scheduler.hosts_declared_down)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,9 +35,12 @@ from collections.abc import Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import CheckpointConfig, CrawlConfig, DecodeConfig, Rejection, SampleRecord
 from stages.base import REJECTS
+from stages.core.host_schedule import PENDING
 from stages.crawl import CrawlDoFn, KeyByHost
 from stages.resolution import DecodeDoFn
 from stages.shards import write_atomically
@@ -72,10 +77,9 @@ def read_part(path: str) -> Iterator[SampleRecord | Rejection]:
 
 
 class _Part:
-    """Rows finished since the last commit, and the staging file their bytes are in."""
+    """Rows of one crawl key finished since its last commit."""
 
-    def __init__(self, output_dir: str):
-        self.staging = StagingFile(output_dir)
+    def __init__(self):
         self.records: list[SampleRecord] = []
         self.rejects: list[Rejection] = []
         self.started = time.monotonic()
@@ -89,12 +93,112 @@ class _Part:
         return ("\n".join(lines) + "\n").encode()
 
 
+class _Key:
+    """A crawl key of the bundle whose rows are still being fetched."""
+
+    __slots__ = ("part", "submitted", "finished", "fed")
+
+    def __init__(self):
+        self.part = _Part()
+        self.submitted = 0  # rows handed to the scheduler
+        self.finished = 0  # rows whose result came back
+        self.fed = False  # every row of the key has been handed over
+
+    @property
+    def done(self) -> bool:
+        return self.fed and self.finished == self.submitted
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Feed:
+    """One `HostScheduler` for every crawl key of a bundle, run on a thread of
+    its own: the DoFn hands it `(crawl key, record)` rows as `process` reads
+    each key, and collects results as they come. One key's slow tail (a
+    hanging host's last timeouts, a rate-limited host's last rows) then
+    overlaps the next keys' fetches instead of idling the worker; each key
+    is still fetched inside this one scheduler, so its hosts' budgets hold."""
+
+    def __init__(self, scheduler, size: int):
+        self._inbox: queue.Queue = queue.Queue(maxsize=size)
+        self._outbox: queue.Queue = queue.Queue()
+        self.scheduler = scheduler
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._drive, name="crawl-feed", daemon=True)
+        self._thread.start()
+        self.ended = False
+
+    def _rows(self):
+        while not self._stopped.is_set():
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                yield PENDING
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def _drive(self) -> None:
+        try:
+            for row, done in self.scheduler.run(self._rows()):
+                self._outbox.put((row, done))
+        except BaseException as err:  # noqa: BLE001 - re-raised on the DoFn's thread
+            self._outbox.put(_Failed(err))
+        finally:
+            self._outbox.put(_END)
+
+    def stop(self) -> None:
+        """End the input of a feed whose bundle failed (its results are dropped:
+        the retried bundle fetches those rows again)."""
+        self._stopped.set()
+
+    def offer(self, item, timeout: float = 0.05) -> bool:
+        """Hand over a row (or `_END`); False if the feed is full (collect, then offer again)."""
+        try:
+            self._inbox.put(item, timeout=timeout)
+            return True
+        except queue.Full:
+            return False
+
+    def results(self, wait: float = 0.0) -> list:
+        """The `(row, result)` pairs ready now (waiting up to `wait` s for the
+        first); sets `ended` once the scheduler has returned."""
+        out = []
+        try:
+            item = self._outbox.get(timeout=wait) if wait else self._outbox.get_nowait()
+            while True:
+                if item is _END:
+                    self.ended = True
+                    break
+                if isinstance(item, _Failed):
+                    raise item.error
+                out.append(item)
+                item = self._outbox.get_nowait()
+        except queue.Empty:
+            pass
+        return out
+
+
 class CrawlUnitsDoFn(CrawlDoFn):
     """(crawl key, records) -> staged records (bytes in a staging file, `image_ref`
     set), and the crawl and decode rejections on `rejects`; committed in parts
     (see the module docstring). With `checkpoint.enabled` off, nothing is
     committed and nothing is skipped (the bookkeeping's cost is measured
-    against that)."""
+    against that).
+
+    The keys of a bundle are fetched together (`_Feed`): a key's results may
+    leave during a later key's `process` or in `finish_bundle`. The bytes of
+    every key go to one staging file, which is closed (and a new one begun)
+    whenever a part is committed, so a committed part never refers to a file
+    still being written.
+    """
 
     def __init__(
         self,
@@ -119,6 +223,12 @@ class CrawlUnitsDoFn(CrawlDoFn):
         self._rows_resumed = Metrics.counter(_NS, "rows_resumed")
         self._staged_bytes = Metrics.counter("staging", "bytes")
 
+    def start_bundle(self) -> None:
+        self._stop_feed()
+        self._feed: _Feed | None = None
+        self._keys: dict[str, _Key] = {}
+        self._staging = StagingFile(self.output_dir)
+
     def process(self, element, hot=None):
         crawl_key, records = element
         done: set[str] = set()
@@ -129,30 +239,76 @@ class CrawlUnitsDoFn(CrawlDoFn):
                     yield item if isinstance(item, SampleRecord) else beam.pvalue.TaggedOutput(REJECTS, item)
             if done:
                 self._rows_resumed.inc(len(done))
-        todo = (record for record in records if record.key not in done)
-        part = _Part(self.output_dir)
-        # Decoding (and hashing) runs on the fetching threads (`then`); counting
-        # and staging here, on the DoFn's thread, where Beam's metrics are recorded.
-        for fetched, decoded in self.crawl(todo, hot or {}, then=self._decoder.apply):
-            if isinstance(fetched, beam.pvalue.TaggedOutput):
-                part.rejects.append(fetched.value)
+        if self._feed is None:
+            # Decoding (and hashing) runs on the fetching threads (`then`); counting
+            # and staging here, on the DoFn's thread, where Beam's metrics are recorded.
+            scheduler = self.scheduler(hot or {}, then=self._decoder.apply, record_of=lambda row: row[1])
+            self._feed = _Feed(scheduler, size=self.config.threads)
+        key = self._keys.setdefault(crawl_key, _Key())
+        for record in records:
+            if record.key in done:
                 continue
-            for out in self._decoder.settle(fetched, decoded):
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    part.rejects.append(out.value)
-                    continue
-                ref = part.staging.append(out.data)
-                self._staged_bytes.inc(len(out.data))
-                part.records.append(out.record.model_copy(update={"image_ref": ref}))
-            if len(part) >= self.checkpoint.rows or time.monotonic() - part.started >= self.checkpoint.seconds:
-                yield from self._commit(crawl_key, part)
-                part = _Part(self.output_dir)
-        if len(part):
-            yield from self._commit(crawl_key, part)
+            while not self._feed.offer((crawl_key, record)):
+                yield from self._collect()
+            key.submitted += 1
+        key.fed = True
+        yield from self._collect()
+        if key.done:
+            yield from self._close_key(crawl_key)
 
-    def _commit(self, crawl_key: str, part: _Part):
+    def finish_bundle(self):
+        if self._feed is None:
+            return
+        while not self._feed.offer(_END):
+            yield from map(_windowed, self._collect())
+        while not self._feed.ended:
+            yield from map(_windowed, self._collect(wait=0.5))
+        self.count_hosts_down(self._feed.scheduler)
+        self._feed = None
+        for crawl_key in list(self._keys):  # keys with no row to fetch
+            yield from map(_windowed, self._close_key(crawl_key))
+
+    def teardown(self) -> None:
+        self._stop_feed()
+        super().teardown()
+
+    def _stop_feed(self) -> None:
+        feed = getattr(self, "_feed", None)
+        if feed is not None:  # left by a bundle that failed
+            feed.stop()
+            self._feed = None
+
+    def _collect(self, wait: float = 0.0):
+        """Settle the results ready now (waiting up to `wait` s); commit the parts that are due."""
+        for (crawl_key, record), result in self._feed.results(wait):
+            key = self._keys[crawl_key]
+            key.finished += 1
+            fetched, decoded = self.emit(record, result)
+            if isinstance(fetched, beam.pvalue.TaggedOutput):
+                key.part.rejects.append(fetched.value)
+            else:
+                for out in self._decoder.settle(fetched, decoded):
+                    if isinstance(out, beam.pvalue.TaggedOutput):
+                        key.part.rejects.append(out.value)
+                        continue
+                    ref = self._staging.append(out.data)
+                    self._staged_bytes.inc(len(out.data))
+                    key.part.records.append(out.record.model_copy(update={"image_ref": ref}))
+            if key.done:
+                yield from self._close_key(crawl_key)
+            elif len(key.part) >= self.checkpoint.rows or time.monotonic() - key.part.started >= self.checkpoint.seconds:
+                yield from self._commit(crawl_key, key)
+
+    def _close_key(self, crawl_key: str):
+        key = self._keys.pop(crawl_key)
+        if len(key.part):
+            yield from self._commit(crawl_key, key)
+
+    def _commit(self, crawl_key: str, key: _Key):
         # The bytes first: a committed part never refers to a file still being written.
-        part.staging.close()
+        self._staging.close()
+        self._staging = StagingFile(self.output_dir)
+        part, key.part = key.part, _Part()
         if self.checkpoint.enabled:
             path = FileSystems.join(parts_dir(self.output_dir, crawl_key), f"{uuid.uuid4().hex}.jsonl")
             write_atomically(path, part.lines())
@@ -160,6 +316,14 @@ class CrawlUnitsDoFn(CrawlDoFn):
         yield from part.records
         for reject in part.rejects:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
+
+
+def _windowed(output):
+    """An output of `finish_bundle`, which Beam takes only as a WindowedValue
+    (every row of a curate run is in the global window)."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, _windowed(output.value))
+    return WindowedValue(output, GlobalWindow().max_timestamp(), [GlobalWindow()])
 
 
 class CrawlCommitted(beam.PTransform):

@@ -22,11 +22,18 @@ workers, and need no counters shared between processes.
 - **host down**: `down_after` consecutive host failures (connection refused
   or reset, DNS failure, timeout) declare the host down: its queued rows and
   every later row are answered `host_unreachable` at once, with no request.
+  Until a host first answers, it gets one fetch at a time, so a dead host is
+  sent at most `down_after` requests and holds one thread while it times out.
 
 Rows are read from the input lazily, a window at a time (`window`), and kept
 in per-host queues, so a slow or rate-limited host holds back only its own
 rows while the threads serve the others (the long tail of small hosts keeps
 the pool busy). Results are yielded in completion order.
+
+The input may be *live*: an iterator that yields `PENDING` when it has no row
+yet but will have more (the crawl stage feeds one scheduler from every crawl
+key of a bundle, so the keys' slow tails overlap). The scheduler then goes on
+serving what it holds and asks again within `POLL_S`.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ Row = TypeVar("Row")
 # failing untried) before its last result stands.
 MAX_RETRY_AFTER_ATTEMPTS = 3
 _REQUEUED = object()
+# Yielded by a live input that has no row yet (see the module docstring).
+PENDING = object()
+# How long the scheduler waits before asking a live input again.
+POLL_S = 0.02
 # A host's rate never drops below its budget divided by this, however many 429s it sends.
 MIN_RATE_FRACTION = 1 / 16
 
@@ -152,7 +163,7 @@ class _Pacer:
 
 
 class _Host:
-    __slots__ = ("queue", "in_flight", "failures", "down", "down_detail")
+    __slots__ = ("queue", "in_flight", "failures", "down", "down_detail", "answered")
 
     def __init__(self):
         self.queue: collections.deque = collections.deque()
@@ -160,6 +171,7 @@ class _Host:
         self.failures = 0
         self.down = False
         self.down_detail = ""
+        self.answered = False  # a fetch has reached the host without a host failure
 
 
 class HostScheduler(Generic[Row]):
@@ -199,6 +211,7 @@ class HostScheduler(Generic[Row]):
     def run(self, rows: Iterable[Row]) -> Iterator[tuple[Row, object]]:
         source = iter(rows)
         exhausted = False
+        live = False  # the input has said PENDING at least once
         # State is kept only for hosts with rows queued or in flight (or with
         # failures not yet reset), so memory and each pass over the hosts follow
         # the window, not the number of hosts a crawl key holds; hosts declared
@@ -216,7 +229,14 @@ class HostScheduler(Generic[Row]):
 
         def can_start(host: str, now: float) -> bool:
             state = hosts[host]
-            return bool(state.queue) and state.in_flight < budgets[host].connections and pacer.due(host) <= now
+            return bool(state.queue) and state.in_flight < connections(host) and pacer.due(host) <= now
+
+        def connections(host: str) -> int:
+            # A host is probed with one fetch at a time until it first answers: a
+            # dead host then costs `down_after` requests and holds one thread, not
+            # `connections` threads for a timeout each (its first fetch is usually
+            # robots.txt, which the host's other rows would only wait for).
+            return budgets[host].connections if hosts[host].answered else 1
 
         def fetch_paced(row: Row, host: str, first_slot: float):
             # The first request to the row's host uses the slot taken when the
@@ -274,12 +294,18 @@ class HostScheduler(Generic[Row]):
 
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="crawl") as pool:
             while True:
-                # 1. Read ahead until the window is full.
+                # 1. Read ahead until the window is full (or a live input has nothing yet).
+                starved = False
                 while not exhausted and buffered < self.window:
                     try:
-                        take(next(source))
+                        row = next(source)
                     except StopIteration:
                         exhausted = True
+                        break
+                    if row is PENDING:
+                        live = starved = True
+                        break
+                    take(row)
                 while answered:
                     yield answered.popleft()
 
@@ -301,24 +327,37 @@ class HostScheduler(Generic[Row]):
                 if not in_flight and buffered == 0:
                     if exhausted:
                         return
+                    if starved:
+                        time.sleep(POLL_S)
                     continue
                 # Threads idle while every buffered row waits on its host: read
                 # further ahead, so a few slow or rate-limited hosts do not starve the rest.
-                if len(in_flight) < self.threads and not exhausted and buffered < max_buffered:
+                if len(in_flight) < self.threads and not exhausted and not starved and buffered < max_buffered:
                     found = False
                     while not found and not exhausted and buffered < max_buffered:
                         try:
-                            host = take(next(source))
+                            row = next(source)
                         except StopIteration:
                             exhausted = True
                             break
+                        if row is PENDING:
+                            live = True
+                            break
+                        host = take(row)
                         found = host is not None and can_start(host, now)
                     if found or answered:
                         continue
 
                 # 3. Wait for a fetch to finish, or for the first host whose next request is due.
-                waits = [pacer.due(h) for h in ready if hosts[h].in_flight < budgets[h].connections]
+                # (With every thread busy, only a finished fetch can start another:
+                # a due host must not turn this wait into a busy loop.)
+                waits = []
+                if len(in_flight) < self.threads:
+                    waits = [pacer.due(h) for h in ready if hosts[h].in_flight < connections(h)]
                 timeout = max(0.0, min(waits) - self.clock()) if waits else None
+                if live and not exhausted:
+                    # New rows may arrive at any time: look again soon.
+                    timeout = POLL_S if timeout is None else min(timeout, POLL_S)
                 if not in_flight:
                     time.sleep(timeout or 0.0)
                     continue
@@ -354,6 +393,7 @@ class HostScheduler(Generic[Row]):
                 declare_down(host, state, f"{host} failed {state.failures} times in a row (host_down_after={self.down_after})")
         elif outcome.reached_host:
             state.failures = 0
+            state.answered = True
         if outcome.untried:
             if state.down:
                 return Drop(RejectReason.HOST_UNREACHABLE, state.down_detail)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from schemas import CrawlConfig, HostBudget, RejectReason
-from stages.core.host_schedule import Budget, HostScheduler, Outcome, host_of
+from stages.core.host_schedule import PENDING, Budget, HostScheduler, Outcome, host_of
 from stages.core.verdict import Drop
 from stages.crawl import crawl_key, host_budget, host_splits
 
@@ -118,6 +118,20 @@ def test_a_host_failing_n_times_in_a_row_is_declared_down_and_its_other_rows_get
     assert len(web.starts["ok.test"]) == 5 and sched.hosts_declared_down == 1
 
 
+def test_a_host_is_probed_one_fetch_at_a_time_until_it_answers():
+    # A hanging host (each request fails only after a timeout) with a budget of
+    # 8 connections: it is probed one request at a time until it answers, so
+    # it costs down_after timeouts of one thread, not 8 threads.
+    web = FakeWeb(delay_s=0.1, answers={"hang.test": lambda n: Outcome(host_failure=True)})
+    urls = [f"http://hang.test/{i}" for i in range(30)] + [f"http://ok.test/{i}" for i in range(20)]
+    sched = scheduler(web, {"hang.test": Budget(8, 1000.0), "ok.test": Budget(8, 1000.0)})
+    results = dict(sched.run(urls))
+    assert len(web.starts["hang.test"]) == 3 and web.max_in_flight["hang.test"] == 1
+    assert sum(isinstance(r, Drop) for r in results.values()) == 27
+    # A host that answers gets its whole budget.
+    assert web.max_in_flight["ok.test"] == 8
+
+
 def test_a_row_that_failed_untried_is_queued_again_or_answered_unreachable_once_the_host_is_down():
     # The first answer says: failed without a request of its own (it waited on another's).
     web = FakeWeb(answers={"wait.test": lambda n: Outcome(untried=True, reached_host=False) if n == 0 else Outcome(status=200)})
@@ -201,3 +215,46 @@ def test_host_budgets_patterns_and_hot_host_splits():
 @pytest.mark.parametrize("url, host", [("http://Example.COM:8080/x", "example.com"), ("not a url", ""), ("http://[::1]/", "::1")])
 def test_host_of(url, host):
     assert host_of(url) == host
+
+
+def test_a_live_input_that_has_nothing_yet_does_not_hold_back_finished_rows():
+    # The crawl stage feeds one scheduler from every key of a bundle: while the
+    # next key's rows have not arrived, the rows already fetched must come out
+    # (and the hosts' budgets still hold across what arrives later).
+    web = FakeWeb(delay_s=0.01)
+    first = [f"http://a.test/{i}" for i in range(5)]
+    later = [f"http://a.test/{i}" for i in range(5, 10)] + [f"http://b.test/{i}" for i in range(5)]
+    released = threading.Event()
+    pending_seen = []
+
+    def live():
+        yield from first
+        deadline = time.monotonic() + 10
+        while not released.is_set() and time.monotonic() < deadline:
+            pending_seen.append(1)
+            yield PENDING
+        yield from later
+
+    got = []
+    for url, _ in scheduler(web, {"a.test": Budget(connections=1, rate=50.0)}).run(live()):
+        got.append(url)
+        if len(got) == len(first):
+            released.set()
+    assert released.is_set() and sorted(got[: len(first)]) == sorted(first)  # out before the rest arrived
+    assert sorted(got) == sorted(first + later)
+    assert pending_seen  # the input really was starved
+    assert web.max_in_flight["a.test"] == 1
+    a = sorted(web.starts["a.test"])
+    assert min(b - a_ for a_, b in zip(a, a[1:])) >= 1 / 50.0 - 0.002
+
+
+def test_waiting_with_every_thread_busy_does_not_spin():
+    # Hosts ready to start while every thread is busy: the scheduler must sleep
+    # until a fetch finishes, not poll (it once spun a core on a dead-host web).
+    web = FakeWeb(delay_s=0.25)
+    urls = [f"http://h{i % 3}.test/{i}" for i in range(6)]
+    cpu, wall = time.thread_time(), time.monotonic()
+    results = list(scheduler(web, {}, threads=2).run(urls))
+    cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+    assert len(results) == 6 and wall >= 0.7
+    assert cpu < 0.25 * wall, f"the scheduler's thread used {cpu:.2f} CPU s in {wall:.2f} s"
