@@ -35,7 +35,6 @@ import zlib
 from datetime import datetime, timezone
 
 import apache_beam as beam
-import webdataset
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -116,6 +115,8 @@ class WriteShardDoFn(beam.DoFn):
         raw = FileSystems.create(tmp_path, mime_type="application/x-tar", compression_type="uncompressed")
         sink = _HashingWriter(raw)
         try:
+            import webdataset  # here, not at the top: it imports torch, seconds of every worker's start-up
+
             tar = webdataset.TarWriter(sink)
             for record in sorted(records, key=lambda r: r.key):
                 try:

@@ -83,7 +83,14 @@ from stages.core.verdict import Drop
 # img2dataset's package import pulls in albumentations, which otherwise checks
 # PyPI for a newer version on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-from img2dataset.downloader import is_disallowed  # noqa: E402
+
+
+def is_disallowed(headers, user_agent_token, disallowed_header_directives) -> bool:
+    """img2dataset's `is_disallowed`, imported on first use: the package pulls in
+    torch and albumentations, over a second of every worker's start-up."""
+    from img2dataset.downloader import is_disallowed as img2dataset_is_disallowed
+
+    return img2dataset_is_disallowed(headers, user_agent_token, disallowed_header_directives)
 
 # What the host scheduler and the Beam adapter use.
 __all__ = ["HOST_FAILURE_REASONS", "HOST_SLOTS", "THROTTLE_STATUSES", "CheckedUrl", "FetchResult", "Fetcher"]
