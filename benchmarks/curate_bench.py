@@ -9,8 +9,8 @@ Both fetch the same URLs, apply the same resize mode (img2dataset's `Resizer`
 settings: `keep_ratio` to 512 px, downscale only, JPEG q95) and write WebDataset
 shards; curate also does everything it adds (SHA-256, pHash, staging, the dedup
 and shard passes, index/rejects parquet, report). The runs go in the order
-A B C C B A (A = img2dataset, B = curate with threads, C = curate with worker
-processes), so a drift in machine load hits every side alike; each side is
+A B C C B A (A = img2dataset, B = curate in this process with threads, C =
+curate with worker processes), so a drift in machine load hits every side alike; each side is
 reported as the mean of its two runs with their spread, and the ratio is curate's
 images/s over img2dataset's. A run shorter than `--min-seconds` (default 60) is
 flagged: its figure includes start-up and is not a steady-state one.
@@ -23,9 +23,14 @@ loopback web of `pipelines/testing/manyhosts.py` when it is available
 
 img2dataset is set up deliberately: enough shards for every process (its
 default of 10,000 samples per shard would leave one process busy) and
-`incremental_mode="incremental"` on a fresh folder. Beam's local runner gets
-`--workers` workers, as img2dataset gets `--workers` processes, each with
-`--threads` fetch threads.
+`incremental_mode="incremental"` on a fresh folder. In processes mode Beam's
+local runner gets `--workers` worker processes, as img2dataset gets `--workers`
+processes, each crawling with `--threads` fetch threads. The threads side runs
+the local runner's default `in_memory` mode: one SDK worker in this process,
+whose crawl uses `--threads` fetch threads (decoding on them too, where the GIL
+is released). Its `multi_threading` mode with several workers is not used: it
+lost or garbled elements between stages on runs of 6000 rows here (see
+`pipelines/runner.py`).
 
 Each run also reports its CPU time per image written (this process and its
 finished children: img2dataset's processes, Beam's worker processes; the web's
@@ -68,7 +73,11 @@ from pipelines.testing.images import COLOURS, SHAPES, jpeg, render  # noqa: E402
 
 STEADY_IMAGES = 3000
 STEADY_SECONDS = 60.0
-SIDES = {"img2dataset": "img2dataset download()", "threads": "beam run curate, threads", "processes": "beam run curate, processes"}
+SIDES = {
+    "img2dataset": "img2dataset download()",
+    "threads": "beam run curate, in_memory",
+    "processes": "beam run curate, processes",
+}
 
 
 # ------------------------------------------------------------------ the corpus and the web
@@ -305,8 +314,10 @@ def run_curate(urls: Path, out: Path, args, mode: str) -> Run:
     }
     config_path = out.parent / f"{out.name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    running_mode = "multi_threading" if mode == "threads" else "multi_processing"
-    beam_args = [f"--direct_num_workers={args.workers}", f"--direct_running_mode={running_mode}"]
+    if mode == "threads":
+        beam_args = ["--direct_running_mode=in_memory"]
+    else:
+        beam_args = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
     options = make_pipeline_options(beam_args)
     pipeline = _KeepResult(runner=create_runner(options), options=options)
     cpu = cpu_seconds()
