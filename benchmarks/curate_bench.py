@@ -27,8 +27,8 @@ default of 10,000 samples per shard would leave one process busy) and
 local runner gets `--workers` worker processes, as img2dataset gets `--workers`
 processes, each crawling with `--threads` fetch threads. The threads side runs
 the local runner's default `in_memory` mode: one SDK worker in this process,
-whose crawl uses `--threads` fetch threads (decoding on them too, where the GIL
-is released). Its `multi_threading` mode with several workers is not used: it
+whose crawl uses `--workers` x `--threads` fetch threads, as many as
+img2dataset's in all (decoding on them too, where the GIL is released). Its `multi_threading` mode with several workers is not used: it
 lost or garbled elements between stages on runs of 6000 rows here (see
 `pipelines/runner.py`).
 
@@ -298,15 +298,18 @@ def run_curate(urls: Path, out: Path, args, mode: str) -> Run:
     from pipelines.curate import run_curate as curate_main
     from pipelines.runner import create_runner, make_pipeline_options
 
+    # The same fetch threads in all as img2dataset's processes x threads: in
+    # in_memory mode one worker crawls for the whole run.
+    threads = args.threads * (args.workers if mode == "threads" else 1)
     config = {
         "crawl": {
-            "threads": args.threads,
+            "threads": threads,
             "timeout_s": args.timeout,
             "retries": 0,
             # Loopback hosts stand in for a web whose hosts each hold a few URLs
             # (img2dataset has no per-host limit): rows are still grouped by host,
             # with a budget that does not bind.
-            "host_budgets": [{"pattern": "127.0.0.*", "max_per_host": args.threads, "max_host_rate": 100_000}],
+            "host_budgets": [{"pattern": "127.0.0.*", "max_per_host": threads, "max_host_rate": 100_000}],
         },
         "decode": {"resize_mode": args.resize_mode, "image_size": args.image_size, "min_side": 0},
         "caption": {"enabled": False},
