@@ -141,10 +141,10 @@ def local_runner(options: PipelineOptions) -> fn_runner.FnApiRunner:
         )
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "multi_threading" and (direct.direct_num_workers or 1) != 1:
-        # Seen here (before and after the crawl's keys shared a scheduler): runs of
-        # 6000 rows in this mode with 2 workers failed 3 times in 5, with elements
-        # lost or undecodable between stages; the default in_memory mode (whose
-        # crawl is multi-threaded anyway) and multi_processing did not.
+        # Seen here (before and after the crawl's keys shared a scheduler): curate
+        # runs of 6000 rows in this mode with 2 workers failed 5 times in 10, with
+        # elements lost or undecodable between stages; the default in_memory mode
+        # (whose crawl is multi-threaded anyway) and multi_processing did not.
         _LOGGER.warning(
             "--direct_running_mode=multi_threading with several workers has lost or garbled elements between "
             "stages on large local runs (the run then fails its accounting check); the default in_memory mode "
