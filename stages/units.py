@@ -252,9 +252,11 @@ class CrawlUnitsDoFn(CrawlDoFn):
                 yield from self._collect()
             key.submitted += 1
         key.fed = True
-        yield from self._collect()
+        # Checked before collecting: once `fed` is set, `_collect` closes the key
+        # itself when its last result arrives (closing it twice would fail).
         if key.done:
             yield from self._close_key(crawl_key)
+        yield from self._collect()
 
     def finish_bundle(self):
         if self._feed is None:
@@ -265,8 +267,8 @@ class CrawlUnitsDoFn(CrawlDoFn):
             yield from map(_windowed, self._collect(wait=0.5))
         self.count_hosts_down(self._feed.scheduler)
         self._feed = None
-        for crawl_key in list(self._keys):  # keys with no row to fetch
-            yield from map(_windowed, self._close_key(crawl_key))
+        if self._keys:  # every key was fed whole and the scheduler has answered every row
+            raise RuntimeError(f"crawl keys left with rows unanswered: {sorted(self._keys)[:5]}")
 
     def teardown(self) -> None:
         self._stop_feed()
