@@ -17,6 +17,10 @@ from apache_beam.metrics import Metrics
 
 from schemas import RejectReason, Stage
 from stages.core.verdict import Drop, WithImage, rejection
+from stages.objstore import share_s3_clients
+
+# Every process that runs a stage (the launcher, each worker) shares one S3 client.
+share_s3_clients()
 
 logger = logging.getLogger(__name__)
 
