@@ -126,9 +126,15 @@ def test_curate_end_to_end_on_direct_runner(tmp_path, corpus, web):
 
 
 @pytest.mark.portable
+@pytest.mark.slow
 def test_curate_end_to_end_on_portable_runner(tmp_path, corpus, web, portable_services):  # noqa: F811
     """The same run on Beam's portable runner, whose external workers get the
-    project only from the sdist staged with --setup_file."""
+    project only from the sdist staged with --setup_file.
+
+    Slow-marked (about 30 s): the default run covers the same code with
+    `test_curate_end_to_end_on_direct_runner` (these checks) and
+    `test_curate_with_every_model_stage_on_portable_runner` (the whole curate
+    pipeline, crawl to shards, on external workers)."""
     web.reset_counts()
     out = run_curate(tmp_path, corpus, portable_services.argv)
     check_outputs(out, corpus, web)
