@@ -29,8 +29,8 @@ processes, each crawling with `--threads` fetch threads. The threads side runs
 the local runner's default `in_memory` mode: one SDK worker in this process,
 whose crawl uses `--workers` x `--threads` fetch threads, as many as
 img2dataset's in all (decoding on them too, where the GIL is released). Its `multi_threading` mode with several workers is not used: it
-lost or garbled elements between stages on runs of 6000 rows here (see
-`pipelines/runner.py`).
+garbled elements between stages on curate runs here, and the local runner
+refuses it (see `pipelines/runner.py`).
 
 Each run also reports its CPU time per image written (this process and its
 finished children: img2dataset's processes, Beam's worker processes; the web's

@@ -188,7 +188,7 @@ _BEAM_OPTIONS_HELP = """\
 Beam pipeline options (passed through to Beam; the common ones):
   --runner NAME               DirectRunner (default, offline), PortableRunner, DataflowRunner, FlinkRunner
   --direct_num_workers N      local parallelism (0 = one per core)
-  --direct_running_mode M     in_memory | multi_threading | multi_processing
+  --direct_running_mode M     in_memory | multi_processing (multi_threading: one worker only)
   --job_endpoint HOST:PORT    PortableRunner job service
   --environment_type T        DOCKER | PROCESS | EXTERNAL | LOOPBACK
   --environment_config C      image, boot command or worker pool address

@@ -72,19 +72,21 @@ def test_direct_running_mode_and_num_workers_are_honoured():
         assert_that(pids | beam.Filter(lambda pid: pid == launcher_pid), equal_to([]))
 
 
+def test_multi_threading_with_several_workers_is_refused_with_the_modes_that_work():
+    with pytest.raises(ValueError, match="multi_threading with more than one worker.*in_memory.*multi_processing"):
+        create_runner(make_pipeline_options(["--direct_running_mode=multi_threading", "--direct_num_workers=2"]))
+
+
 @pytest.mark.parametrize(
-    "argv, warned",
+    "argv",
     [
-        (["--direct_running_mode=multi_threading", "--direct_num_workers=2"], True),
-        (["--direct_running_mode=multi_threading", "--direct_num_workers=1"], False),
-        (["--direct_running_mode=in_memory"], False),
-        (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], False),
+        ["--direct_running_mode=multi_threading", "--direct_num_workers=1"],
+        ["--direct_running_mode=in_memory"],
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     ],
 )
-def test_multi_threading_with_several_workers_is_warned_about(argv, warned, caplog):
-    with caplog.at_level("WARNING", logger="pipelines.runner"):
-        create_runner(make_pipeline_options(argv))
-    assert any("multi_threading" in r.getMessage() for r in caplog.records) == warned
+def test_the_other_local_modes_are_accepted(argv):
+    assert isinstance(create_runner(make_pipeline_options(argv)), FnApiRunner)
 
 
 def test_local_runner_refuses_streaming():
