@@ -46,6 +46,10 @@ class _SharedSession:
                 client = _clients[key] = self._boto3.session.Session().client(**kwargs)
         return client
 
+    def __getattr__(self, name):
+        # Anything but `client` (Beam calls nothing else today) from a real session.
+        return getattr(self._boto3.session.Session(), name)
+
 
 class _Boto3WithSharedClients:
     """The `boto3` name in Beam's client module: `boto3.session.Session` hands

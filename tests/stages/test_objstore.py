@@ -35,6 +35,9 @@ def test_importing_a_stage_installs_the_shared_client():
 
     assert isinstance(boto3_client.boto3, objstore._Boto3WithSharedClients)
     assert objstore.share_s3_clients() and isinstance(boto3_client.boto3, objstore._Boto3WithSharedClients)
+    # What Beam does not take from the shared session is boto3's own.
+    assert "us-east-1" in boto3_client.boto3.session.Session().get_available_regions("s3")
+    assert boto3_client.boto3.client is boto3_client.boto3._boto3.client
 
 
 def test_calls_with_the_same_options_share_one_boto3_client_but_not_download_state(s3):
