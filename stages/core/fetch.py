@@ -85,12 +85,15 @@ from stages.core.verdict import Drop
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def is_disallowed(headers, user_agent_token, disallowed_header_directives) -> bool:
-    """img2dataset's `is_disallowed`, imported on first use: the package pulls in
-    torch and albumentations, over a second of every worker's start-up."""
-    from img2dataset.downloader import is_disallowed as img2dataset_is_disallowed
+def x_robots_tag_check():
+    """img2dataset's `is_disallowed(headers, token, directives)`, imported when
+    a Fetcher is made, not with this module: the package pulls in torch and
+    albumentations (seconds of start-up for a worker that never fetches), and
+    not on the first response either, where the import would hold that
+    fetch (and any thread importing meanwhile) for seconds."""
+    from img2dataset.downloader import is_disallowed
 
-    return img2dataset_is_disallowed(headers, user_agent_token, disallowed_header_directives)
+    return is_disallowed
 
 # What the host scheduler and the Beam adapter use.
 __all__ = ["HOST_FAILURE_REASONS", "HOST_SLOTS", "THROTTLE_STATUSES", "CheckedUrl", "FetchResult", "Fetcher"]
@@ -228,6 +231,7 @@ class Fetcher(SiteFileFetching):
         self._setup()
 
     def _setup(self) -> None:
+        self._is_disallowed = x_robots_tag_check()
         self._dns = dns_cache_for(self.resolver)
         self._opt_outs = OPT_OUT_CACHE if self.opt_outs is None else self.opt_outs
         self._pool = ConnectionPool(max_idle=max(16, self.config.threads), max_idle_per_key=self.config.threads)
@@ -235,7 +239,7 @@ class Fetcher(SiteFileFetching):
     def __getstate__(self) -> dict:
         # Caches and idle connections belong to the process; a copy gets its own.
         state = dict(self.__dict__)
-        for name in ("_dns", "_opt_outs", "_pool"):
+        for name in ("_dns", "_opt_outs", "_pool", "_is_disallowed"):
             state.pop(name)
         return state
 
@@ -440,7 +444,7 @@ class Fetcher(SiteFileFetching):
                     data, drop, final_url=target.url, http_status=status, content_type=content_type, **extra
                 )
 
-            if self.disallowed_directives and is_disallowed(
+            if self.disallowed_directives and self._is_disallowed(
                 response.headers, self.user_agent_token, self.disallowed_directives
             ):
                 tags = "; ".join(response.headers.get_all("X-Robots-Tag", []))
