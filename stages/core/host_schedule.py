@@ -15,10 +15,12 @@ workers, and need no counters shared between processes.
   host's next slot), so any window of T seconds holds at most `T * rate + 1`
   requests to the host;
 - **back-off**: a `429` or `503` with `Retry-After` (the fetcher parses
-  seconds or an HTTP date) holds the host's next request until then and puts
-  the row back in its queue (at most `MAX_RETRY_AFTER_ATTEMPTS` times); each
-  `429` also halves the host's rate (down to 1/16 of its budget). A
-  `Retry-After` longer than `max_retry_after_s` declares the host down;
+  seconds or an HTTP date) holds the host's next request until then (from
+  the moment the answer is in: the host's fetches already waiting for their
+  slots wait for it too) and puts the row back in its queue (at most
+  `MAX_RETRY_AFTER_ATTEMPTS` times); each `429` also halves the host's rate
+  (down to 1/16 of its budget). A `Retry-After` longer than
+  `max_retry_after_s` declares the host down;
 - **host down**: `down_after` consecutive host failures (connection refused
   or reset, DNS failure, timeout) declare the host down: its queued rows and
   every later row are answered `host_unreachable` at once, with no request.
@@ -116,10 +118,10 @@ class Outcome:
 
 
 class _Pacer:
-    """Each host's next request slot and lowered rate (after 429s), shared by
-    the dispatcher and the fetching threads (which wait for their slots).
-    Slots already past are pruned now and then, so the table follows the hosts
-    being crawled, not every host seen."""
+    """Each host's next request slot, lowered rate (after 429s) and hold (a
+    Retry-After), shared by the dispatcher and the fetching threads (which
+    wait for their slots). Slots and holds already past are pruned now and
+    then, so the tables follow the hosts being crawled, not every host seen."""
 
     PRUNE_EVERY = 4096
 
@@ -128,6 +130,7 @@ class _Pacer:
         self.lock = threading.Lock()
         self.next_slot: dict[str, float] = {}
         self.lowered: dict[str, float] = {}
+        self.held: dict[str, float] = {}
         self._reserved = 0
 
     def due(self, host: str) -> float:
@@ -144,17 +147,28 @@ class _Pacer:
             if self._reserved % self.PRUNE_EVERY == 0:
                 # A slot in the past allows the next request now: forgetting it changes nothing.
                 self.next_slot = {h: t for h, t in self.next_slot.items() if t > now}
+                self.held = {h: t for h, t in self.held.items() if t > now}
             return slot
 
     def wait(self, host: str, rate: float) -> None:
-        slot = self.reserve(host, rate)
-        delay = slot - self.clock()
-        if delay > 0:
+        self.sleep_until(host, self.reserve(host, rate))
+
+    def sleep_until(self, host: str, slot: float) -> None:
+        """Sleep until `slot`, and on past any hold put on the host meanwhile:
+        a request whose slot was taken before another fetch of the host was
+        told Retry-After still waits for it."""
+        while True:
+            with self.lock:
+                until = max(slot, self.held.get(host, 0.0))
+            delay = until - self.clock()
+            if delay <= 0:
+                return
             time.sleep(delay)
 
     def hold_until(self, host: str, when: float) -> None:
         with self.lock:
             self.next_slot[host] = max(self.next_slot.get(host, 0.0), when)
+            self.held[host] = max(self.held.get(host, 0.0), when)
 
     def slow_down(self, host: str, rate: float, floor: float) -> None:
         """Halve the host's rate (from `rate`, its budget, the first time), down to `floor`."""
@@ -247,13 +261,19 @@ class HostScheduler(Generic[Row]):
                 request_host = request_host.lower()
                 if first[0] and request_host == host:
                     first[0] = False
-                    delay = first_slot - self.clock()
-                    if delay > 0:
-                        time.sleep(delay)
+                    pacer.sleep_until(host, first_slot)
                     return
                 pacer.wait(request_host, self.budget_of(request_host).rate)
 
-            return self.fetch(row, pace)
+            result = self.fetch(row, pace)
+            # A Retry-After holds the host from now, not from when the
+            # dispatcher gets to this result: the host's other fetches may be
+            # about to send their requests.
+            outcome = self.outcome(result)
+            if outcome.status in (429, 503) and outcome.retry_after_s is not None:
+                if outcome.retry_after_s <= self.max_retry_after_s:
+                    pacer.hold_until(host, self.clock() + outcome.retry_after_s)
+            return result
 
         def queue(host: str, row: Row, front: bool = False) -> None:
             nonlocal buffered
