@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 from schemas import CrawlConfig, SampleRecord, Stage
 from stages.base import REJECTS, StageMetrics, WithImage, internal_error, rejection
 from stages.core.fetch import HOST_FAILURE_REASONS, Fetcher, FetchResult
-from stages.core.host_schedule import HostScheduler, Outcome, host_budget, host_of
+from stages.core.host_schedule import HostScheduler, Outcome, host_budget, host_of, probe_interval_s
 from stages.core.verdict import Drop
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class CrawlDoFn(beam.DoFn):
 
         def work(row, pace):
             record = record_of(row)
-            result = fetcher.fetch(record.url, before_request=pace)
+            result = fetcher.fetch(record.url, before_request=pace, hedge=pace.hedge, on_answer=pace.answered)
             after = None
             if then is not None and result.drop is None and result.data is not None:
                 try:
@@ -160,6 +160,7 @@ class CrawlDoFn(beam.DoFn):
             threads=self.config.threads,
             down_after=self.config.host_down_after,
             max_retry_after_s=self.config.max_retry_after_s,
+            probe_every_s=probe_interval_s(self.config),
         )
 
     def emit(self, record: SampleRecord, done) -> tuple:

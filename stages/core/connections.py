@@ -300,13 +300,14 @@ def classify_error(exc: BaseException) -> Drop:
 
 
 class _Entry:
-    __slots__ = ("done", "value", "error", "expires")
+    __slots__ = ("done", "value", "error", "expires", "loading")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: object = None
         self.error: BaseException | None = None
         self.expires = math.inf
+        self.loading = 1  # loads running for this entry (more than one only when hedged)
 
 
 class SingleFlightCache:
@@ -314,7 +315,14 @@ class SingleFlightCache:
     wait for that load (so N threads meeting a new host make one DNS lookup or
     one robots.txt fetch, not N); at most `max_entries` kept, the least
     recently used dropped first; thread-safe. The DNS cache and the opt-out
-    cache (`stages/core/robots.py`) are this."""
+    cache (`stages/core/robots.py`) are this.
+
+    A caller may *hedge* (`hedge=True`): instead of waiting for a load that is
+    running, it starts one of its own (at most `max_loads` at once per key). The first load whose value is kept answers
+    every waiter; a hedged load that fails while another may still succeed
+    gives its failure to its own caller only. The host scheduler uses this to
+    probe a host that has not answered yet with several staggered requests,
+    each its own robots.txt fetch (see `stages/core/host_schedule.py`)."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
@@ -329,15 +337,20 @@ class SingleFlightCache:
         *,
         ttl_s: float = math.inf,
         keep: Callable[[object, BaseException | None], bool] = lambda value, error: error is None,
+        hedge: bool = False,
+        max_loads: int = 1,
     ) -> tuple[object, bool]:
         """The value for `key`, calling `load()` if no thread has one younger
-        than `ttl_s` (or is loading it now). Returns (value, whether this call
-        loaded it); raises what `load` raised, to the waiters too. After a load,
-        `keep(value, error)` says whether to remember the outcome; either way the
-        threads already waiting get it."""
+        than `ttl_s` (or is loading it now, unless this call hedges).
+        Returns (value, whether this call loaded it); raises what `load`
+        raised, to the waiters too. After a load, `keep(value, error)` says
+        whether to remember the outcome; either way the threads already
+        waiting get it, unless a hedged load of the same key is still running:
+        they then wait for that one."""
         with self._lock:
+            now = time.monotonic()
             entry = self._entries.get(key)
-            if entry is not None and entry.done.is_set() and entry.expires <= time.monotonic():
+            if entry is not None and entry.done.is_set() and entry.expires <= now:
                 entry = None
             owner = entry is None
             if owner:
@@ -347,23 +360,40 @@ class SingleFlightCache:
                     self._entries.popitem(last=False)
             else:
                 self._entries.move_to_end(key)
+                if hedge and not entry.done.is_set() and entry.loading < max_loads:
+                    owner = True
+                    entry.loading += 1
+                    self.loads += 1
         assert entry is not None
-        if owner:
-            try:
-                entry.value = load()
-            except BaseException as exc:  # noqa: BLE001 - handed to every caller below
-                entry.error = exc
-            entry.expires = time.monotonic() + ttl_s
-            if not keep(entry.value, entry.error):
-                with self._lock:
-                    if self._entries.get(key) is entry:
-                        del self._entries[key]
-            entry.done.set()
-        else:
+        if not owner:
             entry.done.wait()
-        if entry.error is not None:
-            raise entry.error
-        return entry.value, owner
+            if entry.error is not None:
+                raise entry.error
+            return entry.value, False
+        value: object = None
+        error: BaseException | None = None
+        try:
+            value = load()
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller below
+            error = exc
+        kept = keep(value, error)
+        with self._lock:
+            entry.loading -= 1
+            if entry.done.is_set():
+                # Another (hedged) load answered first, with a value that is kept:
+                # a failure of this one is not worth more than that answer.
+                if not kept:
+                    value, error, owner = entry.value, entry.error, False
+            elif kept or entry.loading == 0:
+                entry.value, entry.error = value, error
+                entry.expires = time.monotonic() + ttl_s
+                if not kept and self._entries.get(key) is entry:
+                    del self._entries[key]
+                entry.done.set()
+            # Otherwise a hedged load is still running: the waiters wait for it.
+        if error is not None:
+            raise error
+        return value, owner
 
     def clear(self) -> None:
         with self._lock:

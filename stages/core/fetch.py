@@ -183,11 +183,15 @@ class CheckedUrl:
 @dataclasses.dataclass
 class _Call:
     """Bookkeeping of one `fetch` call: the row's host, the requests sent to
-    it, and the caller's hook run before every request."""
+    it, the caller's hooks run before every request and when the row's host
+    answers one, and whether the call is a further probe of a host that has
+    not answered yet (`hedge`)."""
 
     row_host: str | None
     requests: int = 0
     before_request: Callable[[str], None] | None = None
+    hedge: bool = False
+    on_answer: Callable[[], None] | None = None
 
 
 _RETRYABLE = frozenset({RejectReason.TIMEOUT, RejectReason.CONNECTION_ERROR})
@@ -257,7 +261,14 @@ class Fetcher(SiteFileFetching):
         `host_budgets` entry, else `config.max_per_host`)."""
         return host_budget(self.config, host).connections
 
-    def fetch(self, url: str, *, before_request: Callable[[str], None] | None = None) -> FetchResult:
+    def fetch(
+        self,
+        url: str,
+        *,
+        before_request: Callable[[str], None] | None = None,
+        hedge: bool = False,
+        on_answer: Callable[[], None] | None = None,
+    ) -> FetchResult:
         """Fetch `url`, retrying timeouts and connection errors up to
         `config.retries` times. Never raises for a bad URL or response.
 
@@ -266,10 +277,21 @@ class Fetcher(SiteFileFetching):
         included; `host` the request's host name, which a redirect may change)
         and may block: the host scheduler paces each host's rate with it, so
         the files fetched for a new host do not go out as one burst. It runs
-        while the request holds its per-host slot in this process."""
+        while the request holds its per-host slot in this process.
+
+        `hedge`: the host scheduler started this fetch as a further probe of
+        a host that has not answered yet, while an earlier probe is still
+        waiting: the first site file the row's host is asked for (robots.txt,
+        or tdmrep.json without it) is requested again rather than waited for
+        (see `OptOutCache`), so the probe is a request of its own.
+
+        `on_answer()`, if given, runs each time a response (any status) arrives
+        from the row's host: the scheduler learns the host is up before the
+        row's last request is done."""
         start = time.monotonic()
         split = split_url(url)
-        call = _Call(row_host=None if isinstance(split, Drop) else split[1], before_request=before_request)
+        row_host = None if isinstance(split, Drop) else split[1]
+        call = _Call(row_host=row_host, before_request=before_request, hedge=hedge, on_answer=on_answer)
         attempt = 0
         while True:
             attempt += 1
@@ -358,10 +380,13 @@ class Fetcher(SiteFileFetching):
             checks.append(("robots", ROBOTS_PATH, RejectReason.ROBOTS_DISALLOWED))
         if self.config.tdmrep:
             checks.append(("tdmrep", TDMREP_PATH, RejectReason.TDM_RESERVED))
-        for kind, path, reason in checks:
+        for first, (kind, path, reason) in zip((True, False), checks):
             key = (kind, target.scheme, target.host, target.port)
             verdicts, loaded = self._opt_outs.get(
-                key, lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call)
+                key,
+                lambda path=path, kind=kind: self._load_opt_out(kind, target, path, call),
+                hedge=first and call.hedge and target.host == call.row_host,
+                max_loads=self.config.host_down_after,
             )
             if isinstance(verdicts, Unresolved):
                 drop = Drop(RejectReason(verdicts.reason), verdicts.detail)
@@ -404,7 +429,7 @@ class Fetcher(SiteFileFetching):
                 conn = new_connection(key, self.config.timeout_s, context)
             try:
                 conn.request("GET", target.target, headers=self.headers)
-                return conn, conn.getresponse()
+                response = conn.getresponse()
             except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
                 conn.close()
                 if not reused:
@@ -413,6 +438,9 @@ class Fetcher(SiteFileFetching):
             except BaseException:
                 conn.close()
                 raise
+            if call.on_answer is not None and target.host == call.row_host:
+                call.on_answer()
+            return conn, response
 
     def _release(
         self, target: CheckedUrl, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, reusable: bool

@@ -24,8 +24,20 @@ workers, and need no counters shared between processes.
 - **host down**: `down_after` consecutive host failures (connection refused
   or reset, DNS failure, timeout) declare the host down: its queued rows and
   every later row are answered `host_unreachable` at once, with no request.
-  Until a host first answers, it gets one fetch at a time, so a dead host is
-  sent at most `down_after` requests and holds one thread while it times out.
+- **probing**: until a host first answers, its fetches are probes. With
+  `probe_every_s` (the crawl passes `probe_interval_s(config)`: the timeout
+  divided by `host_down_after`), a further probe starts once that long has
+  passed since the latest probe began or failed with no answer, up to
+  `down_after` in flight less the failures so far (the first probe, and a
+  probe replacing the last one in flight, start at once): a host that never
+  answers is sent at most `down_after` requests and is declared down after
+  about two timeouts, not `down_after` timeouts one after another, and holds
+  at most `down_after` threads meanwhile; a host that answers within
+  `probe_every_s` sees one probe. A fetch reports the host's first answer as
+  it comes (`Pace.answered`), so a host is up from its robots.txt answer on,
+  not from the end of that row's fetch. (Each probe is a request of its own:
+  the first site file a host is asked for is hedged, see
+  `stages/core/robots.py`.) Without `probe_every_s`, one probe at a time.
 
 Rows are read from the input lazily, a window at a time (`window`), and kept
 in per-host queues, so a slow or rate-limited host holds back only its own
@@ -65,6 +77,13 @@ PENDING = object()
 POLL_S = 0.02
 # A host's rate never drops below its budget divided by this, however many 429s it sends.
 MIN_RATE_FRACTION = 1 / 16
+
+
+def probe_interval_s(config: CrawlConfig) -> float:
+    """How far apart the probes of a host that has not answered yet start:
+    `host_down_after` probes spread over one fetch's longest wait (each
+    attempt's timeout), so a silent host costs about two timeouts."""
+    return config.timeout_s * (1 + config.retries) / config.host_down_after
 
 
 def host_of(url: str) -> str:
@@ -177,7 +196,7 @@ class _Pacer:
 
 
 class _Host:
-    __slots__ = ("queue", "in_flight", "failures", "down", "down_detail", "answered")
+    __slots__ = ("queue", "in_flight", "failures", "down", "down_detail", "answered", "last_probe")
 
     def __init__(self):
         self.queue: collections.deque = collections.deque()
@@ -186,6 +205,39 @@ class _Host:
         self.down = False
         self.down_detail = ""
         self.answered = False  # a fetch has reached the host without a host failure
+        self.last_probe = 0.0  # until the host answers: when its latest probe began or failed
+
+
+class Pace:
+    """What a fetch started by the scheduler is handed (see `HostScheduler`).
+
+    `pace(host)` right before each request waits for the host's next slot
+    (the row's first request uses the slot taken when the fetch started);
+    `hedge` says the fetch is a further probe of a host that has not
+    answered yet; `answered()`, called when a response arrives from the
+    row's host, tells the scheduler the host is up at once, not when the
+    whole fetch (robots.txt, tdmrep.json, the image) is done, so the host
+    gets its budget and no further probe."""
+
+    __slots__ = ("_scheduler", "_pacer", "_host", "_state", "_first_slot", "hedge")
+
+    def __init__(self, scheduler: HostScheduler, pacer: _Pacer, host: str, state: _Host, first_slot: float, hedge: bool):
+        self._scheduler, self._pacer, self._host, self._state = scheduler, pacer, host, state
+        self._first_slot: float | None = first_slot
+        self.hedge = hedge
+
+    def __call__(self, request_host: str) -> None:
+        request_host = request_host.lower()
+        if self._first_slot is not None and request_host == self._host:
+            slot, self._first_slot = self._first_slot, None
+            self._pacer.sleep_until(request_host, slot)
+            return
+        self._pacer.wait(request_host, self._scheduler.budget_of(request_host).rate)
+
+    def answered(self) -> None:
+        # A plain attribute the dispatcher reads: a fetch in flight keeps its
+        # host's state alive, and a stale read only delays the next start.
+        self._state.answered = True
 
 
 class HostScheduler(Generic[Row]):
@@ -193,7 +245,12 @@ class HostScheduler(Generic[Row]):
 
     `fetch(row, pace)` runs on the pool's threads and returns any result; it
     must call `pace(host)` right before each HTTP request it sends (`host`:
-    that request's host, which a redirect may change). `outcome(result)` reads
+    that request's host, which a redirect may change), and may call
+    `pace.answered()` as soon as the row's host answers a request. `pace.hedge`
+    is True when the fetch is a further probe of a host that has not answered
+    yet, started while an earlier probe still waits: a request the probes
+    would share (robots.txt) must then be sent again, not waited for, or the
+    probe says nothing about the host. `outcome(result)` reads
     what the scheduler needs from the result. `run` yields `(row, result)` for
     fetched rows and `(row, Drop)` for rows of a host declared down.
     """
@@ -208,6 +265,7 @@ class HostScheduler(Generic[Row]):
         threads: int,
         down_after: int,
         max_retry_after_s: float,
+        probe_every_s: float | None = None,
         window: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -218,6 +276,7 @@ class HostScheduler(Generic[Row]):
         self.threads = threads
         self.down_after = down_after
         self.max_retry_after_s = max_retry_after_s
+        self.probe_every_s = probe_every_s
         self.window = window or max(64, 8 * threads)
         self.clock = clock
         self.hosts_declared_down = 0
@@ -243,28 +302,36 @@ class HostScheduler(Generic[Row]):
 
         def can_start(host: str, now: float) -> bool:
             state = hosts[host]
-            return bool(state.queue) and state.in_flight < connections(host) and pacer.due(host) <= now
+            return bool(state.queue) and state.in_flight < connections(host, now) and pacer.due(host) <= now
 
-        def connections(host: str) -> int:
-            # A host is probed with one fetch at a time until it first answers: a
-            # dead host then costs `down_after` requests and holds one thread, not
-            # `connections` threads for a timeout each (its first fetch is usually
-            # robots.txt, which the host's other rows would only wait for).
-            return budgets[host].connections if hosts[host].answered else 1
+        def probe_limit(host: str) -> int:
+            # A host that has not answered yet is sent no more requests than it
+            # takes to declare it down (see `probing` in the module docstring):
+            # a dead host costs `down_after` requests, not `connections`
+            # threads for a timeout each.
+            return max(1, min(budgets[host].connections, self.down_after - hosts[host].failures))
 
-        def fetch_paced(row: Row, host: str, first_slot: float):
-            # The first request to the row's host uses the slot taken when the
-            # fetch was started; every further request waits for a slot of its own.
-            first = [True]
+        def connections(host: str, now: float) -> int:
+            state = hosts[host]
+            if state.answered:
+                return budgets[host].connections
+            if self.probe_every_s is None or not state.in_flight:
+                return 1
+            if now + 1e-9 < state.last_probe + self.probe_every_s:
+                return state.in_flight
+            return min(probe_limit(host), state.in_flight + 1)
 
-            def pace(request_host: str) -> None:
-                request_host = request_host.lower()
-                if first[0] and request_host == host:
-                    first[0] = False
-                    pacer.sleep_until(host, first_slot)
-                    return
-                pacer.wait(request_host, self.budget_of(request_host).rate)
+        def next_probe_at(host: str) -> float | None:
+            """When a host not answered yet may get its next probe, if it may get one."""
+            state = hosts[host]
+            if state.answered or self.probe_every_s is None or not state.in_flight:
+                return None
+            if state.in_flight >= probe_limit(host):
+                return None
+            return state.last_probe + self.probe_every_s
 
+        def fetch_paced(row: Row, host: str, state: _Host, first_slot: float, hedge: bool):
+            pace = Pace(self, pacer, host, state, first_slot, hedge)
             result = self.fetch(row, pace)
             # A Retry-After holds the host from now, not from when the
             # dispatcher gets to this result: the host's other fetches may be
@@ -336,9 +403,12 @@ class HostScheduler(Generic[Row]):
                     while len(in_flight) < self.threads and can_start(host, now):
                         row = state.queue.popleft()
                         buffered -= 1
+                        hedge = not state.answered and state.in_flight > 0
+                        if not state.answered:
+                            state.last_probe = now
                         state.in_flight += 1
                         slot = pacer.reserve(host, budgets[host].rate)
-                        in_flight[pool.submit(fetch_paced, row, host, slot)] = (host, row)
+                        in_flight[pool.submit(fetch_paced, row, host, state, slot, hedge)] = (host, row)
                     if not state.queue:
                         del ready[host]
                     if len(in_flight) >= self.threads:
@@ -373,7 +443,12 @@ class HostScheduler(Generic[Row]):
                 # a due host must not turn this wait into a busy loop.)
                 waits = []
                 if len(in_flight) < self.threads:
-                    waits = [pacer.due(h) for h in ready if hosts[h].in_flight < connections(h)]
+                    now = self.clock()
+                    for h in ready:
+                        if hosts[h].in_flight < connections(h, now):
+                            waits.append(pacer.due(h))
+                        elif (probe_at := next_probe_at(h)) is not None:
+                            waits.append(max(probe_at, pacer.due(h)))
                 timeout = max(0.0, min(waits) - self.clock()) if waits else None
                 if live and not exhausted:
                     # New rows may arrive at any time: look again soon.
@@ -409,6 +484,9 @@ class HostScheduler(Generic[Row]):
             self.pacer.slow_down(host, budget.rate, budget.rate * MIN_RATE_FRACTION)
         if outcome.host_failure:
             state.failures += 1
+            # A probe that failed is replaced at once only if it was the last
+            # in flight; otherwise its replacement waits like a further probe.
+            state.last_probe = max(state.last_probe, self.clock())
             if state.failures >= self.down_after and not state.down:
                 declare_down(host, state, f"{host} failed {state.failures} times in a row (host_down_after={self.down_after})")
         elif outcome.reached_host:

@@ -41,7 +41,12 @@ response is checked by the fetcher (`header_reservation`).
 first row of a host fetches, concurrent rows of that host wait for that one
 fetch instead of sending their own, and the entry stays for the process's
 life (at most `max_hosts` hosts, least recently used dropped first).
-`OPT_OUT_CACHE` is the process's.
+`OPT_OUT_CACHE` is the process's. The one exception: a fetch the host
+scheduler started as a further probe of a host that has not answered yet
+(`Fetcher.fetch(..., hedge=True)`, see `stages/core/host_schedule.py`) sends
+its own request for the host's first site file instead of waiting for the
+probe before it (at most `host_down_after` at once), so each probe of a
+silent host counts towards declaring it down.
 """
 
 from __future__ import annotations
@@ -326,11 +331,20 @@ class OptOutCache(SingleFlightCache):
         super().__init__(max_hosts)
         self.max_hosts = max_hosts
 
-    def get(self, key: tuple, load: Callable[[], object]) -> tuple[object, bool]:  # type: ignore[override]
+    def get(  # type: ignore[override]
+        self, key: tuple, load: Callable[[], object], *, hedge: bool = False, max_loads: int = 1
+    ) -> tuple[object, bool]:
         """The value for `key`, calling `load()` if no thread has (or is doing
-        so now). Returns (value, whether this call loaded it). A value that is
-        an `Unresolved` is handed to the callers waiting for it, then dropped."""
-        return super().get(key, load, keep=lambda value, error: error is None and not isinstance(value, Unresolved))
+        so now, unless this call hedges: see SingleFlightCache). Returns
+        (value, whether this call loaded it). A value that is an `Unresolved`
+        is handed to the callers waiting for it, then dropped."""
+        return super().get(
+            key,
+            load,
+            keep=lambda value, error: error is None and not isinstance(value, Unresolved),
+            hedge=hedge,
+            max_loads=max_loads,
+        )
 
     def __reduce__(self):
         # Verdicts belong to the process: a pickled copy (a Fetcher shipped to

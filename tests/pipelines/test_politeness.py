@@ -96,7 +96,9 @@ def test_per_host_budgets_hold_across_two_workers_from_the_servers_logs(tmp_path
         entries = sorted(logs[address[i]], key=lambda e: e.mono)
         for before, after in zip(entries, entries[1:]):
             if before.status in (429, 503):
-                assert after.mono - before.mono >= RETRY_AFTER_S - 0.05, f"host {address[i]} asked again too soon"
+                assert after.mono - before.mono >= RETRY_AFTER_S - 0.05, (
+                    f"host {address[i]} asked again too soon: {[(round(e.mono, 3), e.path, e.status) for e in entries]}"
+                )
 
     # Dead hosts: a hanging host, which never answers, is sent at most
     # down_after requests in all, however many connections its budget allows.

@@ -29,9 +29,12 @@ class FakeWeb:
         self.starts: dict[str, list[float]] = collections.defaultdict(list)
         self.in_flight: collections.Counter = collections.Counter()
         self.max_in_flight: collections.Counter = collections.Counter()
+        self.hedged: dict[str, list[bool]] = collections.defaultdict(list)  # per host, each fetch's pace.hedge
 
     def fetch(self, url: str, pace) -> Outcome:
         host = host_of(url)
+        with self.lock:
+            self.hedged[host].append(pace.hedge)
         for extra in range(self.extra_requests.get(host, 0)):  # robots.txt and the like, before the row's request
             pace(host)
             with self.lock:
@@ -130,6 +133,68 @@ def test_a_host_is_probed_one_fetch_at_a_time_until_it_answers():
     assert sum(isinstance(r, Drop) for r in results.values()) == 27
     # A host that answers gets its whole budget.
     assert web.max_in_flight["ok.test"] == 8
+
+
+def test_a_silent_host_gets_staggered_probes_and_is_declared_down_after_about_one_timeout():
+    # Each request to the hanging host fails only after its 0.6 s timeout. With
+    # probe_every_s, a further probe starts each time the host has been probed
+    # that long without an answer: the down_after probes overlap instead of
+    # timing out one after another, and no more than down_after are sent.
+    web = FakeWeb(delay_s=0.6, answers={"hang.test": lambda n: Outcome(host_failure=True)})
+    urls = [f"http://hang.test/{i}" for i in range(30)]
+    sched = scheduler(web, {"hang.test": Budget(8, 1000.0)}, probe_every_s=0.15)
+    results = dict(sched.run(urls))
+    starts = sorted(web.starts["hang.test"])
+    assert len(starts) == 3 and web.max_in_flight["hang.test"] == 3  # down_after, all in flight at once
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.15 - 0.01 and starts[-1] - starts[0] < 0.6  # staggered, within the first's timeout
+    assert web.hedged["hang.test"] == [False, True, True]  # later probes are told not to wait on the first
+    assert sum(r.reason == RejectReason.HOST_UNREACHABLE for r in results.values() if isinstance(r, Drop)) == 27
+
+
+def test_probes_never_outnumber_the_failures_left_before_down():
+    # A host whose first probe fails at once and whose others hang: after one
+    # failure only down_after - 1 probes may be in flight, so the host still
+    # gets down_after requests in all.
+    web = FakeWeb(delay_s=0.3, delays={0: 0.0}, answers={"bad.test": lambda n: Outcome(host_failure=True)})
+    sched = scheduler(web, {"bad.test": Budget(8, 1000.0)}, down_after=4, probe_every_s=0.05)
+    results = dict(sched.run([f"http://bad.test/{i}" for i in range(20)]))
+    assert len(web.starts["bad.test"]) == 4 and web.max_in_flight["bad.test"] == 3
+    assert sum(isinstance(r, Drop) for r in results.values()) == 16
+
+
+def test_a_host_that_answers_within_the_probe_interval_sees_one_probe_then_its_budget():
+    web = FakeWeb(delay_s=0.05)
+    sched = scheduler(web, {"ok.test": Budget(6, 1000.0)}, probe_every_s=0.5)
+    list(sched.run([f"http://ok.test/{i}" for i in range(30)]))
+    starts = sorted(web.starts["ok.test"])
+    assert starts[1] - starts[0] >= 0.05 - 0.005  # the second request waited for the first answer
+    assert web.hedged["ok.test"] == [False] * 30 and web.max_in_flight["ok.test"] == 6
+
+
+def test_a_host_is_up_from_its_first_answer_not_from_the_end_of_that_fetch():
+    # Each row's fetch sends three requests of 0.15 s (robots.txt, tdmrep.json,
+    # the image); the probe interval is 0.2 s. A fetch that reports the host's
+    # first answer (pace.answered) ends the probing there: no hedged probe,
+    # and the host's other rows start on its budget before the first row is done.
+    lock, starts, hedged = threading.Lock(), [], []
+
+    def fetch(url, pace):
+        hedged.append(pace.hedge)
+        for _ in range(3):
+            pace("up.test")
+            with lock:
+                starts.append(time.monotonic())
+            time.sleep(0.15)
+            pace.answered()
+        return Outcome(status=200)
+
+    sched = HostScheduler(fetch=fetch, outcome=lambda o: o, url_of=lambda u: u, budget_of=lambda h: Budget(4, 1000.0),
+                          threads=8, down_after=3, max_retry_after_s=60.0, probe_every_s=0.2)
+    results = list(sched.run([f"http://up.test/{i}" for i in range(8)]))
+    assert len(results) == 8 and not any(hedged)
+    starts.sort()
+    assert starts[3] - starts[0] < 0.3  # a second row began before the first row's three requests were done
 
 
 def test_a_row_that_failed_untried_is_queued_again_or_answered_unreachable_once_the_host_is_down():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pickle
+import time
 
 import pytest
 
@@ -344,3 +345,40 @@ def test_rows_waiting_for_a_failed_robots_fetch_share_its_reason_but_not_its_fai
     assert {r.drop.reason for r in results} == {RejectReason.TIMEOUT}
     assert sorted((r.host_failure, r.requests) for r in results) == [(False, 0)] * 3 + [(True, 1)]
     assert paths == ["/robots.txt"]
+
+
+def wait_for_a_request(web, host: int) -> None:
+    deadline = time.monotonic() + 5
+    while not web.log(host):
+        assert time.monotonic() < deadline, "no request reached the host"
+        time.sleep(0.01)
+
+
+def test_a_hedged_probe_sends_its_own_robots_fetch_and_counts_its_own_failure(tmp_path, fetcher):
+    # The scheduler's further probe of a silent host (hedge=True) does not wait
+    # on the robots.txt fetch already in flight: each probe is a request, so
+    # each counts towards declaring the host down.
+    with ManyHostWeb([HostSpec(hang=True)], tmp_path) as web:
+        f = fetcher(timeout_s=0.5)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(f.fetch, web.image_url(0, 0))
+            wait_for_a_request(web, 0)
+            hedged = [pool.submit(f.fetch, web.image_url(0, n), hedge=True) for n in (1, 2)]
+            results = [first.result(), *(h.result() for h in hedged)]
+        paths = [e.path for e in web.log(0)]
+    assert [(r.drop.reason, r.host_failure, r.requests) for r in results] == [(RejectReason.TIMEOUT, True, 1)] * 3
+    assert paths == ["/robots.txt"] * 3
+
+
+def test_a_hedged_probe_of_a_host_that_answers_goes_on_with_its_rules(tmp_path, fetcher):
+    slow = Route(b"User-agent: *\nDisallow: /private/\n", content_type="text/plain", delay_s=0.3)
+    with ManyHostWeb([HostSpec(robots=slow)], tmp_path, image_size=(16, 16)) as web:
+        f = fetcher(tdmrep=False)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(f.fetch, web.image_url(0, 0))
+            wait_for_a_request(web, 0)
+            hedged = pool.submit(f.fetch, web.url(0, "/private/a.jpg"), hedge=True)
+            results = [first.result(), hedged.result()]
+        paths = sorted(e.path for e in web.log(0))
+    assert results[0].ok and results[1].drop.reason == RejectReason.ROBOTS_DISALLOWED
+    assert paths == ["/images/0.jpg", "/robots.txt", "/robots.txt"]
