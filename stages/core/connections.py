@@ -318,11 +318,12 @@ class SingleFlightCache:
     cache (`stages/core/robots.py`) are this.
 
     A caller may *hedge* (`hedge=True`): instead of waiting for a load that is
-    running, it starts one of its own (at most `max_loads` at once per key). The first load whose value is kept answers
-    every waiter; a hedged load that fails while another may still succeed
-    gives its failure to its own caller only. The host scheduler uses this to
-    probe a host that has not answered yet with several staggered requests,
-    each its own robots.txt fetch (see `stages/core/host_schedule.py`)."""
+    running, it starts one of its own (at most `max_loads` at once per key).
+    The first load whose value is kept answers every waiter; a hedged load
+    that fails while another may still succeed gives its failure to its own
+    caller only. The host scheduler uses this to probe a host that has not
+    answered yet with several staggered requests, each its own robots.txt
+    fetch (see `stages/core/host_schedule.py`)."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
