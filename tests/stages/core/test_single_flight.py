@@ -31,6 +31,15 @@ def keep_unless_failed(value, error):
     return error is None and value != "failed"
 
 
+def hedged_loads(pool, cache: SingleFlightCache, *gates: Gate, max_loads: int, **options) -> list:
+    """Start one hedged `get` per gate, each after the one before has begun its load."""
+    futures = []
+    for gate in gates:
+        futures.append(pool.submit(cache.get, "host", gate, hedge=True, max_loads=max_loads, **options))
+        assert gate.started.wait(5), "a hedged caller waited instead of loading"
+    return futures
+
+
 def test_callers_of_a_key_share_one_load():
     cache = SingleFlightCache(8)
     gate = Gate("rules")
@@ -48,10 +57,7 @@ def test_a_hedging_caller_loads_too_up_to_max_loads():
     cache = SingleFlightCache(8)
     first, second = Gate("rules"), Gate("rules, second copy")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        a = pool.submit(cache.get, "host", first, hedge=True, max_loads=2)
-        assert first.started.wait(5)
-        b = pool.submit(cache.get, "host", second, hedge=True, max_loads=2)
-        assert second.started.wait(5)  # its own load, not a wait on the first
+        a, b = hedged_loads(pool, cache, first, second, max_loads=2)  # the second loads too, not waits
         third = Gate("never")
         c = pool.submit(cache.get, "host", third, hedge=True, max_loads=2)  # two running: it waits
         assert not third.started.wait(0.3) and not c.done()
@@ -68,10 +74,7 @@ def test_a_hedged_failure_goes_to_its_own_caller_while_another_load_may_still_su
     cache = SingleFlightCache(8)
     slow_success, fast_failure = Gate("rules"), Gate(error=TimeoutError("timed out"))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        a = pool.submit(cache.get, "host", slow_success, hedge=True, max_loads=3)
-        assert slow_success.started.wait(5)
-        b = pool.submit(cache.get, "host", fast_failure, hedge=True, max_loads=3)
-        assert fast_failure.started.wait(5)
+        a, b = hedged_loads(pool, cache, slow_success, fast_failure, max_loads=3)
         waiter = pool.submit(cache.get, "host", Gate("never"))
         fast_failure.release.set()
         with pytest.raises(TimeoutError):
@@ -85,10 +88,7 @@ def test_when_every_load_fails_the_waiters_get_the_last_failure_and_nothing_is_k
     cache = SingleFlightCache(8)
     one, two = Gate("failed"), Gate("failed")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        a = pool.submit(cache.get, "host", one, keep=keep_unless_failed, hedge=True, max_loads=2)
-        assert one.started.wait(5)
-        b = pool.submit(cache.get, "host", two, keep=keep_unless_failed, hedge=True, max_loads=2)
-        assert two.started.wait(5)
+        a, b = hedged_loads(pool, cache, one, two, max_loads=2, keep=keep_unless_failed)
         waiter = pool.submit(cache.get, "host", Gate("never"), keep=keep_unless_failed)
         one.release.set()
         assert a.result() == ("failed", True)
@@ -103,10 +103,7 @@ def test_a_hedged_load_failing_after_another_succeeded_takes_the_kept_value():
     cache = SingleFlightCache(8)
     first, second = Gate("rules"), Gate("failed")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        a = pool.submit(cache.get, "host", first, keep=keep_unless_failed, hedge=True, max_loads=2)
-        assert first.started.wait(5)
-        b = pool.submit(cache.get, "host", second, keep=keep_unless_failed, hedge=True, max_loads=2)
-        assert second.started.wait(5)
+        a, b = hedged_loads(pool, cache, first, second, max_loads=2, keep=keep_unless_failed)
         first.release.set()
         assert a.result() == ("rules", True)
         second.release.set()
