@@ -349,9 +349,8 @@ class SingleFlightCache:
         waiting get it, unless a hedged load of the same key is still running:
         they then wait for that one."""
         with self._lock:
-            now = time.monotonic()
             entry = self._entries.get(key)
-            if entry is not None and entry.done.is_set() and entry.expires <= now:
+            if entry is not None and entry.done.is_set() and entry.expires <= time.monotonic():
                 entry = None
             owner = entry is None
             if owner:

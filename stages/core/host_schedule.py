@@ -334,13 +334,13 @@ class HostScheduler(Generic[Row]):
             pace = Pace(self, pacer, host, state, first_slot, hedge)
             result = self.fetch(row, pace)
             # A Retry-After holds the host from now, not from when the
-            # dispatcher gets to this result: the host's other fetches may be
-            # about to send their requests.
+            # dispatcher gets to this result (`_settle` requeues the row): the
+            # host's other fetches may be about to send their requests.
             outcome = self.outcome(result)
             if outcome.status in (429, 503) and outcome.retry_after_s is not None:
                 if outcome.retry_after_s <= self.max_retry_after_s:
                     pacer.hold_until(host, self.clock() + outcome.retry_after_s)
-            return result
+            return result, outcome
 
         def queue(host: str, row: Row, front: bool = False) -> None:
             nonlocal buffered
@@ -462,12 +462,12 @@ class HostScheduler(Generic[Row]):
                     state = hosts[host]
                     state.in_flight -= 1
                     try:
-                        result = future.result()
+                        result, outcome = future.result()
                     except Exception as err:  # noqa: BLE001 - handed to the caller as the row's result
                         yield row, err
                         forget_if_idle(host)
                         continue
-                    settled = self._settle(host, state, budgets[host], row, self.outcome(result), retries, declare_down)
+                    settled = self._settle(host, state, budgets[host], row, outcome, retries, declare_down)
                     if settled is _REQUEUED:
                         queue(host, row, front=True)
                         continue
@@ -505,7 +505,7 @@ class HostScheduler(Generic[Row]):
                     f"over max_retry_after_s={self.max_retry_after_s:g}",
                 )
                 return None
-            self.pacer.hold_until(host, self.clock() + outcome.retry_after_s)
+            # The fetching thread has held the host already (see fetch_paced).
             return self._retry(row, retries)
         retries.pop(id(row), None)
         return None
