@@ -44,6 +44,18 @@ in per-host queues, so a slow or rate-limited host holds back only its own
 rows while the threads serve the others (the long tail of small hosts keeps
 the pool busy). Results are yielded in completion order.
 
+**Looking ahead for hosts.** The crawl feeds rows key by key, so the input
+is sorted by host in runs: a host whose rows come last would otherwise be
+seen, and first probed, only when the rows before it are nearly done, and a
+dead host among them would add its whole probing time to the end of the
+crawl. So the scheduler reads on past the window, up to `8 * window` rows
+held in all: a host not answered yet has up to `down_after` rows queued at
+once (one per probe), the others wait, in order, in a read-ahead queue that
+costs no per-host state.
+Hosts that have not answered yet are served first whenever a thread is
+free (their first probe, and each further probe when it is due), so a dead
+host is found while the healthy hosts' rows are being fetched.
+
 The input may be *live*: an iterator that yields `PENDING` when it has no row
 yet but will have more (the crawl stage feeds one scheduler from every crawl
 key of a bundle, so the keys' slow tails overlap). The scheduler then goes on
@@ -292,6 +304,8 @@ class HostScheduler(Generic[Row]):
         hosts: dict[str, _Host] = {}
         budgets: dict[str, Budget] = {}
         ready: dict[str, None] = {}  # hosts with queued rows, in arrival order
+        probing: dict[str, None] = {}  # those not answered yet: served first
+        parked: collections.deque = collections.deque()  # read ahead, rows of hosts already queued
         down: dict[str, str] = {}
         buffered = 0
         max_buffered = 8 * self.window
@@ -353,11 +367,14 @@ class HostScheduler(Generic[Row]):
             else:
                 state.queue.append(row)
             ready[host] = None
+            if not state.answered:
+                probing[host] = None
             buffered += 1
 
-        def take(row: Row) -> str | None:
+        def take(row: Row, host: str | None = None) -> str | None:
             """Queue a row under its host (or answer it if the host is down); returns the host if queued."""
-            host = host_of(self.url_of(row))
+            if host is None:
+                host = host_of(self.url_of(row))
             if host in down:
                 answered.append((row, Drop(RejectReason.HOST_UNREACHABLE, down[host])))
                 return None
@@ -373,6 +390,24 @@ class HostScheduler(Generic[Row]):
                 buffered -= 1
                 answered.append((state.queue.popleft(), Drop(RejectReason.HOST_UNREACHABLE, detail)))
             ready.pop(host, None)
+            probing.pop(host, None)
+
+        def start(host: str, now: float) -> None:
+            """Start as many of the host's queued rows as its budget and the free threads allow."""
+            nonlocal buffered
+            state = hosts[host]
+            while len(in_flight) < self.threads and can_start(host, now):
+                row = state.queue.popleft()
+                buffered -= 1
+                hedge = not state.answered and state.in_flight > 0
+                if not state.answered:
+                    state.last_probe = now
+                state.in_flight += 1
+                slot = pacer.reserve(host, budgets[host].rate)
+                in_flight[pool.submit(fetch_paced, row, host, state, slot, hedge)] = (host, row)
+            if not state.queue:
+                ready.pop(host, None)
+                probing.pop(host, None)
 
         def forget_if_idle(host: str) -> None:
             state = hosts[host]
@@ -381,9 +416,14 @@ class HostScheduler(Generic[Row]):
 
         with concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="crawl") as pool:
             while True:
-                # 1. Read ahead until the window is full (or a live input has nothing yet).
+                # 1. Fill the window (read-ahead rows first), then look further
+                # ahead for hosts not seen yet (see the module docstring), until
+                # `max_buffered` rows are held (or a live input has nothing yet).
                 starved = False
-                while not exhausted and buffered < self.window:
+                while buffered < self.window and (parked or not exhausted):
+                    if parked:
+                        take(parked.popleft())
+                        continue
                     try:
                         row = next(source)
                     except StopIteration:
@@ -393,46 +433,61 @@ class HostScheduler(Generic[Row]):
                         live = starved = True
                         break
                     take(row)
+                while not exhausted and not starved and buffered + len(parked) < max_buffered:
+                    try:
+                        row = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if row is PENDING:
+                        live = starved = True
+                        break
+                    host = host_of(self.url_of(row))
+                    state = hosts.get(host)
+                    if state is not None and host not in down and (state.answered or len(state.queue) >= self.down_after):
+                        parked.append(row)
+                    else:  # a host not seen yet, or one with rows enough for its probes not yet queued
+                        take(row, host)
                 while answered:
                     yield answered.popleft()
 
-                # 2. Start every fetch the budgets allow.
+                # 2. Start every fetch the budgets allow: hosts not answered yet first.
                 now = self.clock()
-                for host in list(ready):
-                    state = hosts[host]
-                    while len(in_flight) < self.threads and can_start(host, now):
-                        row = state.queue.popleft()
-                        buffered -= 1
-                        hedge = not state.answered and state.in_flight > 0
-                        if not state.answered:
-                            state.last_probe = now
-                        state.in_flight += 1
-                        slot = pacer.reserve(host, budgets[host].rate)
-                        in_flight[pool.submit(fetch_paced, row, host, state, slot, hedge)] = (host, row)
-                    if not state.queue:
-                        del ready[host]
+                for host in list(probing):
                     if len(in_flight) >= self.threads:
                         break
+                    state = hosts.get(host)
+                    if state is None or state.answered or not state.queue:
+                        probing.pop(host, None)
+                        continue
+                    start(host, now)
+                for host in list(ready):
+                    if len(in_flight) >= self.threads:
+                        break
+                    start(host, now)
 
                 if not in_flight and buffered == 0:
-                    if exhausted:
+                    if exhausted and not parked:
                         return
                     if starved:
                         time.sleep(POLL_S)
                     continue
                 # Threads idle while every buffered row waits on its host: read
                 # further ahead, so a few slow or rate-limited hosts do not starve the rest.
-                if len(in_flight) < self.threads and not exhausted and not starved and buffered < max_buffered:
+                if len(in_flight) < self.threads and (parked or not exhausted) and not starved and buffered < max_buffered:
                     found = False
-                    while not found and not exhausted and buffered < max_buffered:
-                        try:
-                            row = next(source)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        if row is PENDING:
-                            live = True
-                            break
+                    while not found and (parked or not exhausted) and buffered < max_buffered:
+                        if parked:
+                            row = parked.popleft()
+                        else:
+                            try:
+                                row = next(source)
+                            except StopIteration:
+                                exhausted = True
+                                break
+                            if row is PENDING:
+                                live = True
+                                break
                         host = take(row)
                         found = host is not None and can_start(host, now)
                     if found or answered:

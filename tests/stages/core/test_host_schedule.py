@@ -197,6 +197,33 @@ def test_a_host_is_up_from_its_first_answer_not_from_the_end_of_that_fetch():
     assert starts[3] - starts[0] < 0.3  # a second row began before the first row's three requests were done
 
 
+def test_a_host_whose_rows_come_last_is_probed_among_the_first_and_read_ahead_stays_bounded():
+    # The crawl feeds rows key by key, so the input is sorted by host. Ten
+    # healthy hosts of 10 rows come first, then a dead host: it is read ahead
+    # of its turn and its first probe goes out with the first requests, not
+    # once the rows before it are done (then its probing would be the crawl's
+    # tail). Rows held ahead stay within 8 * window (plus those in flight).
+    web = FakeWeb(delay_s=0.01, answers={"dead.test": lambda n: Outcome(host_failure=True)})
+    urls = [f"http://ok{h}.test/{i}" for h in range(10) for i in range(10)] + [f"http://dead.test/{i}" for i in range(10)]
+    consumed, held = [0], []
+
+    def rows():
+        for url in urls:
+            consumed[0] += 1
+            yield url
+
+    sched = scheduler(web, {}, threads=4, window=16)
+    results = []
+    for item in sched.run(rows()):
+        results.append(item)
+        held.append(consumed[0] - len(results))
+    assert len(results) == 110 and max(held) <= 8 * 16 + 4
+    order = sorted((t, host) for host, starts in web.starts.items() for t in starts)
+    first_dead = next(i for i, (_, host) in enumerate(order) if host == "dead.test")
+    assert first_dead < 15, f"the dead host's first probe was request {first_dead} of {len(order)}"
+    assert sum(isinstance(r, Drop) for _, r in results) == 10 - 3
+
+
 def test_a_row_that_failed_untried_is_queued_again_or_answered_unreachable_once_the_host_is_down():
     # The first answer says: failed without a request of its own (it waited on another's).
     web = FakeWeb(answers={"wait.test": lambda n: Outcome(untried=True, reached_host=False) if n == 0 else Outcome(status=200)})
