@@ -51,10 +51,10 @@ dead host among them would add its whole probing time to the end of the
 crawl. So the scheduler reads on past the window, up to `8 * window` rows
 held in all: a host not answered yet has up to `down_after` rows queued at
 once (one per probe), the others wait, in order, in a read-ahead queue that
-costs no per-host state.
-Hosts that have not answered yet are served first whenever a thread is
-free (their first probe, and each further probe when it is due), so a dead
-host is found while the healthy hosts' rows are being fetched.
+costs no per-host state. Hosts that have not answered yet are served first
+whenever a thread is free (their first probe, and each further probe when it
+is due), so a dead host is found while the healthy hosts' rows are being
+fetched.
 
 The input may be *live*: an iterator that yields `PENDING` when it has no row
 yet but will have more (the crawl stage feeds one scheduler from every crawl
@@ -85,6 +85,8 @@ MAX_RETRY_AFTER_ATTEMPTS = 3
 _REQUEUED = object()
 # Yielded by a live input that has no row yet (see the module docstring).
 PENDING = object()
+# What the scheduler reads from an input that is done.
+_NO_ROW = object()
 # How long the scheduler waits before asking a live input again.
 POLL_S = 0.02
 # A host's rate never drops below its budget divided by this, however many 429s it sends.
@@ -392,6 +394,18 @@ class HostScheduler(Generic[Row]):
             ready.pop(host, None)
             probing.pop(host, None)
 
+        def read() -> object:
+            """The input's next row, `PENDING` (a live input has none yet) or `_NO_ROW` (it is done)."""
+            nonlocal exhausted, live
+            try:
+                row = next(source)
+            except StopIteration:
+                exhausted = True
+                return _NO_ROW
+            if row is PENDING:
+                live = True
+            return row
+
         def start(host: str, now: float) -> None:
             """Start as many of the host's queued rows as its budget and the free threads allow."""
             nonlocal buffered
@@ -421,32 +435,22 @@ class HostScheduler(Generic[Row]):
                 # `max_buffered` rows are held (or a live input has nothing yet).
                 starved = False
                 while buffered < self.window and (parked or not exhausted):
-                    if parked:
-                        take(parked.popleft())
-                        continue
-                    try:
-                        row = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    if row is PENDING:
-                        live = starved = True
+                    row = parked.popleft() if parked else read()
+                    if row is _NO_ROW or row is PENDING:
+                        starved = row is PENDING
                         break
                     take(row)
                 while not exhausted and not starved and buffered + len(parked) < max_buffered:
-                    try:
-                        row = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    if row is PENDING:
-                        live = starved = True
+                    row = read()
+                    if row is _NO_ROW or row is PENDING:
+                        starved = row is PENDING
                         break
                     host = host_of(self.url_of(row))
                     state = hosts.get(host)
-                    if state is not None and host not in down and (state.answered or len(state.queue) >= self.down_after):
+                    # An answered host, or one with a row queued for each probe it may get, can wait.
+                    if state is not None and (state.answered or len(state.queue) >= self.down_after) and host not in down:
                         parked.append(row)
-                    else:  # a host not seen yet, or one with rows enough for its probes not yet queued
+                    else:  # a host not seen yet, one still short of a row per probe, or one down (answered now)
                         take(row, host)
                 while answered:
                     yield answered.popleft()
@@ -472,22 +476,14 @@ class HostScheduler(Generic[Row]):
                     if starved:
                         time.sleep(POLL_S)
                     continue
-                # Threads idle while every buffered row waits on its host: read
-                # further ahead, so a few slow or rate-limited hosts do not starve the rest.
+                # Threads idle while every queued row waits on its host: queue more
+                # (read-ahead rows first), so a few slow or rate-limited hosts do not starve the rest.
                 if len(in_flight) < self.threads and (parked or not exhausted) and not starved and buffered < max_buffered:
                     found = False
                     while not found and (parked or not exhausted) and buffered < max_buffered:
-                        if parked:
-                            row = parked.popleft()
-                        else:
-                            try:
-                                row = next(source)
-                            except StopIteration:
-                                exhausted = True
-                                break
-                            if row is PENDING:
-                                live = True
-                                break
+                        row = parked.popleft() if parked else read()
+                        if row is _NO_ROW or row is PENDING:
+                            break
                         host = take(row)
                         found = host is not None and can_start(host, now)
                     if found or answered:
