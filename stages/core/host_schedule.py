@@ -306,7 +306,6 @@ class HostScheduler(Generic[Row]):
         hosts: dict[str, _Host] = {}
         budgets: dict[str, Budget] = {}
         ready: dict[str, None] = {}  # hosts with queued rows, in arrival order
-        probing: dict[str, None] = {}  # those not answered yet: served first
         parked: collections.deque = collections.deque()  # read ahead, rows of hosts already queued
         down: dict[str, str] = {}
         buffered = 0
@@ -369,8 +368,6 @@ class HostScheduler(Generic[Row]):
             else:
                 state.queue.append(row)
             ready[host] = None
-            if not state.answered:
-                probing[host] = None
             buffered += 1
 
         def take(row: Row, host: str | None = None) -> str | None:
@@ -392,7 +389,6 @@ class HostScheduler(Generic[Row]):
                 buffered -= 1
                 answered.append((state.queue.popleft(), Drop(RejectReason.HOST_UNREACHABLE, detail)))
             ready.pop(host, None)
-            probing.pop(host, None)
 
         def read() -> object:
             """The input's next row, `PENDING` (a live input has none yet) or `_NO_ROW` (it is done)."""
@@ -421,7 +417,6 @@ class HostScheduler(Generic[Row]):
                 in_flight[pool.submit(fetch_paced, row, host, state, slot, hedge)] = (host, row)
             if not state.queue:
                 ready.pop(host, None)
-                probing.pop(host, None)
 
         def forget_if_idle(host: str) -> None:
             state = hosts[host]
@@ -457,18 +452,12 @@ class HostScheduler(Generic[Row]):
 
                 # 2. Start every fetch the budgets allow: hosts not answered yet first.
                 now = self.clock()
-                for host in list(probing):
-                    if len(in_flight) >= self.threads:
-                        break
-                    state = hosts.get(host)
-                    if state is None or state.answered or not state.queue:
-                        probing.pop(host, None)
-                        continue
-                    start(host, now)
-                for host in list(ready):
-                    if len(in_flight) >= self.threads:
-                        break
-                    start(host, now)
+                for unanswered_only in (True, False):
+                    for host in list(ready):
+                        if len(in_flight) >= self.threads:
+                            break
+                        if not (unanswered_only and hosts[host].answered):
+                            start(host, now)
 
                 if not in_flight and buffered == 0:
                     if exhausted and not parked:
