@@ -78,7 +78,7 @@ def main_bench(argv: list[str] | None = None) -> None:
         items = write_corpus(corpus, args.images)
         web = loopback_web(corpus, [name for name, _ in items])
         urls = workdir / "urls.parquet"
-        with web as served:
+        with web as (served, _web_pid):
             rows = [{"url": url, "caption": caption} for url, (_, caption) in zip(served, items)]
             pq.write_table(pa.Table.from_pylist(rows), urls)
             figures = run_rounds(urls, workdir, args)

@@ -134,7 +134,7 @@ def loopback_web(folder: Path, names: list[str]):
         if not parent.poll(60):
             raise SystemExit("the benchmark web did not start")
         port = parent.recv()
-        yield [f"http://127.0.0.1:{port}/{name}" for name in names]
+        yield [f"http://127.0.0.1:{port}/{name}" for name in names], process.pid
     finally:
         stop.set()
         process.join(10)
@@ -162,26 +162,32 @@ def manyhosts_web(folder: Path, n: int, args):
     unhealthy = round(args.dead_hosts * hosts)
     slow, refuse = unhealthy // 3, unhealthy // 3
     hang = unhealthy - slow - refuse
+    if unhealthy:
+        counts = [n // hosts + (1 if i < n % hosts else 0) for i in range(hosts)]
+    else:
+        small = [1 + (j % 2) for j in range(hosts - args.hot_hosts)]
+        hot = max(0, n - sum(small))
+        counts = [hot // args.hot_hosts + (1 if i < hot % args.hot_hosts else 0) for i in range(args.hot_hosts)] + small
+    # Every image is rendered before the first run (about 4 ms of CPU each):
+    # otherwise the first run, or every run once the web's images outnumber
+    # what it keeps, would share the cores with the renderer.
     command = [sys.executable, "-m", "pipelines.testing.manyhosts", "--hosts", str(hosts), "--slow", str(slow),
                "--refuse", str(refuse), "--hang", str(hang), "--log-dir", str(folder / "logs"),
-               "--image-size", args.manyhosts_image_size]
+               "--image-size", args.manyhosts_image_size, "--prerender", ",".join(map(str, counts))]
+    started = time.perf_counter()
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
         if not line:
             raise SystemExit(f"the many-host web did not start: {' '.join(command)}")
         port = json.loads(line)["port"]
-        if unhealthy:
-            counts = [n // hosts + (1 if i < n % hosts else 0) for i in range(hosts)]
-        else:
-            small = [1 + (j % 2) for j in range(hosts - args.hot_hosts)]
-            hot = max(0, n - sum(small))
-            counts = [hot // args.hot_hosts + (1 if i < hot % args.hot_hosts else 0) for i in range(args.hot_hosts)] + small
+        print(f"many-host web ready in {time.perf_counter() - started:.0f} s (its {sum(counts)} images rendered)",
+              flush=True)
         urls = [f"http://127.0.0.{i + 2}:{port}{IMAGES_PREFIX}{k}.jpg" for i, c in enumerate(counts) for k in range(c)]
         random.Random(0).shuffle(urls)
         print(f"many-host web: {hosts} hosts ({slow} slow, {refuse} refusing, {hang} hanging), {len(urls)} URLs, "
               f"largest host {max(counts)} URLs", flush=True)
-        yield urls[:n]
+        yield urls[:n], server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -201,6 +207,18 @@ def count_tar_images(folder: Path) -> int:
     return count
 
 
+def web_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of the web's process so far, from
+    /proc; 0 where there is no /proc. On a small machine the web shares the
+    cores with the crawler it serves, so its CPU per image is part of the
+    picture (it is the same per request for both sides)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15 of stat)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (img2dataset's
     processes, Beam's worker processes), user + system."""
@@ -216,6 +234,7 @@ class Run:
     cpu_s: float = 0.0  # CPU seconds of the run (this process and its children; not the web's)
     stages: dict[str, float] = dataclasses.field(default_factory=dict)  # worker-seconds per step
     distributions: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)  # name -> (count, mean)
+    web_cpu_s: float = 0.0  # CPU seconds the web's process spent during the run
 
     @property
     def rate(self) -> float:
@@ -365,7 +384,7 @@ def report(runs: list[Run], args) -> dict:
     print(f"order: {' '.join(r.side for r in runs)}; load average now {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"on {os.cpu_count()} cores")
     print(f"{'side':<30}{'images':>8}{'seconds (each run)':>24}{'images/s':>10}{'spread':>13}{'ratio':>7}"
-          f"{'CPU ms/image':>14}")
+          f"{'CPU ms/image':>14}{'web CPU ms/image':>18}")
     summary = {}
     for side, name in SIDES.items():
         side_runs = by_side.get(side)
@@ -376,11 +395,12 @@ def report(runs: list[Run], args) -> dict:
         short = any(r.seconds < args.min_seconds for r in side_runs)
         seconds = " ".join(f"{r.seconds:.1f}" for r in side_runs)
         cpu_ms = statistics.mean(1000 * r.cpu_s / max(1, r.images) for r in side_runs)
+        web_ms = statistics.mean(1000 * r.web_cpu_s / max(1, r.images) for r in side_runs)
         print(f"{name:<30}{side_runs[0].images:>8}{seconds:>24}{mean:>10.1f}{_spread(rates):>13}{mean / base:>6.2f}x"
-              f"{cpu_ms:>14.1f}" + ("  SHORT: under --min-seconds, start-up included" if short else ""))
+              f"{cpu_ms:>14.1f}{web_ms:>18.1f}" + ("  SHORT: under --min-seconds, start-up included" if short else ""))
         summary[side] = {"images": [r.images for r in side_runs], "seconds": [round(r.seconds, 2) for r in side_runs],
                          "images_per_s": round(mean, 2), "ratio": round(mean / base, 3), "short": short,
-                         "cpu_ms_per_image": round(cpu_ms, 2)}
+                         "cpu_ms_per_image": round(cpu_ms, 2), "web_cpu_ms_per_image": round(web_ms, 2)}
     # Ratios of neighbouring pairs (A B and B A), so the spread of the ratio shows too.
     for side in ("threads", "processes"):
         pair_ratios = []
@@ -394,7 +414,8 @@ def report(runs: list[Run], args) -> dict:
                   + ", ".join(f"{x:.2f}x" for x in pair_ratios))
             summary[side]["pair_ratios"] = [round(x, 3) for x in pair_ratios]
     print("  target: curate >= 1.5x img2dataset's images/s. CPU ms/image: this process and its children "
-          "(img2dataset's processes, Beam's workers), not the web's; less sensitive to other load than images/s")
+          "(img2dataset's processes, Beam's workers); web CPU ms/image: the web's process during the run, which "
+          "shares the machine's cores; both less sensitive to other load than images/s")
     for side in ("threads", "processes"):
         side_runs = [r for r in by_side.get(side, []) if r.stages]
         if not side_runs:
@@ -459,11 +480,12 @@ def main(argv=None) -> int:
             web = manyhosts_web(tmp, args.images, args)
             captions = [f"a smooth blend of colours, picture {i}" for i in range(args.images)]
         runs, failures = [], []
-        with web as urls:
+        with web as (urls, web_pid):
             url_list = tmp / "urls.parquet"
             pq.write_table(pa.Table.from_pylist([{"url": u, "caption": c} for u, c in zip(urls, captions)]), url_list)
             for i, side in enumerate(order):
                 out = tmp / f"run{i}-{side}"
+                web_cpu = web_cpu_seconds(web_pid)
                 try:
                     run = run_img2dataset(url_list, out, args.images, args) if side == "img2dataset" else run_curate(
                         url_list, out, args, side)
@@ -471,8 +493,10 @@ def main(argv=None) -> int:
                     failures.append(f"run {i + 1} ({SIDES[side]}): {type(err).__name__}: {err}")
                     print(f"run {i + 1}/{len(order)}: {SIDES[side]}: FAILED: {err}", flush=True)
                     continue
+                run.web_cpu_s = web_cpu_seconds(web_pid) - web_cpu
                 print(f"run {i + 1}/{len(order)}: {SIDES[side]}: {run.images} images in {run.seconds:.1f} s "
-                      f"({run.rate:.1f}/s, {1000 * run.cpu_s / max(1, run.images):.1f} CPU ms/image), "
+                      f"({run.rate:.1f}/s, {1000 * run.cpu_s / max(1, run.images):.1f} CPU ms/image, "
+                      f"web {1000 * run.web_cpu_s / max(1, run.images):.1f}), "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
                 runs.append(run)
                 import shutil

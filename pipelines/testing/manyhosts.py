@@ -62,7 +62,7 @@ from pipelines.testing.hostspecs import (  # re-exported: the API of the many-ho
     HostSpec, RequestLog, Throttle, build_url_list, peak_in_flight, peak_rate, read_log, read_logs, url_rows,
     web_specs, write_url_list,
 )
-from pipelines.testing.hostspecs import IMAGES_PREFIX
+from pipelines.testing.hostspecs import IMAGES_PREFIX, render_image
 from pipelines.testing.hostspecs import HostState as _HostState
 from pipelines.testing.localweb import Route
 
@@ -148,7 +148,10 @@ class ManyHostWeb:
             logs of the same addresses are appended to).
         port: The port every host listens on; 0 picks a free one.
         image_size: (width, height) of the served images.
-        seed: Varies the images between webs.
+        seed: Varies the images between webs. Each image is made on first
+            request (or by `prerender`) and kept for the web's lifetime, so a
+            benchmark's web renders every image once and its later runs
+            measure the crawler, not the renderer.
         keepalive_timeout_s: An idle connection is closed after this long.
         tls: A server-side `ssl.SSLContext`: every host speaks HTTPS with it
             (the TLS handshake happens on the connection's own thread).
@@ -186,6 +189,7 @@ class ManyHostWeb:
         self._thread: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._images: dict[tuple[int, int], bytes] = {}
 
     # -- addresses -------------------------------------------------------------
 
@@ -223,6 +227,23 @@ class ManyHostWeb:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    # -- images ----------------------------------------------------------------
+
+    def image(self, index: int, n: int) -> bytes:
+        """The JPEG host `index` serves as image `n` (`image_url(index, n)`)."""
+        image = self._images.get((index, n))
+        if image is None:
+            width, height = self.image_size
+            image = render_image(self.seed * 1_000_003 + index * 100_003 + n, width, height)
+            self._images[(index, n)] = image  # a race renders it twice, with the same bytes
+        return image
+
+    def prerender(self, counts: Sequence[int]) -> None:
+        """Make images 0 .. counts[i]-1 of every host i now, before anything is timed."""
+        for index, count in enumerate(counts):
+            for n in range(count):
+                self.image(index, n)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -375,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hot-hosts", type=int, default=3)
     parser.add_argument("--rows-per-hot-host", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prerender", default="", help="comma-separated image counts, one per host from the first: "
+                        "render those images before serving (a benchmark's web then times no rendering)")
     args = parser.parse_args(argv)
     width, _, height = args.image_size.partition("x")
     specs = web_specs(
@@ -384,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ManyHostWeb(specs, args.log_dir, port=args.port, image_size=(int(width), int(height)), seed=args.seed) as web:
+        web.prerender([int(count) for count in args.prerender.split(",") if count])
         if args.urls:
             build_url_list(
                 web, args.urls, hot_hosts=args.hot_hosts, rows_per_hot_host=args.rows_per_hot_host, seed=args.seed
