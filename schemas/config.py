@@ -153,6 +153,13 @@ class DecodeConfig(_StageConfig):
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Images decoded, checked, hashed and resized at once per worker process, on threads apart from "
+        "the crawl's fetching threads (which are then free for the next request as soon as a body is in); "
+        "0: one per CPU available to the process.",
+    )
 
 
 class SemanticDedupConfig(_StageConfig):

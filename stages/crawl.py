@@ -21,8 +21,10 @@ failures as one `Rejection` each (stage `crawl`), including
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -124,9 +126,10 @@ class CrawlDoFn(beam.DoFn):
     def crawl(self, records: Iterable[SampleRecord], hot: dict[str, int], then=None) -> Iterator:
         """Fetch `records` under the per-host budgets. Yields `(output, then_result)`:
         the output is a `WithImage` or `TaggedOutput(REJECTS, Rejection)`;
-        `then(fetched: WithImage)`, if given, runs on the fetching thread right
-        after a successful fetch (decoding there uses every core while the GIL is
-        released), and its result (or the exception it raised) comes along."""
+        `then(fetched: WithImage)`, if given, is called on the fetching thread
+        right after a successful fetch, and its result (or the exception it
+        raised) comes along. A `then` that hands the work to threads of its own
+        (`AfterFetch.submit`) returns a Future, which `emit` waits for."""
         scheduler = self.scheduler(hot, then)
         for record, done in scheduler.run(records):
             yield self.emit(record, done)
@@ -168,6 +171,11 @@ class CrawlDoFn(beam.DoFn):
         it in the metrics, so it runs on the DoFn's thread."""
         if isinstance(done, tuple):
             result, after = done
+            if isinstance(after, concurrent.futures.Future):
+                try:
+                    after = after.result()
+                except Exception as err:  # noqa: BLE001 - handed back with the row, as from `then` itself
+                    after = err
             return self._emit(record, result), after
         return self._emit(record, done), None
 
@@ -191,6 +199,42 @@ class CrawlDoFn(beam.DoFn):
         self._metrics.kept.inc()
         self._fetch_bytes.update(len(result.data))
         return WithImage(with_fetch_provenance(record, result), result.data)
+
+
+class AfterFetch:
+    """Runs `then` (decoding, in a curate run) on `threads` threads of its own,
+    so a fetching thread is free for its next request as soon as a body is in
+    (img2dataset's downloader threads also only download). Without it, a
+    fetching thread also waits its turn for a CPU to decode, and on a web
+    where slow hosts already hold threads for seconds per answer, the threads
+    run out before the CPUs are busy.
+
+    At most `max_pending` bodies wait or are being worked on: a fetching
+    thread that would add one more waits for a slot, which holds back new
+    requests while the CPUs are what binds. Thread-safe; make one per DoFn
+    instance in `setup` (it holds threads, so it is never pickled)."""
+
+    def __init__(self, then, threads: int, max_pending: int) -> None:
+        self._then = then
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self._slots = threading.BoundedSemaphore(max(threads, max_pending))
+
+    def submit(self, fetched) -> concurrent.futures.Future:
+        self._slots.acquire()
+        try:
+            return self._pool.submit(self._run, fetched)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _run(self, fetched):
+        try:
+            return self._then(fetched)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def with_fetch_provenance(record: SampleRecord, result: FetchResult) -> SampleRecord:

@@ -5,6 +5,7 @@ downloaded bytes and the pHash of the picture while they are in memory.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import time
 
@@ -36,13 +37,21 @@ class DecodeDoFn(FilterDoFn):
         if self.config.resize_mode != "no":
             self._resizer = Resizer(self.config)
         self._decode_ms = Metrics.distribution(Stage.DECODE.value, "decode_ms")
+        self._timings_ms: collections.deque[int] = collections.deque()  # appended from any thread
 
     def apply(self, element: WithImage):
         started = time.perf_counter()
         try:
             return self._decode(element)
         finally:
-            self._decode_ms.update(int((time.perf_counter() - started) * 1000))
+            # Kept for `settle`: `apply` may run on a thread of the crawl's
+            # (`AfterFetch`), where Beam records no metrics.
+            self._timings_ms.append(int((time.perf_counter() - started) * 1000))
+
+    def settle(self, element, result):
+        while self._timings_ms:
+            self._decode_ms.update(self._timings_ms.popleft())
+        yield from super().settle(element, result)
 
     def _decode(self, element: WithImage):
         decoded = decode_image(element.data, self.config, self._resizer)

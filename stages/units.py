@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,7 +42,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from schemas import CheckpointConfig, CrawlConfig, DecodeConfig, Rejection, SampleRecord
 from stages.base import REJECTS
 from stages.core.host_schedule import PENDING
-from stages.crawl import CrawlDoFn, KeyByHost
+from stages.crawl import AfterFetch, CrawlDoFn, KeyByHost
 from stages.resolution import DecodeDoFn
 from stages.shards import write_atomically
 from stages.staging import StagingFile
@@ -219,6 +220,9 @@ class CrawlUnitsDoFn(CrawlDoFn):
         self._decoder = DecodeDoFn(self.decode)
         self._decoder.max_error_rate = self.max_error_rate
         self._decoder.setup()
+        self._after_fetch = AfterFetch(
+            self._decoder.apply, threads=self.decode.threads or available_cpus(), max_pending=self.config.threads
+        )
         self._parts_committed = Metrics.counter(_NS, "parts_committed")
         self._rows_resumed = Metrics.counter(_NS, "rows_resumed")
         self._staged_bytes = Metrics.counter("staging", "bytes")
@@ -240,9 +244,9 @@ class CrawlUnitsDoFn(CrawlDoFn):
             if done:
                 self._rows_resumed.inc(len(done))
         if self._feed is None:
-            # Decoding (and hashing) runs on the fetching threads (`then`); counting
+            # Decoding (and hashing) runs on the decode threads (`AfterFetch`); counting
             # and staging here, on the DoFn's thread, where Beam's metrics are recorded.
-            scheduler = self.scheduler(hot or {}, then=self._decoder.apply, record_of=lambda row: row[1])
+            scheduler = self.scheduler(hot or {}, then=self._after_fetch.submit, record_of=lambda row: row[1])
             self._feed = _Feed(scheduler, size=self.config.threads)
         key = self._keys.setdefault(crawl_key, _Key())
         for record in records:
@@ -272,6 +276,9 @@ class CrawlUnitsDoFn(CrawlDoFn):
 
     def teardown(self) -> None:
         self._stop_feed()
+        after_fetch = getattr(self, "_after_fetch", None)
+        if after_fetch is not None:
+            after_fetch.close()
         super().teardown()
 
     def _stop_feed(self) -> None:
@@ -318,6 +325,14 @@ class CrawlUnitsDoFn(CrawlDoFn):
         yield from part.records
         for reject in part.rejects:
             yield beam.pvalue.TaggedOutput(REJECTS, reject)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a container's or a taskset's share, not the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _windowed(output):

@@ -91,3 +91,75 @@ def test_every_row_of_every_key_leaves_once_and_is_committed(tmp_path, web, monk
     for crawl_key, rows in keys.items():
         committed = [item.key for path in committed_parts(str(tmp_path), crawl_key) for item in units.read_part(path)]
         assert sorted(committed) == sorted(r.key for r in rows), crawl_key
+
+
+def test_fetching_threads_move_on_while_decoding_waits_and_only_so_many_bodies_wait(tmp_path, web, monkeypatch):
+    """Decoding runs apart from the fetching threads (`AfterFetch`): with every
+    decode held back, the 2 fetching threads still fetch 2 bodies for the
+    decode queue's 2 slots and 2 more that wait for a slot, and no further one."""
+    import threading
+
+    from stages.resolution import DecodeDoFn
+
+    gate = threading.Event()
+    decode = DecodeDoFn._decode
+
+    def held_decode(self, element):
+        if not gate.wait(20):
+            raise TimeoutError("the test never opened the gate")
+        return decode(self, element)
+
+    monkeypatch.setattr(DecodeDoFn, "_decode", held_decode)
+    paths = [f"/img/{i}.jpg" for i in range(8)]
+    for i, path in enumerate(paths):
+        web.add(path, _jpeg(i))
+    crawl = LOCAL.model_copy(update={"threads": 2, "max_host_rate": 1000.0, "robots_txt": False, "tdmrep": False})
+    decoding = DecodeConfig(min_side=0, threads=1)
+    dofn = CrawlUnitsDoFn(str(tmp_path), crawl, decoding, CheckpointConfig(rows=100), max_error_rate=1.0)
+    dofn.setup()
+    outputs: list = []
+    bundle = threading.Thread(
+        target=lambda: outputs.extend(_run_bundle(dofn, [("g00000", [record(f"{i:04d}", web.url(p), row=i) for i, p in enumerate(paths)])]))
+    )
+    try:
+        bundle.start()
+        fetched = lambda: sum(web.requests_to(p) for p in paths)  # noqa: E731
+        deadline = time.monotonic() + 10
+        while fetched() < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # time enough for a fifth request, were one allowed
+        # Decoding on the fetching threads would have stopped at 2 requests.
+        assert fetched() == 4
+        gate.set()
+        bundle.join(30)
+        assert not bundle.is_alive()
+    finally:
+        gate.set()
+        dofn.teardown()
+    assert sorted(v.key for tag, v in outputs if tag is None) == [f"{i:04d}" for i in range(8)]
+    assert fetched() == 8
+
+
+def test_a_decode_that_raises_is_an_internal_error_reject_of_its_row_alone(tmp_path, web, monkeypatch):
+    from stages.resolution import DecodeDoFn
+
+    decode = DecodeDoFn._decode
+
+    def broken(self, element):
+        if element.record.key == "0001":
+            raise ZeroDivisionError("a bug in the decoder")
+        return decode(self, element)
+
+    monkeypatch.setattr(DecodeDoFn, "_decode", broken)
+    for i in range(3):
+        web.add(f"/img/{i}.jpg", _jpeg(i))
+    rows = [record(f"{i:04d}", web.url(f"/img/{i}.jpg"), row=i) for i in range(3)]
+    dofn = CrawlUnitsDoFn(str(tmp_path), LOCAL, DecodeConfig(min_side=0, threads=2), CheckpointConfig(), max_error_rate=1.0)
+    dofn.setup()
+    try:
+        outputs = _run_bundle(dofn, [("g00000", rows)])
+    finally:
+        dofn.teardown()
+    assert sorted(v.key for tag, v in outputs if tag is None) == ["0000", "0002"]
+    [reject] = [v for tag, v in outputs if tag == "rejects"]
+    assert reject.key == "0001" and reject.reason.value == "internal_error" and "ZeroDivisionError" in reject.detail
