@@ -222,16 +222,17 @@ class AfterFetch:
     def submit(self, fetched) -> concurrent.futures.Future:
         self._slots.acquire()
         try:
-            return self._pool.submit(self._run, fetched)
-        except BaseException:
+            future = self._pool.submit(self._then, fetched)
+        except BaseException:  # shut down: the caller gets the error as the row's result
             self._slots.release()
             raise
+        # Done or cancelled (`close`), the slot is free again: a fetching thread
+        # waiting for one is never left waiting on a pool that is gone.
+        future.add_done_callback(self._release)
+        return future
 
-    def _run(self, fetched):
-        try:
-            return self._then(fetched)
-        finally:
-            self._slots.release()
+    def _release(self, _future) -> None:
+        self._slots.release()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -142,3 +142,36 @@ def test_a_fetch_that_raises_unexpectedly_is_an_internal_error_reject(web, monke
     assert [r.key for r in rejects] == ["k1"]
     assert rejects[0].reason == RejectReason.INTERNAL_ERROR and "ZeroDivisionError" in rejects[0].detail
     assert [o.record.key for o in out if not isinstance(o, TaggedOutput)] == ["k0"]
+
+
+def test_after_fetch_closing_frees_a_fetching_thread_that_waits_for_a_slot():
+    """A bundle that fails tears the decode pool down while fetching threads may
+    be waiting for a slot: the bodies still queued are cancelled, their slots
+    freed, and a waiting thread gets an error instead of waiting forever."""
+    import threading
+
+    from stages.crawl import AfterFetch
+
+    gate = threading.Event()
+    after = AfterFetch(lambda x: gate.wait(10) and x, threads=1, max_pending=2)
+    running, queued = after.submit(1), after.submit(2)
+    outcome: list = []
+
+    def third():
+        try:
+            outcome.append(after.submit(3))
+        except RuntimeError as err:  # the pool is shut down
+            outcome.append(err)
+
+    waiting = threading.Thread(target=third)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # both slots are taken
+    closing = threading.Thread(target=after.close)
+    closing.start()
+    gate.set()
+    closing.join(10)
+    waiting.join(10)
+    assert not closing.is_alive() and not waiting.is_alive()
+    assert running.result() == 1 and queued.cancelled()
+    assert len(outcome) == 1 and (isinstance(outcome[0], RuntimeError) or outcome[0].cancelled())
