@@ -97,7 +97,7 @@ class FilterDoFn(beam.DoFn):
 
     def settle(self, element, result) -> Iterator[Any]:
         """Count and emit what `apply(element)` gave (or the exception it
-        raised), also when it ran elsewhere, e.g. on a fetching thread."""
+        raised), also when it ran elsewhere, e.g. on a decoding thread of the crawl."""
         if isinstance(result, Exception):
             result = self.unexpected(element, result)
         else:
