@@ -306,7 +306,7 @@ class HostScheduler(Generic[Row]):
         hosts: dict[str, _Host] = {}
         budgets: dict[str, Budget] = {}
         ready: dict[str, None] = {}  # hosts with queued rows, in arrival order
-        parked: collections.deque = collections.deque()  # read ahead, rows of hosts already queued
+        parked: collections.deque = collections.deque()  # read ahead: (row, host) of hosts already queued
         down: dict[str, str] = {}
         buffered = 0
         max_buffered = 8 * self.window
@@ -402,6 +402,10 @@ class HostScheduler(Generic[Row]):
                 live = True
             return row
 
+        def next_row() -> tuple[object, str | None]:
+            """A read-ahead row with its host, else the input's next row (host not parsed yet) or sentinel."""
+            return parked.popleft() if parked else (read(), None)
+
         def start(host: str, now: float) -> None:
             """Start as many of the host's queued rows as its budget and the free threads allow."""
             nonlocal buffered
@@ -430,11 +434,11 @@ class HostScheduler(Generic[Row]):
                 # `max_buffered` rows are held (or a live input has nothing yet).
                 starved = False
                 while buffered < self.window and (parked or not exhausted):
-                    row = parked.popleft() if parked else read()
+                    row, host = next_row()
                     if row is _NO_ROW or row is PENDING:
                         starved = row is PENDING
                         break
-                    take(row)
+                    take(row, host)
                 while not exhausted and not starved and buffered + len(parked) < max_buffered:
                     row = read()
                     if row is _NO_ROW or row is PENDING:
@@ -444,7 +448,7 @@ class HostScheduler(Generic[Row]):
                     state = hosts.get(host)
                     # An answered host, or one with a row queued for each probe it may get, can wait.
                     if state is not None and (state.answered or len(state.queue) >= self.down_after) and host not in down:
-                        parked.append(row)
+                        parked.append((row, host))
                     else:  # a host not seen yet, one still short of a row per probe, or one down (answered now)
                         take(row, host)
                 while answered:
@@ -470,10 +474,10 @@ class HostScheduler(Generic[Row]):
                 if len(in_flight) < self.threads and (parked or not exhausted) and not starved and buffered < max_buffered:
                     found = False
                     while not found and (parked or not exhausted) and buffered < max_buffered:
-                        row = parked.popleft() if parked else read()
+                        row, host = next_row()
                         if row is _NO_ROW or row is PENDING:
                             break
-                        host = take(row)
+                        host = take(row, host)
                         found = host is not None and can_start(host, now)
                     if found or answered:
                         continue
